@@ -1,0 +1,312 @@
+"""Write a model bundle (docs/bundle.md) for the Rust service.
+
+    python -m ladic.export --run runs/scenes-tiny --out scenes-tiny    # a trained run
+    python -m ladic.export --random-init base --out /tmp/ladic-base    # full size, random
+    python -m ladic.export --official CKPT --vit VIT --bert BERT --mean M --std S --out DIR
+
+Every graph gets a dynamic batch axis; the export is checked against PyTorch with
+ONNX Runtime before the manifest is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from .config import LadicConfig, base_config, micro_config, tiny_config
+from .model import Ladic
+from .tokenizer import tokenizer_from_vocab
+
+FORMAT = "ladic-bundle"
+FORMAT_VERSION = 1
+EXPORTER = "ladic.export 0.1.0"
+OPSET = 17
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: Ladic) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model.encode_image(pixels)
+
+
+class DenoiserGraph(nn.Module):
+    def __init__(self, model: Ladic) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: Tensor, self_cond: Tensor, t: Tensor, image_kv: Tensor) -> Tensor:
+        return self.model.denoise(x_t, self_cond, t, image_kv)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: Ladic) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.decode(x0)
+
+
+def io_spec(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+def graph_specs(cfg: LadicConfig) -> dict[str, dict[str, Any]]:
+    s = cfg.image.image_size
+    L, D = cfg.text.max_len, cfg.latent_dim
+    kv = ["batch", 2 * cfg.diffuser.layers, cfg.image.tokens, cfg.diffuser_hidden]
+    return {
+        "encoder": {
+            "file": "encoder.onnx",
+            "inputs": [io_spec("pixels", "float32", ["batch", 3, s, s])],
+            "outputs": [io_spec("image_kv", "float32", kv)],
+        },
+        "denoiser": {
+            "file": "denoiser.onnx",
+            "inputs": [
+                io_spec("x_t", "float32", ["batch", L, D]),
+                io_spec("self_cond", "float32", ["batch", L, D]),
+                io_spec("t", "int64", ["batch"]),
+                io_spec("image_kv", "float32", kv),
+            ],
+            "outputs": [io_spec("x0", "float32", ["batch", L, D])],
+        },
+        "decoder": {
+            "file": "decoder.onnx",
+            "inputs": [io_spec("x0", "float32", ["batch", L, D])],
+            "outputs": [
+                io_spec("token_ids", "int64", ["batch", L]),
+                io_spec("confidence", "float32", ["batch", L]),
+            ],
+        },
+    }
+
+
+def example_inputs(cfg: LadicConfig, batch: int, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    s, L, D = cfg.image.image_size, cfg.text.max_len, cfg.latent_dim
+    kv_shape = (batch, 2 * cfg.diffuser.layers, cfg.image.tokens, cfg.diffuser_hidden)
+    return {
+        "encoder": {"pixels": torch.randn(batch, 3, s, s, generator=g)},
+        "denoiser": {
+            "x_t": torch.randn(batch, L, D, generator=g),
+            "self_cond": torch.randn(batch, L, D, generator=g),
+            "t": torch.randint(0, cfg.schedule.num_timesteps, (batch,), generator=g),
+            "image_kv": torch.randn(*kv_shape, generator=g),
+        },
+        "decoder": {"x0": torch.randn(batch, L, D, generator=g)},
+    }
+
+
+def export_graphs(model: Ladic, out: Path) -> None:
+    model.eval()
+    specs = graph_specs(model.cfg)
+    wrappers = {
+        "encoder": EncoderGraph(model),
+        "denoiser": DenoiserGraph(model),
+        "decoder": DecoderGraph(model),
+    }
+    examples = example_inputs(model.cfg, batch=2)
+    for name, wrapper in wrappers.items():
+        spec = specs[name]
+        inputs = [i["name"] for i in spec["inputs"]]
+        outputs = [o["name"] for o in spec["outputs"]]
+        dynamic = {n: {0: "batch"} for n in inputs + outputs}
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                tuple(examples[name][n] for n in inputs),
+                str(out / spec["file"]),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+
+
+def max_graph_difference(model: Ladic, bundle: Path, batch: int) -> dict[str, float]:
+    """Max abs difference between ONNX Runtime and PyTorch on random inputs, per output."""
+    model.eval()
+    specs = graph_specs(model.cfg)
+    examples = example_inputs(model.cfg, batch=batch, seed=batch)
+    torch_fns = {
+        "encoder": lambda a: (model.encode_image(a["pixels"]),),
+        "denoiser": lambda a: (model.denoise(a["x_t"], a["self_cond"], a["t"], a["image_kv"]),),
+        "decoder": lambda a: model.decode(a["x0"]),
+    }
+    diffs: dict[str, float] = {}
+    for name, spec in specs.items():
+        sess = ort.InferenceSession(str(bundle / spec["file"]), providers=["CPUExecutionProvider"])
+        feed = {k: v.numpy() for k, v in examples[name].items()}
+        got = sess.run(None, feed)
+        with torch.no_grad():
+            want = torch_fns[name](examples[name])
+        for o, g, w in zip(spec["outputs"], got, want):
+            key = f"{name}.{o['name']}"
+            if o["dtype"] == "int64":
+                diffs[key] = float(np.mean(g != w.numpy()))  # fraction of ids that differ
+            else:
+                diffs[key] = float(np.abs(g - w.numpy()).max())
+    return diffs
+
+
+def manifest(cfg: LadicConfig, name: str, description: str) -> dict[str, Any]:
+    t = cfg.text
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "created_by": EXPORTER,
+        "image": {
+            "size": cfg.image.image_size,
+            "resize_filter": cfg.image.resize_filter,
+            "mean": list(cfg.image.mean),
+            "std": list(cfg.image.std),
+        },
+        "text": {
+            "max_len": t.max_len,
+            "latent_dim": cfg.latent_dim,
+            "vocab_size": t.vocab_size,
+            "cls_id": t.cls_id,
+            "sep_id": t.sep_id,
+            "pad_id": t.pad_id,
+            "period_id": t.period_id,
+            "unk_id": t.unk_id,
+            "special_ids": sorted({t.pad_id, t.cls_id, t.sep_id, t.unk_id, t.mask_id}),
+            "tokenizer": "tokenizer.json",
+        },
+        "schedule": dict(vars(cfg.schedule)),
+        "sampler": dict(vars(cfg.sampler)),
+        "back_refine": dict(vars(cfg.back_refine)),
+        "mbr": {"candidates": 1},
+        "diffuser": {
+            "layers": cfg.diffuser.layers,
+            "hidden": cfg.diffuser_hidden,
+            "image_tokens": cfg.image.tokens,
+        },
+        "graphs": graph_specs(cfg),
+        "model_config": cfg.to_dict(),
+    }
+
+
+def write_bundle(
+    model: Ladic, tokenizer_json: Path, out: Path, name: str, description: str,
+    check: bool = True,
+) -> dict[str, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    export_graphs(model, out)
+    if tokenizer_json.resolve() != (out / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    diffs: dict[str, float] = {}
+    if check:
+        for batch in (1, 3):
+            for k, v in max_graph_difference(model, out, batch).items():
+                diffs[k] = max(diffs.get(k, 0.0), v)
+        bad = {k: v for k, v in diffs.items() if v > 1e-4}
+        if bad:
+            raise RuntimeError(f"ONNX export differs from PyTorch: {bad}")
+    (out / "manifest.json").write_text(json.dumps(manifest(model.cfg, name, description), indent=2))
+    return diffs
+
+
+def load_run(run: Path) -> tuple[Ladic, Path]:
+    """A trained model from a `ladic.train` output directory (final or last checkpoint)."""
+    cfg = LadicConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model = Ladic(cfg)
+    final = run / "final.pt"
+    if final.exists():
+        state = torch.load(final, map_location="cpu", weights_only=False)["model"]
+    else:
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    model.load_state_dict(state)
+    return model.eval(), run / "tokenizer.json"
+
+
+def placeholder_tokenizer(cfg: LadicConfig, path: Path) -> Path:
+    """A word-level tokenizer with the config's special ids, for random-weight bundles."""
+    t = cfg.text
+    named = {t.pad_id: "[PAD]", t.cls_id: "[CLS]", t.sep_id: "[SEP]", t.unk_id: "[UNK]",
+             t.mask_id: "[MASK]", t.period_id: "."}
+    vocab = [named.get(i, f"w{i}") for i in range(t.vocab_size)]
+    tokenizer_from_vocab(vocab, t.max_len).save(str(path))
+    return path
+
+
+def random_model(size: str, seed: int) -> Ladic:
+    torch.manual_seed(seed)
+    scenes_ids = dict(pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4, period_id=5)
+    if size == "base":
+        cfg = base_config()
+    elif size == "tiny":
+        cfg = tiny_config(48, scenes_ids)
+    elif size == "micro":
+        cfg = micro_config(24, scenes_ids)
+    else:
+        raise ValueError(f"unknown size {size!r}")
+    return Ladic(cfg).eval()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a ladic.train output directory")
+    src.add_argument("--random-init", choices=["base", "tiny", "micro"])
+    src.add_argument("--official", type=Path, help="the released LaDiC checkpoint")
+    p.add_argument("--vit", type=Path, help="BLIP checkpoint with the ViT (official only)")
+    p.add_argument("--bert", type=Path, help="bert-base-uncased directory (official only)")
+    p.add_argument("--mean", type=Path, help="latent mean pickle (official only)")
+    p.add_argument("--std", type=Path, help="latent std pickle (official only)")
+    p.add_argument("--decoder-layers", type=int, default=0,
+                   help="upper BERT layers in the decoder (official only; 0 = as released)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", help="bundle name (default: the output directory's name)")
+    p.add_argument("--steps", type=int, help="default sampling iterations in the manifest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX vs PyTorch check")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        model, tok = load_run(args.run)
+        description = f"LaDiC {model.cfg.name} trained on Scenes"
+    elif args.random_init:
+        model = random_model(args.random_init, args.seed)
+        tok = placeholder_tokenizer(model.cfg, out / "tokenizer.json")
+        description = f"LaDiC {args.random_init}, random weights (for speed tests only)"
+    else:
+        from .official import bert_tokenizer_json, load_official
+
+        model = load_official(
+            args.official, vit=args.vit, bert=args.bert, mean=args.mean, std=args.std,
+            decoder_layers=args.decoder_layers,
+        )
+        tok = bert_tokenizer_json(args.bert, model.cfg.text.max_len, out / "tokenizer.json")
+        description = "LaDiC (official release checkpoint)"
+    if args.steps:
+        model.cfg.sampler.steps = args.steps
+    diffs = write_bundle(model, tok, out, args.name or out.name, description,
+                         check=not args.no_check)
+    for k, v in sorted(diffs.items()):
+        print(f"{k}: max |onnx - torch| = {v:.2e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

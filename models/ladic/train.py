@@ -1,0 +1,303 @@
+"""Train a LaDiC model on Scenes: first the text latent, then the diffusion.
+
+    python -m ladic.train --out runs/scenes-tiny            # CPU, resumable
+    python -m ladic.train --out runs/scenes-tiny --device cuda
+
+Re-running the same command resumes from the last checkpoint in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from . import data, scenes
+from .config import tiny_config
+from .diffusion import alpha_bar, training_loss
+from .metrics import exact_match
+from .model import Ladic, TextLatent, count_parameters
+from .sampler import SampleParams, SeededNoise, TorchBackend, caption_images, ids_to_text
+from .tokenizer import build_word_tokenizer, load_tokenizer, special_ids
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/scenes-tiny"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--text-steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=6000, help="diffusion training steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
+    p.add_argument(
+        "--captions",
+        choices=["canonical", "all"],
+        default="canonical",
+        help="train the diffusion on the canonical reference only, or on all five",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    w = max(1, int(total * warmup))
+    if step < w:
+        return peak * (step + 1) / w
+    progress = min(1.0, (step - w) / max(1, total - w))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- stage 1: text latent
+
+
+def train_text_latent(
+    text: TextLatent, ids: Tensor, steps: int, batch: int, device: str, log: Path
+) -> None:
+    """Train the split BERT as a denoising auto-encoder of captions.
+
+    Masked input tokens (as in BERT's MLM) and noise on the latent make the latent
+    space smooth and the decoder tolerant of the diffusion's small errors.
+    """
+    c = text.cfg
+    opt = torch.optim.AdamW(text.parameters(), lr=1e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    text.train()
+    with open(log, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "accuracy"])
+        bar = tqdm(range(steps), desc="text latent")
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, 1e-3, 0.05)
+            idx = torch.randint(0, ids.shape[0], (batch,), generator=gen)
+            x = ids[idx].to(device)
+            masked = x.clone()
+            maskable = ~text.special_mask(x)
+            m = (torch.rand(x.shape, device=device) < 0.15) & maskable
+            masked[m] = c.mask_id
+            h = text.encode_raw(masked)
+            period = period_latent(text, device).detach()
+            h = torch.where(text.special_mask(x)[..., None], period, h)
+            h = h + 0.1 * h.std() * torch.randn_like(h)
+            logits = text.head(run_layers(text.decoder_layers, h))
+            targets = text.decoder_targets(x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 0:
+                acc = (logits.argmax(-1) == targets).float().mean().item()
+                writer.writerow([step, f"{loss.item():.5f}", f"{acc:.5f}"])
+                bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc:.4f}")
+    text.eval()
+
+
+def run_layers(layers: torch.nn.ModuleList, h: Tensor) -> Tensor:
+    for layer in layers:
+        h = layer(h)
+    return h
+
+
+def period_latent(text: TextLatent, device: str) -> Tensor:
+    """The fixed latent of ".": its latent in the sequence [CLS] . [SEP]."""
+    c = text.cfg
+    ids = torch.tensor([[c.cls_id, c.period_id, c.sep_id]], device=device)
+    return text.encode_raw(ids)[0, 1]
+
+
+@torch.no_grad()
+def fit_latent_statistics(text: TextLatent, ids: Tensor, device: str) -> None:
+    """Per-channel mean/std over real token positions; store the "." latent."""
+    text.period_latent.copy_(period_latent(text, device))
+    total = torch.zeros(text.cfg.hidden, dtype=torch.float64, device=device)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for chunk in ids.split(1024):
+        chunk = chunk.to(device)
+        h = text.encode_raw(chunk)
+        real = h[~text.special_mask(chunk)].double()
+        total += real.sum(0)
+        total_sq += (real**2).sum(0)
+        count += real.shape[0]
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-8).sqrt()
+    text.mean.copy_(mean.float())
+    text.std.copy_(std.float())
+
+
+@torch.no_grad()
+def latent_roundtrip_accuracy(text: TextLatent, ids: Tensor, device: str) -> float:
+    chunk = ids[:2048].to(device)
+    pred = text.decode_logits(text.encode(chunk)).argmax(-1)
+    return (pred == text.decoder_targets(chunk)).float().mean().item()
+
+
+# ------------------------------------------------------------------ stage 2: diffusion
+
+
+@torch.no_grad()
+def evaluate_exact_match(
+    model: Ladic, images: np.ndarray, scene_list: list, tokenizer, device: str, steps: int
+) -> tuple[float, list[str]]:
+    """Exact-match accuracy of sampled captions on a few validation images."""
+    model.eval()
+    params = SampleParams.defaults(model.cfg)
+    params.steps = steps
+    backend = TorchBackend(model, device)
+    caps: list[str] = []
+    for start in range(0, len(images), 100):
+        pix = data.normalize(images[start : start + 100], model.cfg.image).numpy()
+        out = caption_images(
+            backend, pix, params, model.cfg, lambda i, j, s=start: SeededNoise(s + i, shape(model))
+        )
+        caps += [ids_to_text(tokenizer, c.ids) for c in out]
+    model.train()
+    hits = [exact_match(c, s) for c, s in zip(caps, scene_list)]
+    return float(np.mean(hits)), caps
+
+
+def shape(model: Ladic) -> tuple[int, int]:
+    return (model.cfg.text.max_len, model.cfg.latent_dim)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = args.device
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    tok_path = out / "tokenizer.json"
+    if not tok_path.exists():
+        build_word_tokenizer(scenes.VOCABULARY, 40).save(str(tok_path))
+    tokenizer = load_tokenizer(tok_path, 40)
+    cfg = tiny_config(tokenizer.get_vocab_size(), special_ids(tokenizer))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    model = Ladic(cfg).to(device)
+    print(
+        f"parameters: image {count_parameters(model.image_encoder):,} "
+        f"text {count_parameters(model.text):,} diffuser {count_parameters(model.diffuser):,}"
+    )
+
+    train_refs = data.split_captions("train")
+    text_path = out / "text_latent.pt"
+    if text_path.exists():
+        model.text.load_state_dict(torch.load(text_path, map_location=device))
+    else:
+        corpus = [r for refs in train_refs for r in refs]
+        corpus_ids = torch.tensor([e.ids for e in tokenizer.encode_batch(corpus)])
+        t0 = time.time()
+        train_text_latent(
+            model.text, corpus_ids, args.text_steps, 128, device, out / "text_log.csv"
+        )
+        fit_latent_statistics(model.text, corpus_ids, device)
+        acc = latent_roundtrip_accuracy(model.text, corpus_ids, device)
+        print(f"text latent: round-trip token accuracy {acc:.4f} in {time.time() - t0:.0f}s")
+        save_atomic(model.text.state_dict(), text_path)
+
+    # The text encoder is frozen from here on (as in LaDiC), so its latents are fixed.
+    captions = [[refs[0]] if args.captions == "canonical" else refs for refs in train_refs]
+    owner = np.array([i for i, refs in enumerate(captions) for _ in refs])
+    flat = [r for refs in captions for r in refs]
+    cap_ids = torch.tensor([e.ids for e in tokenizer.encode_batch(flat)])
+    with torch.no_grad():
+        latents = torch.cat([model.text.encode(c.to(device)).cpu() for c in cap_ids.split(2048)])
+    targets = model.text.decoder_targets(cap_ids)
+    images = data.split_images("train", cfg.image)
+    val_scenes = scenes.generate_split("val")[: args.eval_images]
+    val_images = data.split_images("val", cfg.image)[: args.eval_images]
+
+    for p in model.text.parameters():
+        p.requires_grad_(False)
+    for p in list(model.text.decoder_layers.parameters()) + list(model.text.head.parameters()):
+        p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ab = torch.tensor(alpha_bar(cfg.schedule), dtype=torch.float32, device=device)
+
+    ckpt_path = out / "checkpoint.pt"
+    step = 0
+    rng = np.random.default_rng(args.seed)
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        rng = np.random.default_rng([args.seed, step])
+        torch.manual_seed(args.seed + step)
+        print(f"resumed at step {step}")
+
+    log_path = out / "train_log.csv"
+    new_log = not log_path.exists() or step == 0
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log_file)
+    if new_log:
+        writer.writerow(["step", "loss", "latent", "token", "lr", "seconds", "val_exact"])
+    model.train()
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="diffusion")
+    t_last = time.time()
+    for step in bar:
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(0, len(flat), args.batch)
+        pixels = data.normalize(images[owner[idx]], cfg.image).to(device)
+        loss, parts = training_loss(
+            model, pixels, latents[idx].to(device), targets[idx].to(device), ab
+        )
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done = step + 1
+        val = ""
+        if done % args.eval_every == 0 or done == args.steps:
+            acc, caps = evaluate_exact_match(
+                model, val_images, val_scenes, tokenizer, device, cfg.sampler.steps
+            )
+            val = f"{acc:.4f}"
+            tqdm.write(f"step {done}: val exact match {acc:.3f}; e.g. {caps[0]!r}")
+        if done % 25 == 0 or val:
+            now = time.time()
+            writer.writerow(
+                [done, f"{loss.item():.5f}", f"{parts['latent']:.5f}", f"{parts['token']:.5f}",
+                 f"{lr:.6f}", f"{now - t_last:.2f}", val]
+            )
+            log_file.flush()
+            t_last = now
+            bar.set_postfix(loss=f"{loss.item():.4f}", tok=f"{parts['token']:.3f}")
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            save_atomic(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
+                ckpt_path,
+            )
+    log_file.close()
+    save_atomic({"config": cfg.to_dict(), "model": model.state_dict()}, out / "final.pt")
+    print(f"saved {out / 'final.pt'}")
+
+
+if __name__ == "__main__":
+    main()

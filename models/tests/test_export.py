@@ -1,0 +1,103 @@
+"""The exported graphs and the ONNX sampler agree with PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ladic.config import BackRefineConfig
+from ladic.diffusion import alpha_bar, stride_for
+from ladic.export import max_graph_difference, placeholder_tokenizer, random_model, write_bundle
+from ladic.sampler import (
+    OnnxBackend,
+    SampleParams,
+    SeededNoise,
+    TorchBackend,
+    caption_images,
+)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("bundle")
+    model = random_model("micro", seed=3)
+    write_bundle(model, placeholder_tokenizer(model.cfg, out / "tokenizer.json"), out, "m", "m")
+    return model, out
+
+
+def test_bundle_files_and_manifest(micro) -> None:  # type: ignore[no-untyped-def]
+    model, out = micro
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "ladic-bundle" and manifest["format_version"] == 1
+    for graph in manifest["graphs"].values():
+        assert (out / graph["file"]).exists()
+        for io in graph["inputs"] + graph["outputs"]:
+            assert io["shape"][0] == "batch"
+    assert manifest["text"]["max_len"] == model.cfg.text.max_len
+    assert manifest["diffuser"]["hidden"] == 2 * manifest["text"]["latent_dim"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphs_match_pytorch(micro, batch: int) -> None:  # type: ignore[no-untyped-def]
+    model, out = micro
+    diffs = max_graph_difference(model, out, batch)
+    assert diffs["decoder.token_ids"] == 0.0
+    assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
+
+
+PARAMS = {
+    "plain": dict(steps=5),
+    "guidance_off": dict(steps=8, guidance=0.0),
+    "back_refine": dict(steps=6, back_refine=BackRefineConfig(True, 0.5, 599, 2)),
+    "mbr": dict(steps=4, candidates=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAMS))
+def test_onnx_sampler_matches_pytorch_sampler(micro, case: str) -> None:  # type: ignore[no-untyped-def]
+    model, out = micro
+    params = SampleParams.defaults(model.cfg)
+    for k, v in PARAMS[case].items():
+        setattr(params, k, v)
+    s = model.cfg.image.image_size
+    pixels = np.random.default_rng(0).standard_normal((2, 3, s, s)).astype(np.float32)
+    shape = (model.cfg.text.max_len, model.cfg.latent_dim)
+    results = []
+    for backend in (TorchBackend(model), OnnxBackend(str(out))):
+        caps = caption_images(
+            backend, pixels, params, model.cfg, lambda i, j: SeededNoise(10 * i + j, shape)
+        )
+        results.append(caps)
+    for a, b in zip(*results):
+        assert a.ids == b.ids
+        assert a.chosen == b.chosen
+        for ra, rb in zip(a.rows, b.rows):
+            assert np.array_equal(ra.ids, rb.ids)
+
+
+def test_schedule_and_strides() -> None:
+    from ladic.config import ScheduleConfig
+
+    ab = alpha_bar(ScheduleConfig())
+    assert ab.shape == (1000,) and ab[0] == 1.0 and np.all(np.diff(ab) < 0)
+    assert stride_for(34, 1000) == 30 and stride_for(5, 1000) == 200
+    for steps in (1, 5, 10, 34, 100):
+        stride = stride_for(steps, 1000)
+        assert -(-999 // stride) == steps
+
+
+def test_committed_parity_fixtures_are_current(tmp_path: Path) -> None:
+    """`python -m ladic.fixtures` reproduces what tests/fixtures/parity holds."""
+    from ladic.fixtures import DEFAULT_OUT, main
+
+    main(["--out", str(tmp_path)])
+    fresh = json.loads((tmp_path / "cases.json").read_text())
+    committed = json.loads((DEFAULT_OUT / "cases.json").read_text())
+    assert [c["name"] for c in fresh] == [c["name"] for c in committed]
+    for f, c in zip(fresh, committed):
+        assert f["ids"] == c["ids"] and f["caption"] == c["caption"] and f["chosen"] == c["chosen"]
+        np.testing.assert_allclose(f["noise"][0][0], c["noise"][0][0], atol=0)
+        np.testing.assert_allclose(f["trace"][0][-1]["x0"], c["trace"][0][-1]["x0"], atol=1e-4)
