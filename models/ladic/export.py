@@ -3,9 +3,11 @@
     python -m ladic.export --run runs/scenes-tiny --out scenes-tiny    # a trained run
     python -m ladic.export --random-init base --out /tmp/ladic-base    # full size, random
     python -m ladic.export --official CKPT --vit VIT --bert BERT --mean M --std S --out DIR
+    python -m ladic.export --run runs/scenes-tiny --out scenes-tiny-fp16 --precision fp16
 
 Every graph gets a dynamic batch axis; the export is checked against PyTorch with
-ONNX Runtime before the manifest is written.
+ONNX Runtime before the manifest is written. `--precision fp16` then converts the
+graphs in place (ladic/precision.py) and checks them against the fp32 ones.
 """
 
 from __future__ import annotations
@@ -197,6 +199,7 @@ def manifest(cfg: LadicConfig, name: str, description: str) -> dict[str, Any]:
             "hidden": cfg.diffuser_hidden,
             "image_tokens": cfg.image.tokens,
         },
+        "precision": "fp32",  # "fp16": ladic.precision converted the graphs
         "graphs": graph_specs(cfg),
         "model_config": cfg.to_dict(),
     }
@@ -276,6 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="default sampling iterations in the manifest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the ONNX vs PyTorch check")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: export fp32, then convert the graphs (inputs/outputs stay fp32)")
     return p.parse_args(argv)
 
 
@@ -305,7 +310,11 @@ def main(argv: list[str] | None = None) -> None:
                          check=not args.no_check)
     for k, v in sorted(diffs.items()):
         print(f"{k}: max |onnx - torch| = {v:.2e}")
-    print(f"wrote {out}")
+    if args.precision == "fp16":
+        from .precision import convert_bundle, print_conversion
+
+        print_conversion(convert_bundle(out, check=not args.no_check))
+    print(f"wrote {out} (precision {args.precision})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every check CI runs: formatting, lints, the Rust tests (real ONNX Runtime, real
+# bundle, real server on loopback), the Python tests of models/, the HTTP contract,
+# and the deployment checks (linters, manifests, the image's runtime layout).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/lib/libonnxruntime.so}"
+
+echo "== cargo fmt";    cargo fmt --all -- --check
+echo "== cargo clippy"; cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test";   cargo test --locked
+echo "== openapi";      python3 -m openapi_spec_validator openapi.yaml
+echo "== ruff";         (cd models && ruff check .)
+echo "== pytest";       (cd models && python3 -m pytest -q -p no:warnings)
+echo "== deploy";       scripts/check-deploy.sh --binary target/debug/ladic-serve

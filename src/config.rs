@@ -1,0 +1,243 @@
+//! Command line and environment configuration. Every flag has a `LADIC_*` environment
+//! variable so the same binary is configured the same way in a shell and in a
+//! container.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::preprocess::ImageLimits;
+use crate::runtime::{DeviceChoice, SessionOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ladic-serve",
+    version,
+    about = "Image captioning with LaDiC over HTTP"
+)]
+pub struct Cli {
+    /// Log as JSON lines (for log collectors) instead of human-readable text.
+    #[arg(long, env = "LADIC_LOG_JSON", global = true)]
+    pub log_json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve(ServeArgs),
+    /// Caption image files and print one caption per line (the same pipeline, no HTTP).
+    Caption(CaptionArgs),
+}
+
+/// Options shared by everything that loads a bundle.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model bundle directory (manifest.json, three ONNX graphs, tokenizer.json).
+    #[arg(long, env = "LADIC_BUNDLE", default_value = "models/scenes-tiny")]
+    pub bundle: PathBuf,
+
+    /// Execution provider: auto picks CUDA when this build has it and it works, else CPU.
+    #[arg(long, env = "LADIC_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// ONNX Runtime threads per session (0 = ONNX Runtime's default: one per core).
+    #[arg(long, env = "LADIC_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
+
+    /// ONNX Runtime shared library; ORT_DYLIB_PATH takes precedence, and
+    /// .ort/lib/libonnxruntime.so (from scripts/fetch-onnxruntime.sh) is the fallback.
+    #[arg(long, env = "LADIC_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            device: self.device,
+            intra_op_threads: self.intra_op_threads,
+        }
+    }
+}
+
+/// How the workers group rows into model calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchingMode {
+    /// Iteration-level: requests join and leave the running batch at every step.
+    Continuous,
+    /// Request-level: a batch of waiting requests runs to completion before the next.
+    Request,
+    /// One request at a time (its candidates and guidance rows still share calls).
+    Off,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "LADIC_BIND", default_value = "0.0.0.0:8080")]
+    pub bind: SocketAddr,
+
+    /// Worker threads; each owns its own ONNX Runtime sessions and runs one batch at a time.
+    #[arg(long, env = "LADIC_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+
+    /// Batching strategy of the workers.
+    #[arg(long, env = "LADIC_BATCHING", value_enum, default_value = "continuous")]
+    pub batching: BatchingMode,
+
+    /// Most rows in one denoiser or decoder call (a guided candidate is two rows).
+    #[arg(long, env = "LADIC_MAX_BATCH_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_batch_rows: u32,
+
+    /// Requests that may wait for a worker; more are refused with 429.
+    #[arg(long, env = "LADIC_QUEUE_SIZE", default_value_t = 64)]
+    pub queue_size: usize,
+
+    /// Default deadline of a request, in milliseconds, from arrival to answer (504 after).
+    #[arg(long, env = "LADIC_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// Largest deadline a request may ask for with `timeout_ms`.
+    #[arg(long, env = "LADIC_MAX_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]
+    pub max_request_timeout_ms: u64,
+
+    /// Largest request body in bytes (413 above).
+    #[arg(long, env = "LADIC_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest image in pixels, width times height (422 above); checked before decoding.
+    #[arg(long, env = "LADIC_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest image width or height (422 above); checked before decoding.
+    #[arg(long, env = "LADIC_MAX_IMAGE_SIDE", default_value_t = 16_384)]
+    pub max_image_side: u32,
+
+    /// Most images in one POST /caption/batch request.
+    #[arg(long, env = "LADIC_MAX_BATCH_IMAGES", default_value_t = 16)]
+    pub max_batch_images: usize,
+
+    /// If set, POST routes need `Authorization: Bearer <key>` or `x-api-key: <key>`.
+    #[arg(long, env = "LADIC_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "LADIC_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl ServeArgs {
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_pixels: self.max_image_pixels,
+            max_side: self.max_image_side,
+            ..ImageLimits::default()
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Defaults for an in-process server (tests, benchmarks): loopback, any free port.
+    pub fn for_bundle(bundle: impl Into<PathBuf>) -> ServeArgs {
+        let cli = Cli::parse_from(["ladic-serve", "serve", "--bind", "127.0.0.1:0"]);
+        match cli.command {
+            Command::Serve(mut args) => {
+                args.model.bundle = bundle.into();
+                args
+            }
+            Command::Caption(_) => unreachable!("parsed the serve subcommand"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CaptionArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Image files to caption.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+
+    /// Denoising iterations (bundle default if unset).
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Classifier-free guidance weight (bundle default if unset).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+
+    /// Caption candidates for MBR selection (bundle default if unset).
+    #[arg(long)]
+    pub candidates: Option<usize>,
+
+    /// Run Back&Refine (bundle default if unset).
+    #[arg(long)]
+    pub back_refine: Option<bool>,
+
+    /// Noise seed; the same seed gives the same caption.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults() {
+        let cli = Cli::try_parse_from(["ladic-serve", "serve"]).unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("serve expected")
+        };
+        assert_eq!(s.model.bundle, PathBuf::from("models/scenes-tiny"));
+        assert_eq!(s.bind.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.model.device, DeviceChoice::Auto);
+        assert_eq!(s.batching, BatchingMode::Continuous);
+    }
+
+    #[test]
+    fn every_flag_has_a_ladic_env_var() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() == "serve") {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let env = arg
+                    .get_env()
+                    .unwrap_or_else(|| panic!("--{id} has no env var"));
+                assert!(env.to_string_lossy().starts_with("LADIC_"), "--{id}");
+            }
+        }
+    }
+
+    #[test]
+    fn caption_needs_images() {
+        assert!(Cli::try_parse_from(["ladic-serve", "caption"]).is_err());
+        let cli = Cli::try_parse_from(["ladic-serve", "caption", "a.png", "b.jpg", "--steps", "5"])
+            .unwrap();
+        let Command::Caption(c) = cli.command else {
+            panic!("caption expected")
+        };
+        assert_eq!(c.images.len(), 2);
+        assert_eq!(c.steps, Some(5));
+    }
+}

@@ -1,0 +1,209 @@
+//! The one error type of the HTTP API and its mapping to status codes, in one place.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::preprocess::PreprocessError;
+use crate::scheduler::{InferError, SubmitError};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// The image bytes could not be decoded.
+    #[error("{0}")]
+    InvalidImage(String),
+    /// Malformed JSON, base64, multipart or a missing field.
+    #[error("{0}")]
+    MalformedRequest(String),
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A parameter outside its range or of the wrong type.
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    ImageTooLarge(String),
+    #[error("missing or wrong API key")]
+    Unauthorized,
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the server is busy: the request queue is full; retry later")]
+    Overloaded,
+    #[error("{0}")]
+    NotReady(String),
+    #[error("the request did not finish before its deadline")]
+    Timeout,
+    #[error("{0}")]
+    Inference(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub error_type: &'static str,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidImage(_) | ApiError::MalformedRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::InvalidParameter(_) | ApiError::ImageTooLarge(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable machine-readable name; clients branch on this, not on the message.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::MalformedRequest(_) => "malformed_request",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::ImageTooLarge(_) => "image_too_large",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Overloaded => "overloaded",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::Timeout => "timeout",
+            ApiError::Inference(_) => "inference_failed",
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for the statuses where that helps.
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            ApiError::Overloaded => Some(1),
+            ApiError::NotReady(_) => Some(5),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        let retry = self.retry_after();
+        let body = ErrorBody {
+            error: self.to_string(),
+            error_type: self.error_type(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Some(secs) = retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<PreprocessError> for ApiError {
+    fn from(e: PreprocessError) -> Self {
+        match e {
+            PreprocessError::TooLarge { .. } | PreprocessError::TooMuchMemory => {
+                ApiError::ImageTooLarge(e.to_string())
+            }
+            PreprocessError::Empty
+            | PreprocessError::UnknownFormat
+            | PreprocessError::Undecodable(_) => ApiError::InvalidImage(e.to_string()),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull => ApiError::Overloaded,
+            SubmitError::Closed => ApiError::NotReady("the server is shutting down".into()),
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        match e {
+            InferError::Deadline => ApiError::Timeout,
+            InferError::Failed(_) => ApiError::Inference(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_types() {
+        let cases = [
+            (ApiError::InvalidImage("x".into()), 400, "invalid_image"),
+            (
+                ApiError::MalformedRequest("x".into()),
+                400,
+                "malformed_request",
+            ),
+            (
+                ApiError::PayloadTooLarge { limit: 1 },
+                413,
+                "payload_too_large",
+            ),
+            (
+                ApiError::UnsupportedMediaType("x".into()),
+                415,
+                "unsupported_media_type",
+            ),
+            (
+                ApiError::InvalidParameter("x".into()),
+                422,
+                "invalid_parameter",
+            ),
+            (ApiError::ImageTooLarge("x".into()), 422, "image_too_large"),
+            (ApiError::Overloaded, 429, "overloaded"),
+            (ApiError::NotReady("x".into()), 503, "not_ready"),
+            (ApiError::Timeout, 504, "timeout"),
+            (ApiError::Inference("x".into()), 500, "inference_failed"),
+        ];
+        for (e, status, ty) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e:?}");
+            assert_eq!(e.error_type(), ty);
+        }
+    }
+
+    #[test]
+    fn retry_after_on_overload() {
+        let r = ApiError::Overloaded.into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = ApiError::Timeout.into_response();
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn preprocess_errors_map_to_400_and_422() {
+        assert_eq!(ApiError::from(PreprocessError::UnknownFormat).status(), 400);
+        let big = PreprocessError::TooLarge {
+            width: 1,
+            height: 1,
+            max_side: 1,
+            max_pixels: 1,
+        };
+        assert_eq!(ApiError::from(big).status(), 422);
+    }
+}

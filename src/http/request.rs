@@ -1,0 +1,460 @@
+//! Reading a caption request in any of its forms (raw image body, multipart, JSON with
+//! base64) into image bytes plus parameters, and validating the parameters.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, header};
+use base64::Engine;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::sampler::SamplerParams;
+
+/// Accepted ranges; wider values only cost time without helping captions.
+pub const MAX_STEPS: usize = 100;
+pub const MAX_GUIDANCE: f64 = 10.0;
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Sampling parameters a request may set; unset ones take the bundle's defaults.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptionParams {
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub back_refine: Option<bool>,
+    pub candidates: Option<usize>,
+    pub seed: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+impl CaptionParams {
+    /// `self` with every field `other` sets replaced.
+    pub fn overridden_by(self, other: CaptionParams) -> CaptionParams {
+        CaptionParams {
+            steps: other.steps.or(self.steps),
+            guidance: other.guidance.or(self.guidance),
+            back_refine: other.back_refine.or(self.back_refine),
+            candidates: other.candidates.or(self.candidates),
+            seed: other.seed.or(self.seed),
+            timeout_ms: other.timeout_ms.or(self.timeout_ms),
+        }
+    }
+
+    /// Sets one parameter from a text value (query strings and multipart fields).
+    fn set_text(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
+        fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ApiError> {
+            v.trim()
+                .parse()
+                .map_err(|_| ApiError::InvalidParameter(format!("{name}: cannot parse {v:?}")))
+        }
+        match name {
+            "steps" => self.steps = Some(parse(name, value)?),
+            "guidance" => self.guidance = Some(parse(name, value)?),
+            "back_refine" => self.back_refine = Some(parse(name, value)?),
+            "candidates" => self.candidates = Some(parse(name, value)?),
+            "seed" => self.seed = Some(parse(name, value)?),
+            "timeout_ms" => self.timeout_ms = Some(parse(name, value)?),
+            other => {
+                return Err(ApiError::InvalidParameter(format!(
+                    "unknown parameter {other:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters from a URL query string.
+    pub fn from_query(query: Option<&str>) -> Result<CaptionParams, ApiError> {
+        let mut params = CaptionParams::default();
+        let Some(query) = query.filter(|q| !q.is_empty()) else {
+            return Ok(params);
+        };
+        let pairs: Vec<(String, String)> = serde_urlencoded_pairs(query)?;
+        for (k, v) in pairs {
+            params.set_text(&k, &v)?;
+        }
+        Ok(params)
+    }
+}
+
+fn serde_urlencoded_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let parsed: Result<axum::extract::Query<Vec<(String, String)>>, _> =
+        axum::extract::Query::try_from_uri(
+            &format!("/?{query}")
+                .parse()
+                .map_err(|_| ApiError::InvalidParameter("malformed query string".into()))?,
+        );
+    parsed
+        .map(|q| q.0)
+        .map_err(|e| ApiError::InvalidParameter(format!("malformed query string: {e}")))
+}
+
+/// The JSON body of `POST /caption`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptionJson {
+    pub image: String,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub back_refine: Option<bool>,
+    pub candidates: Option<usize>,
+    pub seed: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// The JSON body of `POST /caption/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchJson {
+    pub images: Vec<String>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub back_refine: Option<bool>,
+    pub candidates: Option<usize>,
+    pub seed: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+macro_rules! params_of {
+    ($v:expr) => {
+        CaptionParams {
+            steps: $v.steps,
+            guidance: $v.guidance,
+            back_refine: $v.back_refine,
+            candidates: $v.candidates,
+            seed: $v.seed,
+            timeout_ms: $v.timeout_ms,
+        }
+    };
+}
+
+impl CaptionJson {
+    pub fn params(&self) -> CaptionParams {
+        params_of!(self)
+    }
+}
+
+impl BatchJson {
+    pub fn params(&self) -> CaptionParams {
+        params_of!(self)
+    }
+}
+
+/// Parameters checked against their ranges and merged with the bundle defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub sampler: SamplerParams,
+    pub seed: u64,
+    pub timeout: Duration,
+}
+
+pub fn resolve(
+    p: &CaptionParams,
+    defaults: &SamplerParams,
+    default_timeout: Duration,
+    max_timeout: Duration,
+) -> Result<Resolved, ApiError> {
+    let mut s = defaults.clone();
+    if let Some(steps) = p.steps {
+        if !(1..=MAX_STEPS).contains(&steps) {
+            return Err(ApiError::InvalidParameter(format!(
+                "steps must be between 1 and {MAX_STEPS}, got {steps}"
+            )));
+        }
+        s.steps = steps;
+    }
+    if let Some(w) = p.guidance {
+        if !(w.is_finite() && (0.0..=MAX_GUIDANCE).contains(&w)) {
+            return Err(ApiError::InvalidParameter(format!(
+                "guidance must be between 0 and {MAX_GUIDANCE}, got {w}"
+            )));
+        }
+        s.guidance = w;
+    }
+    if let Some(k) = p.candidates {
+        if !(1..=MAX_CANDIDATES).contains(&k) {
+            return Err(ApiError::InvalidParameter(format!(
+                "candidates must be between 1 and {MAX_CANDIDATES}, got {k}"
+            )));
+        }
+        s.candidates = k;
+    }
+    if let Some(br) = p.back_refine {
+        s.back_refine.enabled = br;
+    }
+    let timeout = match p.timeout_ms {
+        Some(0) => {
+            return Err(ApiError::InvalidParameter(
+                "timeout_ms must be positive".into(),
+            ));
+        }
+        Some(ms) if Duration::from_millis(ms) > max_timeout => {
+            return Err(ApiError::InvalidParameter(format!(
+                "timeout_ms may be at most {}",
+                max_timeout.as_millis()
+            )));
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => default_timeout,
+    };
+    let seed = p.seed.unwrap_or_else(rand::random);
+    Ok(Resolved {
+        sampler: s,
+        seed,
+        timeout,
+    })
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let inner = e.into_inner();
+            if inner
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(ApiError::PayloadTooLarge { limit })
+            } else {
+                Err(ApiError::MalformedRequest(format!(
+                    "cannot read the request body: {inner}"
+                )))
+            }
+        }
+    }
+}
+
+/// The media type without parameters, lower-cased.
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(ct.split(';').next()?.trim().to_ascii_lowercase())
+}
+
+const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Decodes plain base64 (standard or URL-safe, padding optional, line breaks
+/// allowed) or a `data:<type>;base64,<data>` URI.
+pub fn decode_base64_image(s: &str) -> Result<Vec<u8>, ApiError> {
+    let s = s.trim();
+    let payload = if let Some(rest) = s.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| ApiError::MalformedRequest("malformed data URI: no comma".into()))?;
+        if !meta.ends_with(";base64") {
+            return Err(ApiError::MalformedRequest(
+                "data URIs must be base64-encoded (data:<type>;base64,...)".into(),
+            ));
+        }
+        data
+    } else {
+        s
+    };
+    let cleaned: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    if cleaned.is_empty() {
+        return Err(ApiError::MalformedRequest(
+            "the image field is empty".into(),
+        ));
+    }
+    STANDARD_LENIENT
+        .decode(&cleaned)
+        .or_else(|_| URL_SAFE_LENIENT.decode(&cleaned))
+        .map_err(|e| ApiError::MalformedRequest(format!("the image is not valid base64: {e}")))
+}
+
+/// Parses a JSON body, telling syntax errors (400) from wrong values (422).
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::InvalidParameter(format!("invalid JSON body: {e}"))
+        }
+        _ => ApiError::MalformedRequest(format!("malformed JSON: {e}")),
+    })
+}
+
+/// The `image` file field and any parameter fields of a multipart form.
+pub async fn parse_multipart(
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(Bytes, CaptionParams), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let boundary = multer::parse_boundary(ct)
+        .map_err(|e| ApiError::MalformedRequest(format!("malformed multipart request: {e}")))?;
+    let stream =
+        futures_util::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(body) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut image = None;
+    let mut params = CaptionParams::default();
+    let malformed =
+        |e: multer::Error| ApiError::MalformedRequest(format!("malformed multipart request: {e}"));
+    while let Some(field) = form.next_field().await.map_err(malformed)? {
+        let name = field.name().unwrap_or("").to_string();
+        if name == "image" {
+            image = Some(field.bytes().await.map_err(malformed)?);
+        } else {
+            let value = field.text().await.map_err(malformed)?;
+            params.set_text(&name, &value)?;
+        }
+    }
+    let image = image.ok_or_else(|| {
+        ApiError::MalformedRequest("the multipart form has no field named \"image\"".into())
+    })?;
+    Ok((image, params))
+}
+
+/// Body bytes that are a raw image, by media type.
+pub fn is_raw_image_type(media: &str) -> bool {
+    media.starts_with("image/") || media == "application/octet-stream"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::BackRefineSpec;
+    use base64::engine::general_purpose;
+
+    fn defaults() -> SamplerParams {
+        SamplerParams {
+            steps: 10,
+            guidance: 1.0,
+            time_shift: 5,
+            renoise_scale: 1.0,
+            self_conditioning: true,
+            back_refine: BackRefineSpec {
+                enabled: false,
+                keep_fraction: 0.5,
+                trigger_t: 599,
+                rounds: 1,
+            },
+            candidates: 1,
+        }
+    }
+
+    #[test]
+    fn query_params_parse_and_validate() {
+        let p = CaptionParams::from_query(Some(
+            "steps=5&guidance=0.5&back_refine=true&candidates=3&seed=9",
+        ))
+        .unwrap();
+        let r = resolve(
+            &p,
+            &defaults(),
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(r.sampler.steps, 5);
+        assert_eq!(r.sampler.guidance, 0.5);
+        assert!(r.sampler.back_refine.enabled);
+        assert_eq!(r.sampler.candidates, 3);
+        assert_eq!(r.seed, 9);
+        assert_eq!(r.timeout, Duration::from_secs(1));
+
+        for bad in [
+            "steps=0",
+            "steps=101",
+            "guidance=-1",
+            "guidance=11",
+            "guidance=nan",
+            "candidates=0",
+            "candidates=9",
+            "timeout_ms=0",
+            "timeout_ms=3000",
+        ] {
+            let p = CaptionParams::from_query(Some(bad)).unwrap();
+            let e = resolve(
+                &p,
+                &defaults(),
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            )
+            .unwrap_err();
+            assert_eq!(e.status(), 422, "{bad}");
+        }
+        for bad in ["steps=abc", "stepz=3", "seed=-1", "back_refine=maybe"] {
+            let e = CaptionParams::from_query(Some(bad)).unwrap_err();
+            assert_eq!(e.status(), 422, "{bad}");
+        }
+    }
+
+    #[test]
+    fn body_params_override_query_params() {
+        let q = CaptionParams {
+            steps: Some(3),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let b = CaptionParams {
+            steps: Some(7),
+            ..Default::default()
+        };
+        let m = q.overridden_by(b);
+        assert_eq!((m.steps, m.seed), (Some(7), Some(1)));
+    }
+
+    #[test]
+    fn base64_forms() {
+        let raw = b"\x89PNG some bytes";
+        let std = general_purpose::STANDARD.encode(raw);
+        assert_eq!(decode_base64_image(&std).unwrap(), raw);
+        assert_eq!(decode_base64_image(std.trim_end_matches('=')).unwrap(), raw);
+        assert_eq!(
+            decode_base64_image(&format!("data:image/png;base64,{std}")).unwrap(),
+            raw
+        );
+        let url = general_purpose::URL_SAFE.encode([0xfbu8, 0xff, 0xfe]);
+        assert_eq!(decode_base64_image(&url).unwrap(), [0xfb, 0xff, 0xfe]);
+        assert_eq!(
+            decode_base64_image("not base64 !!").unwrap_err().status(),
+            400
+        );
+        assert_eq!(
+            decode_base64_image("data:image/png,abc")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(decode_base64_image("").unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn json_errors_are_classified() {
+        assert_eq!(parse_json::<CaptionJson>(b"{").unwrap_err().status(), 400);
+        assert_eq!(
+            parse_json::<CaptionJson>(br#"{"image": "x", "steps": "many"}"#)
+                .unwrap_err()
+                .status(),
+            422
+        );
+        assert_eq!(
+            parse_json::<CaptionJson>(br#"{"image": "x", "bogus": 1}"#)
+                .unwrap_err()
+                .status(),
+            422
+        );
+        assert!(parse_json::<CaptionJson>(br#"{"image": "x", "steps": 4}"#).is_ok());
+    }
+}

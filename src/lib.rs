@@ -1,0 +1,14 @@
+//! ladic-serve: an HTTP inference service for LaDiC, a latent diffusion image
+//! captioner. README.md describes the service; docs/bundle.md the model bundle.
+
+pub mod bundle;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod preprocess;
+pub mod runtime;
+pub mod sampler;
+pub mod scheduler;
+pub mod server;
+pub mod text;

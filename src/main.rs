@@ -1,0 +1,112 @@
+//! `ladic-serve`: parse the configuration, set up logging, run the chosen command.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ladic_serve::config::{Cli, Command, ServeArgs};
+use ladic_serve::{pipeline, server};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Caption(args) => pipeline::caption_files(&args)
+            .map(|lines| {
+                for line in lines {
+                    println!("{line}");
+                }
+            })
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, most general first.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,ort=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ladic-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        let mut server = server::start(&args)
+            .await
+            .with_context(|| format!("cannot start serving {}", args.model.bundle.display()))?;
+        tracing::info!(addr = %server.addr, "listening");
+        tokio::select! {
+            loaded = server.wait_ready() => loaded.context("cannot load the model")?,
+            () = &mut shutdown => {
+                server.shutdown(Duration::ZERO).await;
+                return Ok(());
+            }
+        }
+        shutdown.await;
+        server
+            .shutdown(Duration::from_secs(args.shutdown_grace_seconds))
+            .await;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so no signal in between takes the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = term => {},
+                () = int => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
+    }
+}

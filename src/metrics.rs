@@ -1,0 +1,176 @@
+//! Prometheus metrics. One registry per server (not the global default) so tests can
+//! run several servers in one process without clashing registrations.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+const PREFIX: &str = "ladic";
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub queue_wait_seconds: Histogram,
+    pub batch_rows: Histogram,
+    pub denoiser_step_duration_seconds: Histogram,
+    pub queue_depth: IntGauge,
+    pub rows_in_flight: IntGauge,
+    pub requests_dropped_total: IntCounterVec,
+    pub model_load_seconds: Gauge,
+    pub build_info: GaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new_custom(Some(PREFIX.into()), None)?;
+        let latency_buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ];
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "HTTP requests answered, by route and status code.",
+            ),
+            &["route", "status"],
+        )?;
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from receiving a request to sending its response, by route.",
+            )
+            .buckets(latency_buckets.clone()),
+            &["route"],
+        )?;
+        let queue_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "queue_wait_seconds",
+                "Time an image waited in the queue before a worker took it.",
+            )
+            .buckets(latency_buckets),
+        )?;
+        let batch_rows = Histogram::with_opts(
+            HistogramOpts::new("batch_rows", "Rows in one denoiser call.")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )?;
+        let denoiser_step_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "denoiser_step_duration_seconds",
+                "Wall time of one denoiser call over a batch of rows.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+        )?;
+        let queue_depth = IntGauge::new("queue_depth", "Images waiting for a worker.")?;
+        let rows_in_flight = IntGauge::new(
+            "rows_in_flight",
+            "Caption candidates (sampler rows) being denoised by the workers.",
+        )?;
+        let requests_dropped_total = IntCounterVec::new(
+            Opts::new(
+                "images_dropped_total",
+                "Images dropped before finishing, by reason (client_gone, deadline).",
+            ),
+            &["reason"],
+        )?;
+        let model_load_seconds = Gauge::new(
+            "model_load_seconds",
+            "Seconds the first worker took to load the bundle into ONNX Runtime.",
+        )?;
+        let build_info = GaugeVec::new(
+            Opts::new(
+                "build_info",
+                "Always 1; labels carry the version, model and device.",
+            ),
+            &["version", "model", "device"],
+        )?;
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(request_duration_seconds.clone()))?;
+        registry.register(Box::new(queue_wait_seconds.clone()))?;
+        registry.register(Box::new(batch_rows.clone()))?;
+        registry.register(Box::new(denoiser_step_duration_seconds.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(rows_in_flight.clone()))?;
+        registry.register(Box::new(requests_dropped_total.clone()))?;
+        registry.register(Box::new(model_load_seconds.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            queue_wait_seconds,
+            batch_rows,
+            denoiser_step_duration_seconds,
+            queue_depth,
+            rows_in_flight,
+            requests_dropped_total,
+            model_load_seconds,
+            build_info,
+        })
+    }
+
+    /// Publishes what was loaded, once the bundle is up.
+    pub fn set_build_info(&self, model: &str, device: &str) {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), model, device])
+            .set(1.0);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_and_the_prefix() {
+        let m = Metrics::new().unwrap();
+        m.set_build_info("test", "cpu");
+        m.requests_total
+            .with_label_values(&["/caption", "200"])
+            .inc();
+        m.request_duration_seconds
+            .with_label_values(&["/caption"])
+            .observe(0.1);
+        m.requests_dropped_total
+            .with_label_values(&["deadline"])
+            .inc();
+        let text = m.render();
+        for family in [
+            "requests_total",
+            "request_duration_seconds",
+            "queue_wait_seconds",
+            "batch_rows",
+            "denoiser_step_duration_seconds",
+            "queue_depth",
+            "rows_in_flight",
+            "images_dropped_total",
+            "model_load_seconds",
+            "build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP ladic_{family} ")),
+                "{family}\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Loading a bundle into running workers, shared by the server and the `caption`
+//! command so both caption through exactly the same code.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::bundle::{Bundle, BundleError};
+use crate::config::{BatchingMode, CaptionArgs, ModelArgs};
+use crate::metrics::{Metrics, MetricsError};
+use crate::preprocess::{self, ImageLimits, PreprocessError};
+use crate::runtime::{self, OrtRuntime, RuntimeError};
+use crate::sampler::SamplerParams;
+use crate::scheduler::{
+    CaptionJob, CaptionOutput, InferError, Scheduler, SchedulerConfig, SubmitError,
+};
+use crate::text::{TextDecoder, TextError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("warm-up caption failed: {0}")]
+    WarmUp(String),
+    #[error("cannot use image {path}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: PreprocessError,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Infer(String),
+}
+
+/// What can be checked in milliseconds, before any session is created: the library
+/// loads, the manifest is valid, the tokenizer parses. Fails fast with clear errors.
+pub struct Prepared {
+    pub runtime: OrtRuntime,
+    pub bundle: Arc<Bundle>,
+    pub text: Arc<TextDecoder>,
+}
+
+pub fn prepare(model: &ModelArgs) -> Result<Prepared, LoadError> {
+    let runtime = runtime::init_onnxruntime(model.ort_library.as_deref())?;
+    let bundle = Arc::new(Bundle::load(&model.bundle)?);
+    let text = Arc::new(TextDecoder::load(
+        &bundle.tokenizer_path,
+        &bundle.manifest.text,
+    )?);
+    Ok(Prepared {
+        runtime,
+        bundle,
+        text,
+    })
+}
+
+/// Starts the workers (blocking: creates the sessions).
+pub fn start_scheduler(
+    prepared: &Prepared,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> Result<Scheduler, LoadError> {
+    Ok(Scheduler::start(
+        config,
+        prepared.runtime.clone(),
+        prepared.bundle.clone(),
+        prepared.text.clone(),
+        metrics,
+    )?)
+}
+
+/// Queues one preprocessed image and returns the receiver of its result.
+pub fn submit(
+    scheduler: &Scheduler,
+    pixels: ndarray::Array3<f32>,
+    params: SamplerParams,
+    seed: u64,
+    timeout: Duration,
+) -> Result<oneshot::Receiver<Result<CaptionOutput, InferError>>, SubmitError> {
+    let (reply, rx) = oneshot::channel();
+    let now = Instant::now();
+    scheduler.submit(CaptionJob {
+        pixels,
+        params,
+        seed,
+        deadline: now + timeout,
+        enqueued: now,
+        reply,
+    })?;
+    Ok(rx)
+}
+
+/// A synthetic image (colour gradient) for the warm-up caption.
+pub fn warm_up_pixels(bundle: &Bundle) -> ndarray::Array3<f32> {
+    let img = image::DynamicImage::ImageRgb8(image::ImageBuffer::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    }));
+    preprocess::to_tensor(&img, &bundle.manifest.image)
+}
+
+/// The `caption` command: captions files and returns one line per image.
+pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
+    let prepared = prepare(&args.model)?;
+    let manifest = &prepared.bundle.manifest;
+    let mut params = SamplerParams::defaults(manifest);
+    if let Some(s) = args.steps {
+        params.steps = s.max(1);
+    }
+    if let Some(w) = args.guidance {
+        params.guidance = w;
+    }
+    if let Some(k) = args.candidates {
+        params.candidates = k.max(1);
+    }
+    if let Some(br) = args.back_refine {
+        params.back_refine.enabled = br;
+    }
+    let metrics = Arc::new(Metrics::new()?);
+    let config = SchedulerConfig {
+        workers: 1,
+        batching: BatchingMode::Continuous,
+        max_batch_rows: 64,
+        queue_size: args.images.len().max(1),
+        session: args.model.session_options(),
+    };
+    let scheduler = start_scheduler(&prepared, config, metrics)?;
+    let limits = ImageLimits::default();
+    let mut receivers = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let pixels =
+            preprocess::preprocess(&bytes, &manifest.image, &limits).map_err(|source| {
+                LoadError::Image {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        let rx = submit(
+            &scheduler,
+            pixels,
+            params.clone(),
+            args.seed,
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| LoadError::Infer(e.to_string()))?;
+        receivers.push(rx);
+    }
+    let mut lines = Vec::with_capacity(receivers.len());
+    for rx in receivers {
+        let output = rx
+            .blocking_recv()
+            .map_err(|_| LoadError::Infer("the worker stopped".into()))?
+            .map_err(|e| LoadError::Infer(e.to_string()))?;
+        let best = output
+            .best()
+            .ok_or_else(|| LoadError::Infer("no caption candidates".into()))?;
+        lines.push(best.caption.clone());
+    }
+    scheduler.stop();
+    Ok(lines)
+}

@@ -1,0 +1,234 @@
+//! The LaDiC denoising loop (docs/bundle.md), in pure Rust over a [`Denoiser`] trait
+//! so it is testable without ONNX Runtime.
+//!
+//! Each caption candidate is a [`Row`]: a small state machine that says which model
+//! call it needs next. [`step`] gathers those needs from any set of rows, whatever
+//! requests they belong to and whatever timestep they are at, into one batched
+//! denoiser call and one batched decoder call. That is what lets the scheduler do
+//! iteration-level batching.
+
+pub mod mbr;
+pub mod noise;
+mod row;
+pub mod schedule;
+
+use std::sync::Arc;
+
+use ndarray::{Array2, Array3, ArrayView3, Axis};
+
+pub use noise::{NoiseExhausted, NoiseSource, RecordedNoise, SeededNoise};
+pub use row::{Need, Row, RowOutput};
+pub use schedule::Schedule;
+
+use crate::bundle::{BackRefineSpec, Manifest};
+
+/// Back&Refine settings; `rounds = 0` or `enabled = false` turns it off.
+pub type BackRefine = BackRefineSpec;
+
+/// Everything that decides one candidate's trajectory besides its noise and image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerParams {
+    pub steps: usize,
+    /// CFG weight w: `x0 = (1+w) cond - w uncond`. Kept as f64 and rounded where the
+    /// Python reference rounds, so parity holds to the last bit where it can.
+    pub guidance: f64,
+    pub time_shift: usize,
+    pub renoise_scale: f64,
+    pub self_conditioning: bool,
+    pub back_refine: BackRefine,
+    pub candidates: usize,
+}
+
+impl SamplerParams {
+    /// The bundle's defaults.
+    pub fn defaults(m: &Manifest) -> SamplerParams {
+        SamplerParams {
+            steps: m.sampler.steps,
+            guidance: f64::from(m.sampler.guidance),
+            time_shift: m.sampler.time_shift,
+            renoise_scale: f64::from(m.sampler.renoise_scale),
+            self_conditioning: m.sampler.self_conditioning,
+            back_refine: m.back_refine.clone(),
+            candidates: m.mbr.candidates,
+        }
+    }
+
+    pub fn back_refine_rounds(&self) -> usize {
+        if self.back_refine.enabled {
+            self.back_refine.rounds
+        } else {
+            0
+        }
+    }
+}
+
+/// One iteration of one row, recorded for parity tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceStep {
+    pub t: i64,
+    pub t_in: i64,
+    pub x0: Array2<f32>,
+    pub refined: bool,
+}
+
+/// The image K/V a denoiser row attends to: a request's image, or the unconditional
+/// K/V the denoiser implementation computed once at load.
+#[derive(Debug, Clone, Copy)]
+pub enum KvRef<'a> {
+    Image(&'a Array3<f32>),
+    Null,
+}
+
+/// The two model calls the loop needs, batched over rows.
+pub trait Denoiser {
+    type Error;
+
+    /// `x0` predictions for `x [B,L,D]`, `self_cond [B,L,D]`, one timestep and one K/V
+    /// per row.
+    fn denoise(
+        &mut self,
+        x: ArrayView3<f32>,
+        self_cond: ArrayView3<f32>,
+        t: &[i64],
+        kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, Self::Error>;
+
+    /// Token ids and per-token confidence `[B,L]` for `x0 [B,L,D]`.
+    fn decode(&mut self, x0: ArrayView3<f32>) -> Result<(Array2<i64>, Array2<f32>), Self::Error>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError<E> {
+    #[error(transparent)]
+    Model(E),
+    #[error(transparent)]
+    Noise(#[from] NoiseExhausted),
+    #[error("rows of one batch have different latent shapes")]
+    Shape,
+}
+
+/// A row together with the image K/V its conditional pass uses.
+pub struct ActiveRow<'a> {
+    pub row: &'a mut Row,
+    pub kv: &'a Arc<Array3<f32>>,
+}
+
+/// What one [`step`] ran, for metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepStats {
+    /// Rows of each denoiser call made.
+    pub denoiser_calls: Vec<usize>,
+    /// Rows of each decoder call made.
+    pub decoder_calls: Vec<usize>,
+}
+
+/// Advances every row by one model call: one denoiser pass over all rows that need
+/// one (cond and uncond rows together), then one decoder pass over all rows that
+/// need confidences or their final tokens. Calls are split to at most `max_rows`.
+pub fn step<D: Denoiser>(
+    denoiser: &mut D,
+    rows: &mut [ActiveRow<'_>],
+    max_rows: usize,
+) -> Result<StepStats, StepError<D::Error>> {
+    let max_rows = max_rows.max(1);
+    let mut stats = StepStats::default();
+
+    // (row index, unconditional?) for every denoiser row.
+    let mut entries: Vec<(usize, bool, i64)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        if let Need::Denoise { t_in } = r.row.need() {
+            entries.push((i, false, t_in));
+            if r.row.guided() {
+                entries.push((i, true, t_in));
+            }
+        }
+    }
+    if !entries.is_empty() {
+        let mut results: Vec<Array2<f32>> = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(max_rows) {
+            let views: Vec<_> = chunk.iter().map(|&(i, _, _)| rows[i].row.x()).collect();
+            let x = ndarray::stack(Axis(0), &views).map_err(|_| StepError::Shape)?;
+            let views: Vec<_> = chunk
+                .iter()
+                .map(|&(i, _, _)| rows[i].row.self_cond())
+                .collect();
+            let sc = ndarray::stack(Axis(0), &views).map_err(|_| StepError::Shape)?;
+            let t: Vec<i64> = chunk.iter().map(|&(_, _, t)| t).collect();
+            let kv: Vec<KvRef<'_>> = chunk
+                .iter()
+                .map(|&(i, uncond, _)| {
+                    if uncond {
+                        KvRef::Null
+                    } else {
+                        KvRef::Image(rows[i].kv.as_ref())
+                    }
+                })
+                .collect();
+            let x0 = denoiser
+                .denoise(x.view(), sc.view(), &t, &kv)
+                .map_err(StepError::Model)?;
+            stats.denoiser_calls.push(chunk.len());
+            results.extend(x0.outer_iter().map(|v| v.to_owned()));
+        }
+        let mut k = 0;
+        while k < entries.len() {
+            let (i, _, _) = entries[k];
+            let cond = results[k].view();
+            let uncond = match entries.get(k + 1) {
+                Some(&(j, true, _)) if j == i => {
+                    k += 1;
+                    Some(results[k].view())
+                }
+                _ => None,
+            };
+            rows[i].row.apply_denoised(cond, uncond)?;
+            k += 1;
+        }
+    }
+
+    let decode: Vec<usize> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.row.need(), Need::Confidence | Need::Decode))
+        .map(|(i, _)| i)
+        .collect();
+    for chunk in decode.chunks(max_rows) {
+        let views: Vec<_> = chunk.iter().map(|&i| rows[i].row.x0()).collect();
+        let x0 = ndarray::stack(Axis(0), &views).map_err(|_| StepError::Shape)?;
+        let (ids, conf) = denoiser.decode(x0.view()).map_err(StepError::Model)?;
+        stats.decoder_calls.push(chunk.len());
+        for (b, &i) in chunk.iter().enumerate() {
+            let row = &mut rows[i].row;
+            match row.need() {
+                Need::Confidence => row.apply_confidence(conf.row(b))?,
+                Need::Decode => row.apply_decoded(ids.row(b), conf.row(b)),
+                _ => {}
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// Runs rows that share one image to completion (the CLI and tests; the server's
+/// scheduler calls [`step`] itself).
+pub fn run_to_completion<D: Denoiser>(
+    denoiser: &mut D,
+    rows: &mut [Row],
+    kv: &Arc<Array3<f32>>,
+    max_rows: usize,
+) -> Result<(), StepError<D::Error>> {
+    loop {
+        let mut active: Vec<ActiveRow<'_>> = rows
+            .iter_mut()
+            .filter(|r| r.need() != Need::Done)
+            .map(|row| ActiveRow { row, kv })
+            .collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        step(denoiser, &mut active, max_rows)?;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+//! One caption candidate as a state machine, so that a scheduler can put rows of
+//! different requests, at different timesteps, into one denoiser call.
+//!
+//! A row only says what it needs next ([`Need`]) and takes the result of that call
+//! (`apply_*`); who batches the calls is the caller's business. Driven one row at a
+//! time this is exactly the loop of docs/bundle.md.
+
+use std::sync::Arc;
+
+use ndarray::{Array2, ArrayView1, ArrayView2, Zip};
+
+use super::noise::{NoiseExhausted, NoiseSource};
+use super::schedule::Schedule;
+use super::{SamplerParams, TraceStep};
+
+/// The next model call a row is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// A denoiser pass at timestep `t_in` (plus the unconditional pass if guided).
+    Denoise {
+        t_in: i64,
+    },
+    /// Decoder confidences of the current `x0`, to pick what Back&Refine keeps.
+    Confidence,
+    /// The final decoder pass.
+    Decode,
+    Done,
+}
+
+/// The finished row: the decoder's raw output for the final `x0`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowOutput {
+    pub ids: Vec<i64>,
+    pub confidence: Vec<f32>,
+}
+
+pub struct Row {
+    params: SamplerParams,
+    schedule: Arc<Schedule>,
+    stride: usize,
+    t: usize,
+    rounds_left: usize,
+    x: Array2<f32>,
+    self_cond: Array2<f32>,
+    x0: Array2<f32>,
+    need: Need,
+    noise: Box<dyn NoiseSource>,
+    trace: Option<Vec<TraceStep>>,
+    output: Option<RowOutput>,
+    iterations: usize,
+}
+
+impl std::fmt::Debug for Row {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Row")
+            .field("t", &self.t)
+            .field("rounds_left", &self.rounds_left)
+            .field("need", &self.need)
+            .finish()
+    }
+}
+
+impl Row {
+    /// Starts a row at t = T-1 from the noise source's first draw.
+    pub fn new(
+        params: SamplerParams,
+        schedule: Arc<Schedule>,
+        latent_shape: (usize, usize),
+        mut noise: Box<dyn NoiseSource>,
+        record_trace: bool,
+    ) -> Result<Row, NoiseExhausted> {
+        let (l, d) = latent_shape;
+        let x = noise.draw(l, d)?;
+        let last = schedule.num_timesteps() - 1;
+        let mut row = Row {
+            stride: schedule.stride(params.steps),
+            t: last,
+            rounds_left: params.back_refine_rounds(),
+            x,
+            self_cond: Array2::zeros((l, d)),
+            x0: Array2::zeros((l, d)),
+            need: Need::Done,
+            noise,
+            trace: record_trace.then(Vec::new),
+            output: None,
+            iterations: 0,
+            params,
+            schedule,
+        };
+        row.need = row.denoise_need();
+        Ok(row)
+    }
+
+    fn denoise_need(&self) -> Need {
+        let last = self.schedule.num_timesteps() - 1;
+        Need::Denoise {
+            t_in: (self.t + self.params.time_shift).min(last) as i64,
+        }
+    }
+
+    pub fn need(&self) -> Need {
+        self.need
+    }
+
+    pub fn guided(&self) -> bool {
+        self.params.guidance != 0.0
+    }
+
+    /// Denoiser rows this row takes per call: 2 with guidance (cond + uncond), else 1.
+    pub fn denoiser_rows(&self) -> usize {
+        if self.guided() { 2 } else { 1 }
+    }
+
+    pub fn x(&self) -> ArrayView2<'_, f32> {
+        self.x.view()
+    }
+
+    pub fn self_cond(&self) -> ArrayView2<'_, f32> {
+        self.self_cond.view()
+    }
+
+    pub fn x0(&self) -> ArrayView2<'_, f32> {
+        self.x0.view()
+    }
+
+    pub fn iterations(&self) -> usize {
+        self.iterations
+    }
+
+    pub fn take_trace(&mut self) -> Vec<TraceStep> {
+        self.trace.take().unwrap_or_default()
+    }
+
+    pub fn output(&self) -> Option<&RowOutput> {
+        self.output.as_ref()
+    }
+
+    pub fn into_output(self) -> Option<RowOutput> {
+        self.output
+    }
+
+    /// Takes the denoiser's prediction(s) for this row and advances the loop.
+    pub fn apply_denoised(
+        &mut self,
+        cond: ArrayView2<f32>,
+        uncond: Option<ArrayView2<f32>>,
+    ) -> Result<(), NoiseExhausted> {
+        let Need::Denoise { t_in } = self.need else {
+            debug_assert!(false, "apply_denoised on a row that needs {:?}", self.need);
+            return Ok(());
+        };
+        let w = self.params.guidance;
+        match uncond {
+            Some(u) if w != 0.0 => {
+                // numpy rounds the Python floats (1 + w) and w to float32 and then
+                // computes in float32.
+                let (a, b) = ((1.0 + w) as f32, w as f32);
+                Zip::from(&mut self.x0)
+                    .and(&cond)
+                    .and(&u)
+                    .for_each(|o, &c, &u| *o = a * c - b * u);
+            }
+            _ => self.x0.assign(&cond),
+        }
+        if self.params.self_conditioning {
+            self.self_cond.assign(&self.x0);
+        } else {
+            self.self_cond.fill(0.0);
+        }
+        self.iterations += 1;
+        let refine = self.rounds_left > 0
+            && self.t <= self.params.back_refine.trigger_t
+            && self.t > self.stride;
+        if let Some(trace) = &mut self.trace {
+            trace.push(TraceStep {
+                t: self.t as i64,
+                t_in,
+                x0: self.x0.clone(),
+                refined: refine,
+            });
+        }
+        if refine {
+            self.need = Need::Confidence;
+        } else if self.t <= self.stride {
+            self.need = Need::Decode;
+        } else {
+            let n = self.t - self.stride;
+            let eps = self.noise.draw(self.x.nrows(), self.x.ncols())?;
+            let (a, b) = self.renoise_coefficients(n);
+            Zip::from(&mut self.x)
+                .and(&self.x0)
+                .and(&eps)
+                .for_each(|x, &x0, &e| *x = a * x0 + b * e);
+            self.t = n;
+            self.need = self.denoise_need();
+        }
+        Ok(())
+    }
+
+    /// `sqrt(ab(n))` and `r * sqrt(1 - ab(n))`, rounded to f32 as numpy does when it
+    /// multiplies a float32 array by a Python float.
+    fn renoise_coefficients(&self, n: usize) -> (f32, f32) {
+        let ab = self.schedule.alpha_bar(n);
+        (
+            ab.sqrt() as f32,
+            (self.params.renoise_scale * (1.0 - ab).sqrt()) as f32,
+        )
+    }
+
+    /// Back&Refine: keeps the most confident positions of `x0` (re-noised to the next
+    /// timestep), replaces the rest with fresh noise, and restarts at t = T-1.
+    pub fn apply_confidence(&mut self, confidence: ArrayView1<f32>) -> Result<(), NoiseExhausted> {
+        if self.need != Need::Confidence {
+            debug_assert!(
+                false,
+                "apply_confidence on a row that needs {:?}",
+                self.need
+            );
+            return Ok(());
+        }
+        let l = self.x.nrows();
+        let keep_count =
+            ((self.params.back_refine.keep_fraction * l as f64).ceil() as usize).min(l);
+        let mut order: Vec<usize> = (0..l).collect();
+        // Stable sort on descending confidence: ties keep the lower position first.
+        order.sort_by(|&a, &b| {
+            confidence[b]
+                .partial_cmp(&confidence[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let mut keep = vec![false; l];
+        for &pos in order.iter().take(keep_count) {
+            keep[pos] = true;
+        }
+        let eps = self.noise.draw(l, self.x.ncols())?;
+        let n = self.t - self.stride;
+        let (a, b) = self.renoise_coefficients(n);
+        for (pos, kept) in keep.iter().enumerate() {
+            let mut x = self.x.row_mut(pos);
+            let x0 = self.x0.row(pos);
+            let e = eps.row(pos);
+            if *kept {
+                Zip::from(&mut x)
+                    .and(&x0)
+                    .and(&e)
+                    .for_each(|x, &x0, &e| *x = a * x0 + b * e);
+            } else {
+                x.assign(&e);
+            }
+        }
+        self.t = self.schedule.num_timesteps() - 1;
+        self.rounds_left -= 1;
+        self.need = self.denoise_need();
+        Ok(())
+    }
+
+    /// Takes the final decoder output; the row is done.
+    pub fn apply_decoded(&mut self, ids: ArrayView1<i64>, confidence: ArrayView1<f32>) {
+        self.output = Some(RowOutput {
+            ids: ids.to_vec(),
+            confidence: confidence.to_vec(),
+        });
+        self.need = Need::Done;
+    }
+}

@@ -1,0 +1,348 @@
+//! The row state machine and the batched driver against a direct transliteration of
+//! the loop in docs/bundle.md, with a fake denoiser.
+
+use std::sync::Arc;
+
+use ndarray::{Array2, Array3, ArrayView3, Axis};
+
+use super::*;
+
+const L: usize = 6;
+const D: usize = 4;
+const T: usize = 1000;
+
+/// A cheap, deterministic, per-row function of its inputs (so batching cannot change
+/// results), which depends on every input so a wrong wiring shows up.
+struct FakeDenoiser {
+    null_kv: Array3<f32>,
+    denoise_calls: usize,
+    decode_calls: usize,
+}
+
+impl FakeDenoiser {
+    fn new() -> Self {
+        FakeDenoiser {
+            null_kv: Array3::from_elem((2, 1, 1), -0.25),
+            denoise_calls: 0,
+            decode_calls: 0,
+        }
+    }
+}
+
+fn fake_x0(
+    x: ndarray::ArrayView2<f32>,
+    sc: ndarray::ArrayView2<f32>,
+    t: i64,
+    kv: &Array3<f32>,
+) -> Array2<f32> {
+    let bias = kv.sum();
+    let tt = t as f32 / T as f32;
+    Array2::from_shape_fn(x.dim(), |(l, d)| {
+        0.6 * x[[l, d]] * (1.0 - tt)
+            + 0.3 * sc[[l, d]]
+            + bias * (l as f32 + 1.0) / 10.0
+            + 0.01 * d as f32
+    })
+}
+
+fn fake_decode(x0: ndarray::ArrayView2<f32>) -> (Vec<i64>, Vec<f32>) {
+    let ids = x0
+        .rows()
+        .into_iter()
+        .map(|r| ((r.sum().abs() * 3.0) as i64) % 9)
+        .collect();
+    let conf = x0
+        .rows()
+        .into_iter()
+        .map(|r| 1.0 / (1.0 + (-r[0]).exp()))
+        .collect();
+    (ids, conf)
+}
+
+impl Denoiser for FakeDenoiser {
+    type Error = std::convert::Infallible;
+
+    fn denoise(
+        &mut self,
+        x: ArrayView3<f32>,
+        sc: ArrayView3<f32>,
+        t: &[i64],
+        kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, Self::Error> {
+        self.denoise_calls += 1;
+        let mut out = Array3::zeros(x.dim());
+        for b in 0..x.dim().0 {
+            let k = match kv[b] {
+                KvRef::Image(k) => k,
+                KvRef::Null => &self.null_kv,
+            };
+            out.index_axis_mut(Axis(0), b).assign(&fake_x0(
+                x.index_axis(Axis(0), b),
+                sc.index_axis(Axis(0), b),
+                t[b],
+                k,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn decode(&mut self, x0: ArrayView3<f32>) -> Result<(Array2<i64>, Array2<f32>), Self::Error> {
+        self.decode_calls += 1;
+        let b = x0.dim().0;
+        let mut ids = Array2::zeros((b, L));
+        let mut conf = Array2::zeros((b, L));
+        for i in 0..b {
+            let (a, c) = fake_decode(x0.index_axis(Axis(0), i));
+            ids.row_mut(i).assign(&ndarray::Array1::from(a));
+            conf.row_mut(i).assign(&ndarray::Array1::from(c));
+        }
+        Ok((ids, conf))
+    }
+}
+
+fn params(steps: usize, guidance: f64, br: bool) -> SamplerParams {
+    SamplerParams {
+        steps,
+        guidance,
+        time_shift: 5,
+        renoise_scale: 0.9,
+        self_conditioning: true,
+        back_refine: BackRefine {
+            enabled: br,
+            keep_fraction: 0.5,
+            trigger_t: 599,
+            rounds: 2,
+        },
+        candidates: 1,
+    }
+}
+
+/// docs/bundle.md's loop, written out as plainly as possible.
+fn reference(
+    p: &SamplerParams,
+    kv: &Array3<f32>,
+    null_kv: &Array3<f32>,
+    seed: u64,
+) -> (Vec<i64>, Vec<TraceStep>) {
+    let sched = Schedule::linear(1e-4, 0.02, T);
+    let mut noise = SeededNoise::new(seed, 0);
+    let stride = sched.stride(p.steps);
+    let mut t = T - 1;
+    let mut rounds_left = p.back_refine_rounds();
+    let mut x = noise.draw(L, D).unwrap();
+    let mut sc = Array2::<f32>::zeros((L, D));
+    let w = p.guidance;
+    let mut trace = Vec::new();
+    let x0 = loop {
+        let t_in = (t + p.time_shift).min(T - 1) as i64;
+        let c = fake_x0(x.view(), sc.view(), t_in, kv);
+        let x0 = if w == 0.0 {
+            c
+        } else {
+            let u = fake_x0(x.view(), sc.view(), t_in, null_kv);
+            (1.0 + w) as f32 * &c - w as f32 * &u
+        };
+        sc = if p.self_conditioning {
+            x0.clone()
+        } else {
+            Array2::zeros((L, D))
+        };
+        let refine = t <= p.back_refine.trigger_t && rounds_left > 0 && t > stride;
+        trace.push(TraceStep {
+            t: t as i64,
+            t_in,
+            x0: x0.clone(),
+            refined: refine,
+        });
+        if refine {
+            let (_, conf) = fake_decode(x0.view());
+            let k = (p.back_refine.keep_fraction * L as f64).ceil() as usize;
+            let mut order: Vec<usize> = (0..L).collect();
+            order.sort_by(|&a, &b| conf[b].partial_cmp(&conf[a]).unwrap());
+            let keep: Vec<usize> = order[..k].to_vec();
+            let eps = noise.draw(L, D).unwrap();
+            let n = t - stride;
+            let ab = sched.alpha_bar(n);
+            let renoised =
+                ab.sqrt() as f32 * &x0 + (p.renoise_scale * (1.0 - ab).sqrt()) as f32 * &eps;
+            x = eps.clone();
+            for pos in keep {
+                x.row_mut(pos).assign(&renoised.row(pos));
+            }
+            t = T - 1;
+            rounds_left -= 1;
+            continue;
+        }
+        if t <= stride {
+            break x0;
+        }
+        let eps = noise.draw(L, D).unwrap();
+        let n = t - stride;
+        let ab = sched.alpha_bar(n);
+        x = ab.sqrt() as f32 * &x0 + (p.renoise_scale * (1.0 - ab).sqrt()) as f32 * &eps;
+        t = n;
+    };
+    (fake_decode(x0.view()).0, trace)
+}
+
+fn image_kv(v: f32) -> Arc<Array3<f32>> {
+    Arc::new(Array3::from_elem((2, 1, 1), v))
+}
+
+fn new_row(p: &SamplerParams, seed: u64) -> Row {
+    let sched = Arc::new(Schedule::linear(1e-4, 0.02, T));
+    Row::new(
+        p.clone(),
+        sched,
+        (L, D),
+        Box::new(SeededNoise::new(seed, 0)),
+        true,
+    )
+    .unwrap()
+}
+
+#[test]
+fn rows_follow_the_reference_loop() {
+    for (steps, w, br) in [
+        (5, 0.0, false),
+        (10, 1.5, false),
+        (34, 0.7, false),
+        (10, 1.0, true),
+        (5, 0.0, true),
+        (1, 2.0, true),
+    ] {
+        let p = params(steps, w, br);
+        let kv = image_kv(0.1);
+        let (want_ids, want_trace) = reference(&p, &kv, &FakeDenoiser::new().null_kv, 42);
+        let mut den = FakeDenoiser::new();
+        let mut rows = vec![new_row(&p, 42)];
+        run_to_completion(&mut den, &mut rows, &kv, 64).unwrap();
+        let row = &mut rows[0];
+        let trace = row.take_trace();
+        assert_eq!(trace.len(), want_trace.len(), "steps {steps} w {w} br {br}");
+        for (a, b) in trace.iter().zip(&want_trace) {
+            assert_eq!((a.t, a.t_in, a.refined), (b.t, b.t_in, b.refined));
+            let diff = (&a.x0 - &b.x0)
+                .mapv(f32::abs)
+                .fold(0.0f32, |m, &v| m.max(v));
+            assert!(diff < 1e-5, "x0 differs by {diff}");
+        }
+        assert_eq!(rows[0].output().unwrap().ids, want_ids);
+    }
+}
+
+#[test]
+fn iteration_counts() {
+    let kv = image_kv(0.0);
+    for (steps, br, want) in [
+        (5, false, 5),
+        (34, false, 34),
+        (10, false, 10),
+        (1, false, 1),
+    ] {
+        let mut den = FakeDenoiser::new();
+        let mut rows = vec![new_row(&params(steps, 0.0, br), 1)];
+        run_to_completion(&mut den, &mut rows, &kv, 8).unwrap();
+        assert_eq!(rows[0].iterations(), want, "steps {steps}");
+    }
+    // Back&Refine with stride 100, trigger 599, 2 rounds: t=999..599 is 5 iterations,
+    // then restart twice: 5 + 5 + 10.
+    let mut den = FakeDenoiser::new();
+    let mut rows = vec![new_row(&params(10, 0.0, true), 1)];
+    run_to_completion(&mut den, &mut rows, &kv, 8).unwrap();
+    assert_eq!(rows[0].iterations(), 20);
+}
+
+#[test]
+fn batching_and_staggered_rows_do_not_change_results() {
+    let p_guided = params(10, 1.0, true);
+    let p_plain = params(5, 0.0, false);
+    let kvs = [image_kv(0.1), image_kv(-0.3), image_kv(0.2)];
+    let solo = |p: &SamplerParams, kv: &Arc<Array3<f32>>, seed| {
+        let mut den = FakeDenoiser::new();
+        let mut rows = vec![new_row(p, seed)];
+        run_to_completion(&mut den, &mut rows, kv, 64).unwrap();
+        rows.remove(0).into_output().unwrap()
+    };
+    let want = [
+        solo(&p_guided, &kvs[0], 1),
+        solo(&p_plain, &kvs[1], 2),
+        solo(&p_guided, &kvs[2], 3),
+    ];
+    for max_rows in [1, 2, 3, 64] {
+        let mut den = FakeDenoiser::new();
+        let mut rows = [
+            new_row(&p_guided, 1),
+            new_row(&p_plain, 2),
+            new_row(&p_guided, 3),
+        ];
+        let mut ticks = 0;
+        while rows.iter().any(|r| r.need() != Need::Done) {
+            // The third row joins two ticks late, as a new request would.
+            let mut active: Vec<ActiveRow<'_>> = rows
+                .iter_mut()
+                .zip(&kvs)
+                .enumerate()
+                .filter(|(i, (r, _))| r.need() != Need::Done && (*i < 2 || ticks >= 2))
+                .map(|(_, (row, kv))| ActiveRow { row, kv })
+                .collect();
+            let stats = step(&mut den, &mut active, max_rows).unwrap();
+            assert!(stats.denoiser_calls.iter().all(|&n| n <= max_rows));
+            ticks += 1;
+        }
+        for (r, w) in rows.iter().zip(&want) {
+            assert_eq!(r.output().unwrap(), w, "max_rows {max_rows}");
+        }
+    }
+}
+
+#[test]
+fn guidance_zero_skips_the_unconditional_pass() {
+    let kv = image_kv(0.1);
+    let mut den = FakeDenoiser::new();
+    let mut rows = [new_row(&params(5, 0.0, false), 3)];
+    let mut active = vec![ActiveRow {
+        row: &mut rows[0],
+        kv: &kv,
+    }];
+    let stats = step(&mut den, &mut active, 8).unwrap();
+    assert_eq!(stats.denoiser_calls, vec![1]);
+    let mut rows = [new_row(&params(5, 1.0, false), 3)];
+    let mut active = vec![ActiveRow {
+        row: &mut rows[0],
+        kv: &kv,
+    }];
+    let stats = step(&mut den, &mut active, 8).unwrap();
+    assert_eq!(stats.denoiser_calls, vec![2]);
+}
+
+#[test]
+fn back_refine_keeps_the_most_confident_positions_ties_low() {
+    // All confidences equal: the first ceil(0.5 * 6) = 3 positions are kept, so they are
+    // a renoised x0, the rest the fresh draw exactly.
+    let sched = Arc::new(Schedule::linear(1e-4, 0.02, T));
+    let mut p = params(10, 0.0, true);
+    p.back_refine.trigger_t = 999;
+    let draws: Vec<Vec<f32>> = (0..3).map(|k| vec![k as f32 + 1.0; L * D]).collect();
+    let mut row = Row::new(p, sched, (L, D), Box::new(RecordedNoise::new(draws)), false).unwrap();
+    let x0 = Array2::from_elem((L, D), 0.5f32);
+    row.apply_denoised(x0.view(), None).unwrap();
+    assert_eq!(row.need(), Need::Confidence);
+    row.apply_confidence(ndarray::Array1::from_elem(L, 0.7).view())
+        .unwrap();
+    let x = row.x();
+    for pos in 0..L {
+        let v = x[[pos, 0]];
+        if pos < 3 {
+            assert!(v != 2.0, "position {pos} should be kept");
+        } else {
+            assert_eq!(v, 2.0, "position {pos} should be fresh noise");
+        }
+    }
+    assert_eq!(
+        row.need(),
+        Need::Denoise {
+            t_in: (T - 1) as i64
+        }
+    );
+}

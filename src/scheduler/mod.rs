@@ -1,0 +1,223 @@
+//! The request queue and the worker threads that run the models.
+//!
+//! Requests go into one bounded queue; a full queue is refused at once (the caller
+//! answers 429) instead of growing latency without bound. Each worker is a dedicated
+//! OS thread that owns its ONNX Runtime sessions, so model calls never block the async
+//! runtime and sessions need no locks. How a worker groups requests into model calls
+//! is the [`BatchingMode`]; the default, continuous batching, lets requests join and
+//! leave the running batch at every denoising step (see `worker.rs`).
+
+mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use ndarray::Array3;
+use tokio::sync::oneshot;
+
+use crate::bundle::Bundle;
+pub use crate::config::BatchingMode;
+use crate::metrics::Metrics;
+use crate::runtime::{ActiveDevice, OrtRuntime, RuntimeError, SessionOptions};
+use crate::sampler::SamplerParams;
+use crate::text::TextDecoder;
+
+/// One image to caption.
+pub struct CaptionJob {
+    /// Normalized CHW pixels.
+    pub pixels: Array3<f32>,
+    pub params: SamplerParams,
+    pub seed: u64,
+    /// The job is answered with [`InferError::Deadline`] once this passes.
+    pub deadline: Instant,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<CaptionOutput, InferError>>,
+}
+
+/// One caption candidate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Candidate {
+    pub caption: String,
+    pub confidence: f32,
+    /// Cleaned token ids (specials and periods dropped, repeats collapsed).
+    #[serde(skip)]
+    pub ids: Vec<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptionOutput {
+    pub candidates: Vec<Candidate>,
+    /// Index of the MBR choice in `candidates`.
+    pub chosen: usize,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+}
+
+impl CaptionOutput {
+    pub fn best(&self) -> Option<&Candidate> {
+        self.candidates.get(self.chosen)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InferError {
+    #[error("the request deadline passed before its caption was ready")]
+    Deadline,
+    #[error("inference failed: {0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the workers have stopped")]
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub workers: usize,
+    pub batching: BatchingMode,
+    pub max_batch_rows: usize,
+    pub queue_size: usize,
+    pub session: SessionOptions,
+}
+
+/// What the workers loaded, reported once all are up.
+#[derive(Debug, Clone)]
+pub struct LoadedInfo {
+    pub device: ActiveDevice,
+    pub load_seconds: f64,
+}
+
+pub struct Scheduler {
+    tx: Mutex<Option<Sender<CaptionJob>>>,
+    rx: Receiver<CaptionJob>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+    pub info: LoadedInfo,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl Scheduler {
+    /// Starts the workers and waits until each has loaded its sessions; any load
+    /// error stops the others and is returned.
+    pub fn start(
+        config: SchedulerConfig,
+        runtime: OrtRuntime,
+        bundle: Arc<Bundle>,
+        text: Arc<TextDecoder>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Scheduler, RuntimeError> {
+        // A zero-capacity channel would be a rendezvous channel: every submit would fail
+        // while the workers are busy. One slot is the least that makes sense.
+        let (tx, rx) = crossbeam_channel::bounded::<CaptionJob>(config.queue_size.max(1));
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+        let mut workers = Vec::new();
+        for index in 0..config.workers.max(1) {
+            let ctx = worker::WorkerContext {
+                index,
+                rx: rx.clone(),
+                runtime: runtime.clone(),
+                bundle: bundle.clone(),
+                text: text.clone(),
+                metrics: metrics.clone(),
+                config: config.clone(),
+            };
+            let loaded_tx = loaded_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ladic-worker-{index}"))
+                .spawn(move || worker::run(ctx, loaded_tx))
+                .map_err(|e| RuntimeError::Session {
+                    graph: "worker",
+                    path: bundle.dir.clone(),
+                    reason: format!("cannot spawn a worker thread: {e}"),
+                })?;
+            workers.push(handle);
+        }
+        drop(loaded_tx);
+        let mut info: Option<LoadedInfo> = None;
+        let mut first_error = None;
+        for _ in 0..workers.len() {
+            match loaded_rx.recv() {
+                Ok(Ok(i)) => {
+                    info.get_or_insert(i);
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => break,
+            }
+        }
+        let scheduler = Scheduler {
+            tx: Mutex::new(Some(tx)),
+            rx,
+            workers: Mutex::new(workers),
+            metrics,
+            info: info.clone().unwrap_or(LoadedInfo {
+                device: ActiveDevice::Cpu,
+                load_seconds: 0.0,
+            }),
+        };
+        match (first_error, info) {
+            (Some(e), _) => {
+                scheduler.stop();
+                Err(e)
+            }
+            (None, Some(_)) => Ok(scheduler),
+            (None, None) => {
+                scheduler.stop();
+                Err(RuntimeError::Session {
+                    graph: "worker",
+                    path: bundle.dir.clone(),
+                    reason: "the workers exited while loading".into(),
+                })
+            }
+        }
+    }
+
+    /// Queues a job without waiting; a full queue is an immediate error.
+    pub fn submit(&self, job: CaptionJob) -> Result<(), SubmitError> {
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
+        let result = tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::QueueFull,
+            TrySendError::Disconnected(_) => SubmitError::Closed,
+        });
+        self.metrics.queue_depth.set(self.rx.len() as i64);
+        result
+    }
+
+    /// Images waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Closes the queue and waits for the workers: they finish what they hold
+    /// (queued jobs included) and exit.
+    pub fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for handle in workers {
+            if handle.join().is_err() {
+                tracing::error!("a worker thread panicked while stopping");
+            }
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,168 @@
+//! The server's life: check the bundle, listen, load the workers in the background
+//! (liveness answers meanwhile), warm up with one real caption, report ready; on
+//! shutdown, turn unready, let in-flight requests finish, stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::ServeArgs;
+use crate::http::{self, AppState, HttpSettings};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, LoadError, Prepared};
+use crate::scheduler::SchedulerConfig;
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    load: Option<JoinHandle<Result<(), LoadError>>>,
+    serve: JoinHandle<std::io::Result<()>>,
+    stop_tx: watch::Sender<bool>,
+}
+
+/// Validates the bundle and library, binds, and starts loading; returns at once.
+pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
+    let model = args.model.clone();
+    let prepared = tokio::task::spawn_blocking(move || pipeline::prepare(&model))
+        .await
+        .map_err(|e| LoadError::Infer(format!("startup task failed: {e}")))??;
+    let metrics = Arc::new(Metrics::new()?);
+    let settings = HttpSettings {
+        max_body_bytes: args.max_body_bytes,
+        image_limits: args.image_limits(),
+        max_batch_images: args.max_batch_images.max(1),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        default_timeout: args.request_timeout(),
+        max_timeout: Duration::from_millis(args.max_request_timeout_ms.max(1)),
+        queue_size: args.queue_size,
+        workers: usize::from(args.workers),
+        batching: args.batching,
+        max_batch_rows: args.max_batch_rows as usize,
+    };
+    let state = Arc::new(AppState::new(
+        settings,
+        Arc::new(prepared.bundle.manifest.clone()),
+        metrics.clone(),
+    ));
+    let listener = TcpListener::bind(args.bind)
+        .await
+        .map_err(|source| LoadError::Bind {
+            addr: args.bind.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| LoadError::Bind {
+        addr: args.bind.to_string(),
+        source,
+    })?;
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let app = http::router(state.clone());
+    let serve = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let config = SchedulerConfig {
+        workers: usize::from(args.workers),
+        batching: args.batching,
+        max_batch_rows: args.max_batch_rows as usize,
+        queue_size: args.queue_size,
+        session: args.model.session_options(),
+    };
+    let load = tokio::spawn(load_and_warm_up(state.clone(), prepared, config, metrics));
+    Ok(Server {
+        addr,
+        state,
+        load: Some(load),
+        serve,
+        stop_tx,
+    })
+}
+
+async fn load_and_warm_up(
+    state: Arc<AppState>,
+    prepared: Prepared,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(), LoadError> {
+    let start = Instant::now();
+    let prepared = Arc::new(prepared);
+    let p = prepared.clone();
+    let m = metrics.clone();
+    let scheduler = tokio::task::spawn_blocking(move || pipeline::start_scheduler(&p, config, m))
+        .await
+        .map_err(|e| LoadError::Infer(format!("loading task failed: {e}")))??;
+    let device = scheduler.info.device;
+    metrics.set_build_info(&prepared.bundle.manifest.name, &device.to_string());
+    let _ = state.device.set(device);
+    let scheduler = Arc::new(scheduler);
+    let _ = state.scheduler.set(scheduler.clone());
+
+    // One real caption through the whole pipeline, so the first user request does not
+    // pay for lazy allocations, and "ready" means "has captioned".
+    let pixels = pipeline::warm_up_pixels(&prepared.bundle);
+    let rx = pipeline::submit(
+        &scheduler,
+        pixels,
+        state.defaults.clone(),
+        0,
+        Duration::from_secs(600),
+    )
+    .map_err(|e| LoadError::WarmUp(e.to_string()))?;
+    let output = rx
+        .await
+        .map_err(|_| LoadError::WarmUp("the worker stopped".into()))?
+        .map_err(|e| LoadError::WarmUp(e.to_string()))?;
+    state.set_ready(true);
+    tracing::info!(
+        model = %prepared.bundle.manifest.name,
+        %device,
+        seconds = start.elapsed().as_secs_f64(),
+        warm_up_caption = output.best().map_or("", |c| c.caption.as_str()),
+        "ready"
+    );
+    Ok(())
+}
+
+impl Server {
+    /// Waits until the server is ready, or returns why loading failed.
+    pub async fn wait_ready(&mut self) -> Result<(), LoadError> {
+        match self.load.take() {
+            Some(handle) => handle
+                .await
+                .map_err(|e| LoadError::Infer(format!("loading task failed: {e}")))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Turns unready, waits up to `grace` for in-flight requests, then stops serving
+    /// and stops the workers.
+    pub async fn shutdown(self, grace: Duration) {
+        self.state.begin_drain();
+        tracing::info!(in_flight = self.state.in_flight(), "draining");
+        let deadline = Instant::now() + grace;
+        while self.state.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.stop_tx.send(true);
+        if tokio::time::timeout(Duration::from_secs(5), self.serve)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the grace period; closing");
+        }
+        if let Some(load) = self.load {
+            load.abort();
+        }
+        if let Some(scheduler) = self.state.scheduler.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || scheduler.stop()).await;
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,124 @@
+//! Shared helpers: an in-process server on a loopback port with the real bundle and
+//! the real ONNX Runtime, and test images made in code.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb};
+use ladic_serve::config::ServeArgs;
+use ladic_serve::server::{self, Server};
+
+/// The default bundle, as the README's serve command uses it.
+pub fn bundle_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/scenes-tiny")
+}
+
+/// Server settings for tests: default bundle, loopback, any free port, one thread per
+/// session so tests running side by side do not oversubscribe the cores.
+pub fn test_args() -> ServeArgs {
+    let mut args = ServeArgs::for_bundle(bundle_dir());
+    args.model.intra_op_threads = 1;
+    args.model.device = ladic_serve::runtime::DeviceChoice::Cpu;
+    // Tests share a small machine with builds and other tests: only the tests that are
+    // about deadlines should ever see one.
+    args.request_timeout_ms = 600_000;
+    args.max_request_timeout_ms = 600_000;
+    args
+}
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(args: ServeArgs) -> TestServer {
+        let mut server = server::start(&args).await.expect("server starts");
+        tokio::time::timeout(Duration::from_secs(120), server.wait_ready())
+            .await
+            .expect("ready in time")
+            .expect("bundle loads and warms up");
+        let base = format!("http://{}", server.addr);
+        TestServer {
+            server: Some(server),
+            base,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn default() -> TestServer {
+        TestServer::start(test_args()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn state(&self) -> &ladic_serve::http::AppState {
+        &self.server.as_ref().expect("running").state
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+pub fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut buf = Cursor::new(Vec::new());
+    img.write_to(&mut buf, format).expect("encodes");
+    buf.into_inner()
+}
+
+/// A small scene: a coloured square on a background, different per `variant`.
+pub fn scene(variant: u8) -> DynamicImage {
+    let (w, h) = (96u32, 80u32);
+    DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| {
+        let inside = (20..60).contains(&x) && (15..55).contains(&y);
+        match (inside, variant % 3) {
+            (true, 0) => Rgb([220, 30, 30]),
+            (true, 1) => Rgb([30, 200, 40]),
+            (true, _) => Rgb([40, 40, 220]),
+            (false, _) => Rgb([240, 240, 240]),
+        }
+    }))
+}
+
+pub fn scene_png(variant: u8) -> Vec<u8> {
+    encode(&scene(variant), ImageFormat::Png)
+}
+
+/// A PNG header claiming `w x h` plus a few bytes: a tiny file asking for a huge buffer.
+pub fn lying_png(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    let idat = b"IDAT\x78\x9c\x03\x00";
+    png.extend_from_slice(&4u32.to_be_bytes());
+    png.extend_from_slice(idat);
+    png.extend_from_slice(&crc32(idat).to_be_bytes());
+    png
+}

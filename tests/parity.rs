@@ -1,0 +1,169 @@
+//! Replays the Python reference sampler's recorded runs (tests/fixtures/parity, written
+//! by `python -m ladic.fixtures`) through the Rust sampler and the real ONNX Runtime:
+//! same noise in, so the same x0 at every iteration (within 1e-4), the same token ids,
+//! the same MBR choice and the same caption must come out.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ladic_serve::bundle::{BackRefineSpec, Bundle};
+use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
+use ladic_serve::sampler::{
+    self, ActiveRow, Need, RecordedNoise, Row, SamplerParams, Schedule, mbr,
+};
+use ladic_serve::text::TextDecoder;
+use ndarray::{Array2, Array4, Axis};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    params: Params,
+    pixels: Vec<f32>,
+    noise: Vec<Vec<Vec<f32>>>,
+    trace: Vec<Vec<Step>>,
+    ids: Vec<Vec<i64>>,
+    chosen: usize,
+    caption: String,
+}
+
+#[derive(Deserialize)]
+struct Params {
+    steps: usize,
+    guidance: f64,
+    time_shift: usize,
+    renoise_scale: f64,
+    self_conditioning: bool,
+    back_refine: BackRefineSpec,
+    candidates: usize,
+}
+
+#[derive(Deserialize)]
+struct Step {
+    t: i64,
+    t_in: i64,
+    x0: Vec<f32>,
+    refined: bool,
+}
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+#[test]
+fn rust_sampler_matches_the_python_reference() {
+    let dir = fixture_dir();
+    let cases_path = dir.join("cases.json");
+    let text = std::fs::read_to_string(&cases_path).unwrap_or_else(|e| {
+        panic!(
+            "{} is missing ({e}); regenerate it with `python -m ladic.fixtures` in models/",
+            cases_path.display()
+        )
+    });
+    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    assert!(!cases.is_empty());
+    let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    assert!(
+        cases.iter().any(|c| c.params.back_refine.enabled),
+        "a Back&Refine case: {names:?}"
+    );
+    assert!(
+        cases.iter().any(|c| c.params.candidates > 1),
+        "an MBR case: {names:?}"
+    );
+
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let bundle = Bundle::load(&dir.join("bundle")).expect("parity bundle loads");
+    let m = &bundle.manifest;
+    let opts = SessionOptions {
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 1,
+    };
+    let mut models = Models::load(&rt, &bundle, &opts).expect("sessions load");
+    let text = TextDecoder::load(&bundle.tokenizer_path, &m.text).expect("tokenizer loads");
+    let schedule = Arc::new(Schedule::from_spec(&m.schedule));
+    let (l, d) = (m.text.max_len, m.text.latent_dim);
+    let size = m.image.size as usize;
+
+    for case in &cases {
+        let p = &case.params;
+        let params = SamplerParams {
+            steps: p.steps,
+            guidance: p.guidance,
+            time_shift: p.time_shift,
+            renoise_scale: p.renoise_scale,
+            self_conditioning: p.self_conditioning,
+            back_refine: p.back_refine.clone(),
+            candidates: p.candidates,
+        };
+        let pixels = Array4::from_shape_vec((1, 3, size, size), case.pixels.clone())
+            .expect("pixels have the bundle's image shape");
+        let kv = models.encode(pixels.view()).expect("encoder runs");
+        let kv = Arc::new(kv.index_axis(Axis(0), 0).to_owned());
+        assert_eq!(
+            case.noise.len(),
+            p.candidates,
+            "{}: one noise stream per candidate",
+            case.name
+        );
+        let mut rows: Vec<Row> = case
+            .noise
+            .iter()
+            .map(|draws| {
+                Row::new(
+                    params.clone(),
+                    schedule.clone(),
+                    (l, d),
+                    Box::new(RecordedNoise::new(draws.clone())),
+                    true,
+                )
+                .expect("first draw")
+            })
+            .collect();
+        // All candidates in one batch, as the reference runs them.
+        while rows.iter().any(|r| r.need() != Need::Done) {
+            let mut active: Vec<ActiveRow<'_>> = rows
+                .iter_mut()
+                .filter(|r| r.need() != Need::Done)
+                .map(|row| ActiveRow { row, kv: &kv })
+                .collect();
+            sampler::step(&mut models, &mut active, 64).expect("step runs");
+        }
+
+        let mut cleaned = Vec::new();
+        for (c, row) in rows.iter_mut().enumerate() {
+            let trace = row.take_trace();
+            let want = &case.trace[c];
+            assert_eq!(
+                trace.len(),
+                want.len(),
+                "{} candidate {c}: iteration count",
+                case.name
+            );
+            for (i, (got, want)) in trace.iter().zip(want).enumerate() {
+                let at = format!("{} candidate {c} iteration {i}", case.name);
+                assert_eq!(
+                    (got.t, got.t_in, got.refined),
+                    (want.t, want.t_in, want.refined),
+                    "{at}"
+                );
+                let want_x0 = Array2::from_shape_vec((l, d), want.x0.clone()).expect("x0 shape");
+                let diff = (&got.x0 - &want_x0)
+                    .mapv(f32::abs)
+                    .fold(0.0f32, |m, &v| m.max(v));
+                assert!(diff <= 1e-4, "{at}: x0 differs by {diff}");
+            }
+            let out = row.output().expect("row finished");
+            assert_eq!(
+                out.ids, case.ids[c],
+                "{} candidate {c}: token ids",
+                case.name
+            );
+            cleaned.push(text.rules.clean(&out.ids));
+        }
+        let chosen = mbr::choose(&cleaned);
+        assert_eq!(chosen, case.chosen, "{}: MBR choice", case.name);
+        let caption = text.caption(&cleaned[chosen]).expect("caption decodes");
+        assert_eq!(caption, case.caption, "{}: caption", case.name);
+    }
+}

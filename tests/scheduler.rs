@@ -1,0 +1,146 @@
+//! The worker pool with the real bundle: batching modes, skipped and expired jobs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ladic_serve::config::BatchingMode;
+use ladic_serve::metrics::Metrics;
+use ladic_serve::pipeline::{self, Prepared};
+use ladic_serve::preprocess;
+use ladic_serve::runtime::DeviceChoice;
+use ladic_serve::sampler::SamplerParams;
+use ladic_serve::scheduler::{CaptionJob, InferError, Scheduler, SchedulerConfig};
+
+fn prepared() -> Prepared {
+    let mut args = common::test_args().model;
+    args.device = DeviceChoice::Cpu;
+    pipeline::prepare(&args).expect("bundle and library load")
+}
+
+fn scheduler(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Scheduler, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let config = SchedulerConfig {
+        workers: 1,
+        batching,
+        max_batch_rows: max_rows,
+        queue_size: 32,
+        session: ladic_serve::runtime::SessionOptions {
+            device: DeviceChoice::Cpu,
+            intra_op_threads: 1,
+        },
+    };
+    (
+        pipeline::start_scheduler(p, config, metrics.clone()).unwrap(),
+        metrics,
+    )
+}
+
+fn pixels(p: &Prepared, variant: u8) -> ndarray::Array3<f32> {
+    preprocess::to_tensor(&common::scene(variant), &p.bundle.manifest.image)
+}
+
+/// Captions 4 images submitted at once; returns the chosen captions' ids and the
+/// mean rows per denoiser call.
+fn run_four(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Vec<Vec<i64>>, f64) {
+    let (s, metrics) = scheduler(p, batching, max_rows);
+    let mut params = SamplerParams::defaults(&p.bundle.manifest);
+    params.steps = 4;
+    params.guidance = 1.0;
+    // Prepared first so the four arrive back to back.
+    let images: Vec<_> = (0..4).map(|v| pixels(p, v)).collect();
+    let rxs: Vec<_> = images
+        .into_iter()
+        .map(|px| pipeline::submit(&s, px, params.clone(), 7, Duration::from_secs(60)).unwrap())
+        .collect();
+    let ids = rxs
+        .into_iter()
+        .map(|rx| {
+            let out = rx.blocking_recv().unwrap().unwrap();
+            out.best().unwrap().ids.clone()
+        })
+        .collect();
+    let mean = metrics.batch_rows.get_sample_sum() / metrics.batch_rows.get_sample_count() as f64;
+    s.stop();
+    (ids, mean)
+}
+
+#[test]
+fn continuous_batching_shares_calls_and_keeps_results() {
+    let p = prepared();
+    let (continuous, mean_rows) = run_four(&p, BatchingMode::Continuous, 32);
+    let (off, off_rows) = run_four(&p, BatchingMode::Off, 32);
+    let (request, _) = run_four(&p, BatchingMode::Request, 32);
+    let (one_row, one_rows) = run_four(&p, BatchingMode::Continuous, 1);
+    // One guided request is 2 rows per call; four at once must share some calls (the
+    // worker may start the first alone before the others arrive).
+    assert!(
+        mean_rows > 2.0 + 1e-9,
+        "continuous batching: {mean_rows} rows per call"
+    );
+    assert!(
+        (off_rows - 2.0).abs() < 1e-9,
+        "batching off: {off_rows} rows per call"
+    );
+    assert!(
+        (one_rows - 1.0).abs() < 1e-9,
+        "max 1 row: {one_rows} rows per call"
+    );
+    assert_eq!(continuous, off, "batching must not change captions");
+    assert_eq!(continuous, request);
+    assert_eq!(continuous, one_row);
+}
+
+#[test]
+fn gone_clients_and_expired_deadlines_cost_nothing() {
+    let p = prepared();
+    let (s, metrics) = scheduler(&p, BatchingMode::Continuous, 32);
+    let params = SamplerParams::defaults(&p.bundle.manifest);
+
+    // A long job occupies the worker while the others wait in the queue.
+    let mut long = params.clone();
+    long.steps = 100;
+    long.candidates = 8;
+    let busy = pipeline::submit(&s, pixels(&p, 0), long, 1, Duration::from_secs(60)).unwrap();
+
+    let gone = pipeline::submit(
+        &s,
+        pixels(&p, 1),
+        params.clone(),
+        1,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    drop(gone);
+    let (reply, expired) = tokio::sync::oneshot::channel();
+    let now = Instant::now();
+    s.submit(CaptionJob {
+        pixels: pixels(&p, 2),
+        params: params.clone(),
+        seed: 1,
+        deadline: now,
+        enqueued: now,
+        reply,
+    })
+    .unwrap();
+
+    assert!(busy.blocking_recv().unwrap().is_ok());
+    assert_eq!(
+        expired.blocking_recv().unwrap().unwrap_err(),
+        InferError::Deadline
+    );
+    // The dropped job is skipped when the worker reaches it.
+    let ok = pipeline::submit(&s, pixels(&p, 1), params, 1, Duration::from_secs(60)).unwrap();
+    assert!(ok.blocking_recv().unwrap().is_ok());
+    let dropped = |reason: &str| {
+        metrics
+            .requests_dropped_total
+            .with_label_values(&[reason])
+            .get()
+    };
+    assert_eq!(dropped("client_gone"), 1);
+    assert_eq!(dropped("deadline"), 1);
+    assert_eq!(metrics.rows_in_flight.get(), 0);
+    s.stop();
+}
