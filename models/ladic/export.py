@@ -6,8 +6,8 @@
     python -m ladic.export --run runs/scenes-tiny --out scenes-tiny-fp16 --precision fp16
 
 Every graph gets a dynamic batch axis; the export is checked against PyTorch with
-ONNX Runtime before the manifest is written. `--precision fp16` then converts the
-graphs in place (ladic/precision.py) and checks them against the fp32 ones.
+ONNX Runtime before the manifest is written. `--precision fp16` (or `mixed`) then
+converts the graphs in place (ladic/precision.py) and checks them against fp32.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def manifest(cfg: LadicConfig, name: str, description: str) -> dict[str, Any]:
             "hidden": cfg.diffuser_hidden,
             "image_tokens": cfg.image.tokens,
         },
-        "precision": "fp32",  # "fp16": ladic.precision converted the graphs
+        "precision": "fp32",  # fp16 | mixed: converted by ladic.precision
         "graphs": graph_specs(cfg),
         "model_config": cfg.to_dict(),
     }
@@ -279,8 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="default sampling iterations in the manifest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the ONNX vs PyTorch check")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16: export fp32, then convert the graphs (inputs/outputs stay fp32)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "mixed"], default="fp32",
+                   help="fp16 or mixed: export fp32, then convert the graphs (ladic.precision)")
     return p.parse_args(argv)
 
 
@@ -310,10 +310,10 @@ def main(argv: list[str] | None = None) -> None:
                          check=not args.no_check)
     for k, v in sorted(diffs.items()):
         print(f"{k}: max |onnx - torch| = {v:.2e}")
-    if args.precision == "fp16":
+    if args.precision != "fp32":
         from .precision import convert_bundle, print_conversion
 
-        print_conversion(convert_bundle(out, check=not args.no_check))
+        print_conversion(convert_bundle(out, precision=args.precision, check=not args.no_check))
     print(f"wrote {out} (precision {args.precision})")
 
 
