@@ -9,7 +9,11 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/lib/libonnxruntime.so}"
 echo "== cargo fmt";    cargo fmt --all -- --check
 echo "== cargo clippy"; cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test";   cargo test --locked
+echo "== api contract"; scripts/api-contract.sh
+echo "== soak (short)"; LADIC_BIN="${LADIC_BIN:-target/debug/ladic-serve}" scripts/soak.sh --ci
+echo "== fuzz";         scripts/fuzz.sh 30
 echo "== openapi";      python3 -m openapi_spec_validator openapi.yaml
 echo "== ruff";         (cd models && ruff check .)
 echo "== pytest";       (cd models && python3 -m pytest -q -p no:warnings)
+echo "== browser";      scripts/browser-test.sh
 echo "== deploy";       scripts/check-deploy.sh --binary target/debug/ladic-serve

@@ -132,6 +132,11 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "LADIC_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+
+    /// Origins browsers may call the API from (comma-separated, or `*` for any); no
+    /// CORS headers are sent unless this is set.
+    #[arg(long, env = "LADIC_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
 }
 
 impl ServeArgs {

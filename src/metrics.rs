@@ -2,8 +2,8 @@
 //! run several servers in one process without clashing registrations.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 const PREFIX: &str = "ladic";
@@ -18,6 +18,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub rows_in_flight: IntGauge,
     pub requests_dropped_total: IntCounterVec,
+    pub stream_events_dropped_total: IntCounter,
+    pub worker_restarts_total: IntCounter,
     pub model_load_seconds: Gauge,
     pub build_info: GaugeVec,
 }
@@ -83,6 +85,14 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let worker_restarts_total = IntCounter::new(
+            "worker_restarts_total",
+            "Times a worker panicked, failed the requests of its batch and restarted its loop.",
+        )?;
+        let stream_events_dropped_total = IntCounter::new(
+            "stream_events_dropped_total",
+            "Streaming step events dropped because the client read them too slowly.",
+        )?;
         let model_load_seconds = Gauge::new(
             "model_load_seconds",
             "Seconds the first worker took to load the bundle into ONNX Runtime.",
@@ -102,6 +112,8 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(rows_in_flight.clone()))?;
         registry.register(Box::new(requests_dropped_total.clone()))?;
+        registry.register(Box::new(stream_events_dropped_total.clone()))?;
+        registry.register(Box::new(worker_restarts_total.clone()))?;
         registry.register(Box::new(model_load_seconds.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
         Ok(Metrics {
@@ -114,6 +126,8 @@ impl Metrics {
             queue_depth,
             rows_in_flight,
             requests_dropped_total,
+            stream_events_dropped_total,
+            worker_restarts_total,
             model_load_seconds,
             build_info,
         })
@@ -164,6 +178,8 @@ mod tests {
             "queue_depth",
             "rows_in_flight",
             "images_dropped_total",
+            "stream_events_dropped_total",
+            "worker_restarts_total",
             "model_load_seconds",
             "build_info",
         ] {

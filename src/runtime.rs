@@ -232,6 +232,9 @@ pub struct Models {
     decoder: Session,
     /// `encoder(zeros)`: the unconditional branch's K/V, computed once at load.
     null_kv: Array3<f32>,
+    /// The K/V batch of the last denoiser call, kept so that each call copies the rows'
+    /// K/V into memory that is already mapped instead of a fresh zeroed allocation.
+    kv_batch: Vec<f32>,
     image_size: usize,
     pub device: ActiveDevice,
     pub load_seconds: f64,
@@ -341,6 +344,7 @@ impl Models {
             denoiser,
             decoder,
             null_kv: Array3::zeros((0, 0, 0)),
+            kv_batch: Vec::new(),
             image_size: size,
             device,
             load_seconds: 0.0,
@@ -488,15 +492,34 @@ impl Denoiser for Models {
         t: &[i64],
         kv: &[KvRef<'_>],
     ) -> Result<Array3<f32>, RuntimeError> {
-        let (k0, k1, k2) = self.null_kv.dim();
-        let mut batch = Array4::<f32>::zeros((kv.len(), k0, k1, k2));
-        for (mut dst, src) in batch.outer_iter_mut().zip(kv) {
-            match src {
-                KvRef::Image(a) => dst.assign(*a),
-                KvRef::Null => dst.assign(&self.null_kv),
+        let dim = self.null_kv.dim();
+        let mut buf = std::mem::take(&mut self.kv_batch);
+        buf.clear();
+        buf.reserve(kv.len() * self.null_kv.len());
+        for src in kv {
+            let a = match src {
+                KvRef::Image(a) => *a,
+                KvRef::Null => &self.null_kv,
+            };
+            if a.dim() != dim {
+                return Err(RuntimeError::Inference {
+                    graph: "denoiser",
+                    reason: format!("image K/V of shape {:?}; expected {dim:?}", a.dim()),
+                });
+            }
+            match a.as_slice() {
+                Some(s) => buf.extend_from_slice(s),
+                None => buf.extend(a.iter().copied()),
             }
         }
-        Models::denoise(self, x, self_cond, t, batch.view())
+        let result = ArrayView4::from_shape((kv.len(), dim.0, dim.1, dim.2), &buf)
+            .map_err(|e| RuntimeError::Inference {
+                graph: "denoiser",
+                reason: e.to_string(),
+            })
+            .and_then(|batch| Models::denoise(self, x, self_cond, t, batch));
+        self.kv_batch = buf;
+        result
     }
 
     fn decode(&mut self, x0: ArrayView3<f32>) -> Result<(Array2<i64>, Array2<f32>), RuntimeError> {

@@ -25,6 +25,9 @@ pub struct Server {
     stop_tx: watch::Sender<bool>,
 }
 
+/// The longest request deadline the server uses, whatever the configuration.
+const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Validates the bundle and library, binds, and starts loading; returns at once.
 pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
     let model = args.model.clone();
@@ -37,12 +40,15 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         image_limits: args.image_limits(),
         max_batch_images: args.max_batch_images.max(1),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
-        default_timeout: args.request_timeout(),
-        max_timeout: Duration::from_millis(args.max_request_timeout_ms.max(1)),
+        // Deadlines are `Instant + timeout`: a week is longer than any caption and far
+        // from overflowing, whatever the flags say.
+        default_timeout: args.request_timeout().min(MAX_DEADLINE),
+        max_timeout: Duration::from_millis(args.max_request_timeout_ms.max(1)).min(MAX_DEADLINE),
         queue_size: args.queue_size,
         workers: usize::from(args.workers),
         batching: args.batching,
         max_batch_rows: args.max_batch_rows as usize,
+        cors_allow_origins: cors_origins(&args.cors_allow_origin)?,
     };
     let state = Arc::new(AppState::new(
         settings,
@@ -83,6 +89,23 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         serve,
         stop_tx,
     })
+}
+
+/// The configured CORS origins, each checked to be usable as a header value.
+fn cors_origins(origins: &[String]) -> Result<Vec<String>, LoadError> {
+    let origins: Vec<String> = origins
+        .iter()
+        .map(|o| o.trim().to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
+    for o in &origins {
+        if axum::http::HeaderValue::from_str(o).is_err() {
+            return Err(LoadError::Infer(format!(
+                "--cors-allow-origin: {o:?} is not a valid origin"
+            )));
+        }
+    }
+    Ok(origins)
 }
 
 async fn load_and_warm_up(

@@ -112,6 +112,13 @@ impl TextDecoder {
             .map_err(|e| TextError::Decode(e.to_string()))?;
         Ok(tidy(&decoded))
     }
+
+    /// The vocabulary entry of one token id, as the tokenizer spells it.
+    pub fn token(&self, id: i64) -> Option<String> {
+        u32::try_from(id)
+            .ok()
+            .and_then(|id| self.tokenizer.id_to_token(id))
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +162,14 @@ mod tests {
             .caption_confidence(&[1, 5, 12, 6, 0], &[0.1, 0.5, 0.9, 0.25, 0.3]);
         assert!((c - 0.375).abs() < 1e-7);
         assert_eq!(d.rules.caption_confidence(&[0, 1], &[0.5, 0.5]), 0.0);
+    }
+
+    #[test]
+    fn token_spellings() {
+        let d = decoder();
+        assert_eq!(d.token(5).as_deref(), Some("a"));
+        assert_eq!(d.token(-1), None);
+        assert_eq!(d.token(1_000_000), None);
     }
 
     #[test]

@@ -144,3 +144,51 @@ fn gone_clients_and_expired_deadlines_cost_nothing() {
     assert_eq!(metrics.rows_in_flight.get(), 0);
     s.stop();
 }
+
+#[test]
+fn a_slow_stream_loses_step_events_not_time() {
+    let p = prepared();
+    let (s, metrics) = scheduler(&p, BatchingMode::Continuous, 32);
+    let mut params = SamplerParams::defaults(&p.bundle.manifest);
+    params.steps = 10;
+    params.candidates = 2;
+    let plain = pipeline::submit(
+        &s,
+        pixels(&p, 0),
+        params.clone(),
+        3,
+        Duration::from_secs(60),
+    )
+    .unwrap()
+    .blocking_recv()
+    .unwrap()
+    .unwrap();
+
+    // Room for one event, and nobody reads until the answer is in: the worker must
+    // neither wait for the reader nor change the result.
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1);
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let now = Instant::now();
+    s.submit_streaming(
+        CaptionJob {
+            pixels: pixels(&p, 0),
+            params,
+            seed: 3,
+            deadline: now + Duration::from_secs(60),
+            enqueued: now,
+            reply,
+        },
+        events_tx,
+    )
+    .unwrap();
+    let streamed = rx.blocking_recv().unwrap().unwrap();
+    assert_eq!(streamed.candidates, plain.candidates);
+    assert_eq!(streamed.chosen, plain.chosen);
+    let first = events_rx.blocking_recv().expect("the first event was kept");
+    assert_eq!((first.candidate, first.step, first.t), (0, 0, 999));
+    assert!(first.caption.ends_with('.'));
+    assert!(events_rx.blocking_recv().is_none(), "the rest were dropped");
+    // 2 candidates x 10 iterations, one delivered.
+    assert_eq!(metrics.stream_events_dropped_total.get(), 19);
+    s.stop();
+}

@@ -46,6 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="canonical",
         help="train the diffusion on the canonical reference only, or on all five",
     )
+    p.add_argument(
+        "--train-noise-scale",
+        type=float,
+        default=4.0,
+        help="noise scale of the forward process in training (LaDiC: 4)",
+    )
+    p.add_argument(
+        "--token-weight", type=float, default=0.2, help="weight of the token cross-entropy"
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--eval-images", type=int, default=200)
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         build_word_tokenizer(scenes.VOCABULARY, 40).save(str(tok_path))
     tokenizer = load_tokenizer(tok_path, 40)
     cfg = tiny_config(tokenizer.get_vocab_size(), special_ids(tokenizer))
+    cfg.schedule.train_noise_scale = args.train_noise_scale
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     model = Ladic(cfg).to(device)
     print(
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         idx = rng.integers(0, len(flat), args.batch)
         pixels = data.normalize(images[owner[idx]], cfg.image).to(device)
         loss, parts = training_loss(
-            model, pixels, latents[idx].to(device), targets[idx].to(device), ab
+            model, pixels, latents[idx].to(device), targets[idx].to(device), ab,
+            token_weight=args.token_weight,
         )
         opt.zero_grad()
         loss.backward()

@@ -7,18 +7,20 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::request::{
     self, BatchJson, CaptionJson, CaptionParams, Resolved, decode_base64_image, is_raw_image_type,
     media_type, parse_json, parse_multipart, read_body,
 };
 use super::{AppState, InFlight, X_INFERENCE_TIME, X_QUEUE_TIME, X_TOTAL_TIME, millis_header};
 use crate::preprocess;
-use crate::scheduler::{Candidate, CaptionJob, CaptionOutput, Scheduler};
+use crate::sampler::{Schedule, planned_iterations};
+use crate::scheduler::{Candidate, CaptionJob, CaptionOutput, InferError, Scheduler, StepEvent};
 
 #[derive(Debug, Serialize)]
 pub struct Timings {
@@ -94,13 +96,35 @@ pub async fn caption(
         )));
     };
     let resolved = resolve(&state, &params)?;
+    if params
+        .stream
+        .unwrap_or_else(|| accepts_event_stream(&parts.headers))
+    {
+        return stream_caption(state.clone(), &scheduler, image, resolved, start).await;
+    }
     let output = run_caption(&state, &scheduler, image, &resolved, start).await?;
+    let total = start.elapsed();
+    let body = caption_body(&state, &resolved, &output, total)?;
+    Ok(with_timing_headers(
+        Json(body).into_response(),
+        output.queue_time,
+        output.inference_time,
+        total,
+    ))
+}
+
+/// The body of a `POST /caption` answer (and of the `done` event of a stream).
+fn caption_body(
+    state: &AppState,
+    resolved: &Resolved,
+    output: &CaptionOutput,
+    total: Duration,
+) -> Result<CaptionResponse, ApiError> {
     let best = output
         .best()
         .cloned()
         .ok_or_else(|| ApiError::Inference("no caption candidates".into()))?;
-    let total = start.elapsed();
-    let body = CaptionResponse {
+    Ok(CaptionResponse {
         caption: best.caption,
         confidence: best.confidence,
         candidates: output.candidates.clone(),
@@ -112,13 +136,178 @@ pub async fn caption(
             inference_ms: ms(output.inference_time),
             total_ms: ms(total),
         },
+    })
+}
+
+/// `Accept` lists `text/event-stream`.
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|range| range.split(';').next())
+        .any(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Step events a streaming request may have waiting; past that the worker drops
+/// intermediate events instead of waiting for a slow client.
+const STREAM_BUFFER: usize = 256;
+
+/// The `start` event of a stream: what is about to run.
+#[derive(Debug, Serialize)]
+struct StreamStart {
+    model: String,
+    seed: u64,
+    steps: usize,
+    /// Step events each candidate will send (Back&Refine restarts included).
+    iterations: usize,
+    candidates: usize,
+    guidance: f64,
+    back_refine: bool,
+}
+
+/// `POST /caption` answered with Server-Sent Events: `start`, a `step` per iteration
+/// and candidate, then `done` (the JSON body of a plain answer) or `error`. Problems
+/// found before the image is queued (bad request, full queue) are still plain JSON
+/// errors with their status; only later ones arrive as an `error` event.
+async fn stream_caption(
+    state: Arc<AppState>,
+    scheduler: &Scheduler,
+    image: Bytes,
+    resolved: Resolved,
+    start: Instant,
+) -> Result<Response, ApiError> {
+    let deadline = start + resolved.timeout;
+    let pixels = decode_image(&state, image).await?;
+    let (reply, reply_rx) = oneshot::channel();
+    let (events_tx, events_rx) = mpsc::channel(STREAM_BUFFER);
+    scheduler.submit_streaming(
+        CaptionJob {
+            pixels,
+            params: resolved.sampler.clone(),
+            seed: resolved.seed,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+        },
+        events_tx,
+    )?;
+    let schedule = Schedule::from_spec(&state.manifest.schedule);
+    let first = StreamStart {
+        model: state.manifest.name.clone(),
+        seed: resolved.seed,
+        steps: resolved.sampler.steps,
+        iterations: planned_iterations(&resolved.sampler, &schedule),
+        candidates: resolved.sampler.candidates,
+        guidance: resolved.sampler.guidance,
+        back_refine: resolved.sampler.back_refine.enabled,
     };
-    Ok(with_timing_headers(
-        Json(body).into_response(),
-        output.queue_time,
-        output.inference_time,
-        total,
-    ))
+    let stream = CaptionStream {
+        first: Some(json_event("start", &first)),
+        events: events_rx,
+        reply: Some(reply_rx),
+        deadline: tokio::time::Instant::from_std(deadline),
+        resolved,
+        start,
+        in_flight: StreamInFlight::new(state),
+    };
+    let events = futures_util::stream::unfold(stream, CaptionStream::next);
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    // Proxies that buffer responses (nginx) would hold the events back.
+    response.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    Ok(response)
+}
+
+/// Counts a streaming request as in flight until its stream ends or is dropped, so a
+/// draining server lets it finish.
+struct StreamInFlight(Arc<AppState>);
+
+impl StreamInFlight {
+    fn new(state: Arc<AppState>) -> StreamInFlight {
+        state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StreamInFlight(state)
+    }
+}
+
+impl Drop for StreamInFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The body of a streaming answer. Dropping it (the client went away) drops both
+/// receivers, and the worker frees the job's rows at its next step.
+struct CaptionStream {
+    first: Option<Event>,
+    events: mpsc::Receiver<StepEvent>,
+    /// `None` once the last event went out.
+    reply: Option<oneshot::Receiver<Result<CaptionOutput, InferError>>>,
+    deadline: tokio::time::Instant,
+    resolved: Resolved,
+    start: Instant,
+    in_flight: StreamInFlight,
+}
+
+impl CaptionStream {
+    async fn next(mut self) -> Option<(Result<Event, std::convert::Infallible>, Self)> {
+        if let Some(first) = self.first.take() {
+            return Some((Ok(first), self));
+        }
+        let reply = self.reply.take()?;
+        // Step events until the worker lets go of the job, then its answer.
+        match tokio::time::timeout_at(self.deadline, self.events.recv()).await {
+            Ok(Some(step)) => {
+                self.reply = Some(reply);
+                return Some((Ok(json_event("step", &step)), self));
+            }
+            Ok(None) => {}
+            Err(_) => return Some((Ok(error_event(&ApiError::Timeout)), self)),
+        }
+        let result = match tokio::time::timeout_at(self.deadline, reply).await {
+            Err(_) => Err(ApiError::Timeout),
+            Ok(Err(_)) => Err(ApiError::Inference("the worker dropped the request".into())),
+            Ok(Ok(result)) => result.map_err(ApiError::from),
+        };
+        let state = &self.in_flight.0;
+        let event = match result
+            .and_then(|output| caption_body(state, &self.resolved, &output, self.start.elapsed()))
+        {
+            Ok(body) => json_event("done", &body),
+            Err(e) => error_event(&e),
+        };
+        Some((Ok(event), self))
+    }
+}
+
+fn json_event<T: Serialize>(name: &str, data: &T) -> Event {
+    // Serializing these plain structs cannot fail; compact JSON has no line breaks.
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(data).unwrap_or_default())
+}
+
+fn error_event(e: &ApiError) -> Event {
+    let status = e.status();
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), error = %e, "streaming request failed");
+    }
+    json_event(
+        "error",
+        &ErrorBody {
+            error: e.to_string(),
+            error_type: e.error_type(),
+        },
+    )
 }
 
 /// `POST /caption/batch`.
@@ -131,6 +320,12 @@ pub async fn caption_batch(
     let _in_flight = InFlight::new(&state.in_flight);
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
+    if query.stream == Some(true) {
+        return Err(ApiError::InvalidParameter(
+            "stream: POST /caption/batch does not stream; stream single images with POST /caption"
+                .into(),
+        ));
+    }
     match media_type(&parts.headers).as_deref() {
         Some("application/json") => {}
         other => {
@@ -241,18 +436,7 @@ async fn run_caption(
     start: Instant,
 ) -> Result<CaptionOutput, ApiError> {
     let deadline = start + resolved.timeout;
-    let pixels = {
-        let _permit = state
-            .decode_permits
-            .acquire()
-            .await
-            .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
-        let spec = state.manifest.image.clone();
-        let limits = state.settings.image_limits;
-        tokio::task::spawn_blocking(move || preprocess::preprocess(&image, &spec, &limits))
-            .await
-            .map_err(|e| ApiError::Inference(format!("image decoding task failed: {e}")))??
-    };
+    let pixels = decode_image(state, image).await?;
     let (reply, rx) = oneshot::channel();
     scheduler.submit(CaptionJob {
         pixels,
@@ -269,6 +453,21 @@ async fn run_caption(
     }
 }
 
+/// Decode + preprocess on the blocking pool, a bounded number at a time.
+async fn decode_image(state: &AppState, image: Bytes) -> Result<ndarray::Array3<f32>, ApiError> {
+    let _permit = state
+        .decode_permits
+        .acquire()
+        .await
+        .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
+    let spec = state.manifest.image.clone();
+    let limits = state.settings.image_limits;
+    tokio::task::spawn_blocking(move || preprocess::preprocess(&image, &spec, &limits))
+        .await
+        .map_err(|e| ApiError::Inference(format!("image decoding task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
 fn with_timing_headers(
     mut response: Response,
     queue: Duration,
@@ -280,6 +479,29 @@ fn with_timing_headers(
     h.insert(X_INFERENCE_TIME.clone(), millis_header(inference));
     h.insert(X_TOTAL_TIME.clone(), millis_header(total));
     response
+}
+
+/// The demo page: one self-contained HTML file (inline CSS and JS, nothing fetched
+/// from elsewhere).
+const INDEX_HTML: &str = include_str!("index.html");
+
+/// What the page may load: itself, its inline style and script, the image the user
+/// picks, and this server's API. Nothing from any other origin.
+const INDEX_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// `GET /`: the demo page.
+pub async fn index() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, INDEX_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        INDEX_HTML,
+    )
+        .into_response()
 }
 
 /// `GET /health/live`: the process is up and serving HTTP.

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::HttpBody;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
@@ -30,6 +31,7 @@ use crate::scheduler::Scheduler;
 /// Every route the server answers, as (method, path). The router is built from this
 /// list and a test checks it against openapi.yaml, so the two cannot drift apart.
 pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
     ("POST", "/caption"),
     ("POST", "/caption/batch"),
     ("GET", "/health/live"),
@@ -56,6 +58,8 @@ pub struct HttpSettings {
     pub workers: usize,
     pub batching: BatchingMode,
     pub max_batch_rows: usize,
+    /// Origins allowed by CORS (`*`: any); empty sends no CORS headers at all.
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// State shared by all handlers.
@@ -159,6 +163,7 @@ impl Drop for InFlight<'_> {
 
 fn route_handler(method: &str, path: &str) -> MethodRouter<Arc<AppState>> {
     match (method, path) {
+        ("GET", "/") => get(handlers::index),
         ("POST", "/caption") => post(handlers::caption),
         ("POST", "/caption/batch") => post(handlers::caption_batch),
         ("GET", "/health/live") => get(handlers::live),
@@ -181,12 +186,130 @@ pub fn router(state: Arc<AppState>) -> Router {
         }
         router = router.route(path, handler);
     }
-    router
+    let mut router = router
         .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    if let Some(cors) = cors_layer(&state.settings.cors_allow_origins) {
+        router = router.layer(cors);
+    }
+    router
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(middleware::from_fn(assign_request_id))
+        .layer(middleware::from_fn(close_if_body_unread))
         .with_state(state)
+}
+
+/// Adds `Connection: close` to responses sent before the request body was read to its
+/// end (a full queue, a wrong key or media type, a declared length over the limit).
+/// The server then drops the connection, and without the header a keep-alive client
+/// would send its next request into a closed socket.
+async fn close_if_body_unread(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let done = Arc::new(AtomicBool::new(HttpBody::is_end_stream(&body)));
+    let body = axum::body::Body::new(EndTracked {
+        inner: body,
+        done: done.clone(),
+    });
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !done.load(Ordering::SeqCst) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// A request body that records when it has been read to its end.
+struct EndTracked {
+    inner: axum::body::Body,
+    done: Arc<AtomicBool>,
+}
+
+impl HttpBody for EndTracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.done.store(true, Ordering::SeqCst);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// CORS for the configured origins; `None` (no CORS headers) when none are.
+/// Origins that are not valid header values are skipped (`server::start` refuses them).
+pub fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                axum::http::header::CONTENT_TYPE,
+                axum::http::header::AUTHORIZATION,
+                HeaderName::from_static("x-api-key"),
+                X_REQUEST_ID.clone(),
+            ])
+            .expose_headers([
+                X_REQUEST_ID.clone(),
+                X_TOTAL_TIME.clone(),
+                X_QUEUE_TIME.clone(),
+                X_INFERENCE_TIME.clone(),
+                axum::http::header::RETRY_AFTER,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Gives every request an `x-request-id` before anything logs: the client's, when it
+/// is 1 to 128 visible ASCII characters, else a new one. The response echoes it.
+async fn assign_request_id(mut req: Request, next: Next) -> Response {
+    let valid = req.headers().get(&X_REQUEST_ID).is_some_and(|v| {
+        !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    });
+    if !valid {
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), new_request_id());
+    }
+    next.run(req).await
+}
+
+/// The span every log line of a request carries: method, path (no query, no body)
+/// and request id.
+fn request_span(req: &Request) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
 }
 
 /// Request id, total time header and the request metrics, for every response.
@@ -260,10 +383,40 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
     }
 }
 
-/// Compares without an early exit, so response time does not reveal the key.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
+/// Compares a presented key with the configured one without an early exit: the time
+/// taken depends only on the length of `given` (which the client chose), not on where
+/// the first difference is, nor on the key's length.
+fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
+    if key.is_empty() {
         return false;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let mut diff = u8::from(given.len() != key.len());
+    for (i, &g) in given.iter().enumerate() {
+        diff |= g ^ key[i % key.len()];
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_comparison() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3creT", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(
+            !constant_time_eq(b"s3crets3cret", b"s3cret"),
+            "a repeat of the key"
+        );
+        assert!(!constant_time_eq(b"", b"s3cret"));
+        assert!(!constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn cors_only_when_configured() {
+        assert!(cors_layer(&[]).is_none());
+        assert!(cors_layer(&["https://a.example".to_string()]).is_some());
+    }
 }

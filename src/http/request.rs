@@ -28,6 +28,8 @@ pub struct CaptionParams {
     pub candidates: Option<usize>,
     pub seed: Option<u64>,
     pub timeout_ms: Option<u64>,
+    /// Answer with Server-Sent Events (`POST /caption` only); unset follows `Accept`.
+    pub stream: Option<bool>,
 }
 
 impl CaptionParams {
@@ -40,15 +42,16 @@ impl CaptionParams {
             candidates: other.candidates.or(self.candidates),
             seed: other.seed.or(self.seed),
             timeout_ms: other.timeout_ms.or(self.timeout_ms),
+            stream: other.stream.or(self.stream),
         }
     }
 
     /// Sets one parameter from a text value (query strings and multipart fields).
     fn set_text(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
         fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ApiError> {
-            v.trim()
-                .parse()
-                .map_err(|_| ApiError::InvalidParameter(format!("{name}: cannot parse {v:?}")))
+            v.trim().parse().map_err(|_| {
+                ApiError::InvalidParameter(format!("{name}: cannot parse {:?}", clip(v, 40)))
+            })
         }
         match name {
             "steps" => self.steps = Some(parse(name, value)?),
@@ -57,9 +60,11 @@ impl CaptionParams {
             "candidates" => self.candidates = Some(parse(name, value)?),
             "seed" => self.seed = Some(parse(name, value)?),
             "timeout_ms" => self.timeout_ms = Some(parse(name, value)?),
+            "stream" => self.stream = Some(parse(name, value)?),
             other => {
                 return Err(ApiError::InvalidParameter(format!(
-                    "unknown parameter {other:?}"
+                    "unknown parameter {:?}",
+                    clip(other, 40)
                 )));
             }
         }
@@ -89,7 +94,7 @@ fn serde_urlencoded_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError
         );
     parsed
         .map(|q| q.0)
-        .map_err(|e| ApiError::InvalidParameter(format!("malformed query string: {e}")))
+        .map_err(|e| ApiError::InvalidParameter(clip(&format!("malformed query string: {e}"), 200)))
 }
 
 /// The JSON body of `POST /caption`.
@@ -103,6 +108,7 @@ pub struct CaptionJson {
     pub candidates: Option<usize>,
     pub seed: Option<u64>,
     pub timeout_ms: Option<u64>,
+    pub stream: Option<bool>,
 }
 
 /// The JSON body of `POST /caption/batch`.
@@ -127,13 +133,17 @@ macro_rules! params_of {
             candidates: $v.candidates,
             seed: $v.seed,
             timeout_ms: $v.timeout_ms,
+            stream: None,
         }
     };
 }
 
 impl CaptionJson {
     pub fn params(&self) -> CaptionParams {
-        params_of!(self)
+        CaptionParams {
+            stream: self.stream,
+            ..params_of!(self)
+        }
     }
 }
 
@@ -282,13 +292,28 @@ pub fn decode_base64_image(s: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::MalformedRequest(format!("the image is not valid base64: {e}")))
 }
 
+/// `s` cut to about `max` characters (the start and the end kept), so an error message
+/// never carries a large piece of what the client sent (serde_json, for one, quotes
+/// the offending value: a base64 image where a number was expected).
+pub fn clip(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max {
+        return s.to_string();
+    }
+    let tail = max / 3;
+    let head = max - tail;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
 /// Parses a JSON body, telling syntax errors (400) from wrong values (422).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
-            ApiError::InvalidParameter(format!("invalid JSON body: {e}"))
+            ApiError::InvalidParameter(clip(&format!("invalid JSON body: {e}"), 200))
         }
-        _ => ApiError::MalformedRequest(format!("malformed JSON: {e}")),
+        _ => ApiError::MalformedRequest(clip(&format!("malformed JSON: {e}"), 200)),
     })
 }
 
@@ -308,8 +333,9 @@ pub async fn parse_multipart(
     let mut form = multer::Multipart::new(stream, boundary);
     let mut image = None;
     let mut params = CaptionParams::default();
-    let malformed =
-        |e: multer::Error| ApiError::MalformedRequest(format!("malformed multipart request: {e}"));
+    let malformed = |e: multer::Error| {
+        ApiError::MalformedRequest(clip(&format!("malformed multipart request: {e}"), 200))
+    };
     while let Some(field) = form.next_field().await.map_err(malformed)? {
         let name = field.name().unwrap_or("").to_string();
         if name == "image" {
@@ -456,5 +482,41 @@ mod tests {
             422
         );
         assert!(parse_json::<CaptionJson>(br#"{"image": "x", "steps": 4}"#).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_do_not_echo_large_inputs() {
+        let image = "QUFB".repeat(10_000);
+        let body = format!(r#"{{"images": "{image}"}}"#);
+        let msg = parse_json::<BatchJson>(body.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.len() < 300, "{msg}");
+        let msg = parse_json::<CaptionJson>(
+            format!(r#"{{"image": "x", "steps": "{image}"}}"#).as_bytes(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.len() < 300, "{msg}");
+        let msg = CaptionParams::from_query(Some(&format!("steps={image}")))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.len() < 100, "{msg}");
+        let msg = CaptionParams::from_query(Some(&format!("{image}=1")))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.len() < 100, "{msg}");
+        // Invalid base64 names the offending byte's position, not the input.
+        let msg = decode_base64_image(&format!("{image}%%%{image}"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.len() < 100 && !msg.contains("QUFB"), "{msg}");
+        assert_eq!(clip("abcdef", 6), "abcdef");
+        assert_eq!(clip("abcdefghij", 6), "abcd…ij");
     }
 }

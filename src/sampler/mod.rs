@@ -130,8 +130,38 @@ pub fn step<D: Denoiser>(
     rows: &mut [ActiveRow<'_>],
     max_rows: usize,
 ) -> Result<StepStats, StepError<D::Error>> {
+    step_observed(denoiser, rows, max_rows, &[]).map(|(stats, _)| stats)
+}
+
+/// The decoder's reading of one row's `x0` estimate after an iteration, for streaming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Index of the row in the `rows` given to [`step_observed`].
+    pub row: usize,
+    /// 0-based iteration of the row (Back&Refine restarts keep counting).
+    pub iteration: usize,
+    /// The timestep the iteration denoised from.
+    pub t: usize,
+    /// This iteration triggered a Back&Refine restart.
+    pub refine: bool,
+    pub ids: Vec<i64>,
+    pub confidence: Vec<f32>,
+}
+
+/// [`step`], and for every row `i` with `observe[i]` that was denoised, a
+/// [`Snapshot`] of its new `x0`. The extra decoder rows go into the same decoder
+/// calls as the rows that need confidences or final tokens (which are not decoded
+/// twice), and leave the rows' trajectories untouched.
+pub fn step_observed<D: Denoiser>(
+    denoiser: &mut D,
+    rows: &mut [ActiveRow<'_>],
+    max_rows: usize,
+    observe: &[bool],
+) -> Result<(StepStats, Vec<Snapshot>), StepError<D::Error>> {
     let max_rows = max_rows.max(1);
     let mut stats = StepStats::default();
+    // (iteration, t, refine) of the rows to snapshot, once denoised.
+    let mut observed: Vec<Option<(usize, usize, bool)>> = vec![None; rows.len()];
 
     // (row index, unconditional?) for every denoiser row.
     let mut entries: Vec<(usize, bool, i64)> = Vec::new();
@@ -181,7 +211,13 @@ pub fn step<D: Denoiser>(
                 }
                 _ => None,
             };
+            let t = rows[i].row.t();
             rows[i].row.apply_denoised(cond, uncond)?;
+            if observe.get(i).copied().unwrap_or(false) {
+                let row = &rows[i].row;
+                let refine = row.need() == Need::Confidence;
+                observed[i] = Some((row.iterations().saturating_sub(1), t, refine));
+            }
             k += 1;
         }
     }
@@ -189,15 +225,28 @@ pub fn step<D: Denoiser>(
     let decode: Vec<usize> = rows
         .iter()
         .enumerate()
-        .filter(|(_, r)| matches!(r.row.need(), Need::Confidence | Need::Decode))
+        .filter(|&(i, r)| {
+            observed[i].is_some() || matches!(r.row.need(), Need::Confidence | Need::Decode)
+        })
         .map(|(i, _)| i)
         .collect();
+    let mut snapshots = Vec::new();
     for chunk in decode.chunks(max_rows) {
         let views: Vec<_> = chunk.iter().map(|&i| rows[i].row.x0()).collect();
         let x0 = ndarray::stack(Axis(0), &views).map_err(|_| StepError::Shape)?;
         let (ids, conf) = denoiser.decode(x0.view()).map_err(StepError::Model)?;
         stats.decoder_calls.push(chunk.len());
         for (b, &i) in chunk.iter().enumerate() {
+            if let Some((iteration, t, refine)) = observed[i] {
+                snapshots.push(Snapshot {
+                    row: i,
+                    iteration,
+                    t,
+                    refine,
+                    ids: ids.row(b).to_vec(),
+                    confidence: conf.row(b).to_vec(),
+                });
+            }
             let row = &mut rows[i].row;
             match row.need() {
                 Need::Confidence => row.apply_confidence(conf.row(b))?,
@@ -206,7 +255,29 @@ pub fn step<D: Denoiser>(
             }
         }
     }
-    Ok(stats)
+    Ok((stats, snapshots))
+}
+
+/// The number of iterations (denoiser passes per row) `params` takes with `schedule`,
+/// Back&Refine restarts included: the loop of docs/bundle.md without the models.
+pub fn planned_iterations(params: &SamplerParams, schedule: &Schedule) -> usize {
+    let last = schedule.num_timesteps() - 1;
+    let stride = schedule.stride(params.steps);
+    let mut t = last;
+    let mut rounds_left = params.back_refine_rounds();
+    let mut n = 0;
+    loop {
+        n += 1;
+        if rounds_left > 0 && t <= params.back_refine.trigger_t && t > stride {
+            t = last;
+            rounds_left -= 1;
+            continue;
+        }
+        if t <= stride {
+            return n;
+        }
+        t -= stride;
+    }
 }
 
 /// Runs rows that share one image to completion (the CLI and tests; the server's

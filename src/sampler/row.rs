@@ -127,6 +127,11 @@ impl Row {
         self.iterations
     }
 
+    /// The current timestep: the one the next denoiser pass starts from.
+    pub fn t(&self) -> usize {
+        self.t
+    }
+
     pub fn take_trace(&mut self) -> Vec<TraceStep> {
         self.trace.take().unwrap_or_default()
     }

@@ -346,3 +346,60 @@ fn back_refine_keeps_the_most_confident_positions_ties_low() {
         }
     );
 }
+
+#[test]
+fn planned_iterations_match_the_loop() {
+    let sched = Schedule::linear(1e-4, 0.02, T);
+    let kv = image_kv(0.2);
+    for steps in [1, 2, 5, 7, 10, 34, 60, 100] {
+        for br in [false, true] {
+            let p = params(steps, 0.5, br);
+            let mut den = FakeDenoiser::new();
+            let mut rows = vec![new_row(&p, 4)];
+            run_to_completion(&mut den, &mut rows, &kv, 8).unwrap();
+            assert_eq!(
+                planned_iterations(&p, &sched),
+                rows[0].iterations(),
+                "steps {steps} br {br}"
+            );
+        }
+    }
+}
+
+#[test]
+fn observed_steps_snapshot_every_iteration_without_changing_results() {
+    let kv = image_kv(0.1);
+    let p = params(10, 1.0, true);
+    let mut den = FakeDenoiser::new();
+    let mut plain = vec![new_row(&p, 9)];
+    run_to_completion(&mut den, &mut plain, &kv, 8).unwrap();
+    let want_trace = plain[0].take_trace();
+
+    // Two rows, only the second observed.
+    let mut rows = [new_row(&p, 9), new_row(&p, 9)];
+    let mut snapshots = Vec::new();
+    let mut decode_calls = 0;
+    while rows.iter().any(|r| r.need() != Need::Done) {
+        let mut active: Vec<ActiveRow<'_>> = rows
+            .iter_mut()
+            .map(|row| ActiveRow { row, kv: &kv })
+            .collect();
+        let (stats, snaps) = step_observed(&mut den, &mut active, 8, &[false, true]).unwrap();
+        decode_calls += stats.decoder_calls.len();
+        snapshots.extend(snaps);
+    }
+    assert!(snapshots.iter().all(|s| s.row == 1));
+    assert_eq!(snapshots.len(), want_trace.len());
+    // At most one decoder call per tick: observed rows share it with the others.
+    assert_eq!(decode_calls, want_trace.len());
+    for (i, (s, w)) in snapshots.iter().zip(&want_trace).enumerate() {
+        assert_eq!(s.iteration, i);
+        assert_eq!((s.t as i64, s.refine), (w.t, w.refined));
+        assert_eq!(s.ids, fake_decode(w.x0.view()).0);
+    }
+    assert!(snapshots.iter().any(|s| s.refine));
+    let last = snapshots.last().unwrap();
+    assert_eq!(&last.ids, &rows[1].output().unwrap().ids);
+    assert_eq!(rows[0].output(), plain[0].output());
+    assert_eq!(rows[1].output(), plain[0].output());
+}

@@ -36,6 +36,46 @@ pub struct CaptionJob {
     pub reply: oneshot::Sender<Result<CaptionOutput, InferError>>,
 }
 
+/// Where a streaming job's [`StepEvent`]s go. The worker only ever `try_send`s: when
+/// the receiver lags and the channel is full, intermediate events are dropped (and
+/// counted in `ladic_stream_events_dropped_total`); the batch never waits for it.
+pub type StepSender = tokio::sync::mpsc::Sender<StepEvent>;
+
+/// One denoising iteration of one candidate of a streaming job: the decoder's reading
+/// of the current x0 estimate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepEvent {
+    /// Index of the candidate (MBR row) in the job, 0-based.
+    pub candidate: usize,
+    /// 0-based iteration of the candidate; Back&Refine restarts keep counting.
+    pub step: usize,
+    /// The timestep this iteration denoised from.
+    pub t: usize,
+    /// The caption the current x0 estimate decodes to (cleaned as a final caption is).
+    pub caption: String,
+    /// Mean confidence over the caption's positions, as for a final caption.
+    pub confidence: f32,
+    /// Every position whose token is not a special token, in order, uncleaned.
+    pub tokens: Vec<StepToken>,
+    /// This iteration triggered a Back&Refine restart: its most confident positions
+    /// are kept and the rest start again from noise at t = T-1.
+    pub refine: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepToken {
+    /// Position in the latent (0 is [CLS]).
+    pub position: usize,
+    pub text: String,
+    pub confidence: f32,
+}
+
+/// A job in the queue, with the step-event channel of a streaming request.
+pub(crate) struct Queued {
+    pub job: CaptionJob,
+    pub progress: Option<StepSender>,
+}
+
 /// One caption candidate.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Candidate {
@@ -94,8 +134,8 @@ pub struct LoadedInfo {
 }
 
 pub struct Scheduler {
-    tx: Mutex<Option<Sender<CaptionJob>>>,
-    rx: Receiver<CaptionJob>,
+    tx: Mutex<Option<Sender<Queued>>>,
+    rx: Receiver<Queued>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     pub info: LoadedInfo,
@@ -121,23 +161,23 @@ impl Scheduler {
     ) -> Result<Scheduler, RuntimeError> {
         // A zero-capacity channel would be a rendezvous channel: every submit would fail
         // while the workers are busy. One slot is the least that makes sense.
-        let (tx, rx) = crossbeam_channel::bounded::<CaptionJob>(config.queue_size.max(1));
+        let (tx, rx) = crossbeam_channel::bounded::<Queued>(config.queue_size.max(1));
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
             let ctx = worker::WorkerContext {
                 index,
                 rx: rx.clone(),
-                runtime: runtime.clone(),
                 bundle: bundle.clone(),
                 text: text.clone(),
                 metrics: metrics.clone(),
                 config: config.clone(),
             };
             let loaded_tx = loaded_tx.clone();
+            let runtime = runtime.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ladic-worker-{index}"))
-                .spawn(move || worker::run(ctx, loaded_tx))
+                .spawn(move || worker::run(ctx, runtime, loaded_tx))
                 .map_err(|e| RuntimeError::Session {
                     graph: "worker",
                     path: bundle.dir.clone(),
@@ -188,9 +228,29 @@ impl Scheduler {
 
     /// Queues a job without waiting; a full queue is an immediate error.
     pub fn submit(&self, job: CaptionJob) -> Result<(), SubmitError> {
+        self.enqueue(Queued {
+            job,
+            progress: None,
+        })
+    }
+
+    /// [`Scheduler::submit`], and a [`StepEvent`] to `progress` for every denoising
+    /// iteration of every candidate, sent without ever blocking the worker.
+    pub fn submit_streaming(
+        &self,
+        job: CaptionJob,
+        progress: StepSender,
+    ) -> Result<(), SubmitError> {
+        self.enqueue(Queued {
+            job,
+            progress: Some(progress),
+        })
+    }
+
+    fn enqueue(&self, queued: Queued) -> Result<(), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
-        let result = tx.try_send(job).map_err(|e| match e {
+        let result = tx.try_send(queued).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::QueueFull,
             TrySendError::Disconnected(_) => SubmitError::Closed,
         });

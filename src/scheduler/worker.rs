@@ -14,22 +14,22 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use ndarray::{Array3, Array4, ArrayView3, Axis};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
 
 use super::{
-    BatchingMode, Candidate, CaptionJob, CaptionOutput, InferError, LoadedInfo, SchedulerConfig,
+    BatchingMode, Candidate, CaptionJob, CaptionOutput, InferError, LoadedInfo, Queued,
+    SchedulerConfig, StepEvent, StepSender, StepToken,
 };
 use crate::bundle::Bundle;
 use crate::metrics::Metrics;
 use crate::runtime::{Models, OrtRuntime, RuntimeError};
-use crate::sampler::{self, ActiveRow, Denoiser, KvRef, Need, Row, SeededNoise};
+use crate::sampler::{self, ActiveRow, Denoiser, KvRef, Need, Row, SeededNoise, Snapshot};
 use crate::sampler::{Schedule, mbr};
 use crate::text::TextDecoder;
 
 pub(super) struct WorkerContext {
     pub index: usize,
-    pub rx: Receiver<CaptionJob>,
-    pub runtime: OrtRuntime,
+    pub rx: Receiver<Queued>,
     pub bundle: Arc<Bundle>,
     pub text: Arc<TextDecoder>,
     pub metrics: Arc<Metrics>,
@@ -43,6 +43,8 @@ struct ActiveJob {
     /// The image K/V, once encoded.
     kv: Option<Arc<Array3<f32>>>,
     rows: Vec<Row>,
+    /// Step events of a streaming request.
+    progress: Option<StepSender>,
 }
 
 impl ActiveJob {
@@ -57,13 +59,26 @@ impl ActiveJob {
     }
 }
 
+/// What a worker runs its batches on: the bundle's sessions ([`Models`]), or a fake in
+/// tests.
+pub(super) trait Backend: Denoiser<Error = RuntimeError> {
+    /// `pixels [B,3,H,W]` -> `image_kv [B, 2*layers, tokens, hidden]`.
+    fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError>;
+}
+
+impl Backend for Models {
+    fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError> {
+        Models::encode(self, pixels)
+    }
+}
+
 /// Times denoiser calls and counts their rows for the metrics.
-struct Instrumented<'a> {
-    models: &'a mut Models,
+struct Instrumented<'a, B> {
+    models: &'a mut B,
     metrics: &'a Metrics,
 }
 
-impl Denoiser for Instrumented<'_> {
+impl<B: Backend> Denoiser for Instrumented<'_, B> {
     type Error = RuntimeError;
 
     fn denoise(
@@ -90,8 +105,12 @@ impl Denoiser for Instrumented<'_> {
     }
 }
 
-pub(super) fn run(ctx: WorkerContext, loaded: mpsc::Sender<Result<LoadedInfo, RuntimeError>>) {
-    let models = match Models::load(&ctx.runtime, &ctx.bundle, &ctx.config.session) {
+pub(super) fn run(
+    ctx: WorkerContext,
+    runtime: OrtRuntime,
+    loaded: mpsc::Sender<Result<LoadedInfo, RuntimeError>>,
+) {
+    let models = match Models::load(&runtime, &ctx.bundle, &ctx.config.session) {
         Ok(m) => m,
         Err(e) => {
             let _ = loaded.send(Err(e));
@@ -109,19 +128,19 @@ pub(super) fn run(ctx: WorkerContext, loaded: mpsc::Sender<Result<LoadedInfo, Ru
     Worker::new(ctx, models).run();
 }
 
-struct Worker {
+struct Worker<B> {
     ctx: WorkerContext,
-    models: Models,
+    models: B,
     schedule: Arc<Schedule>,
     latent_shape: (usize, usize),
     active: Vec<ActiveJob>,
     /// A job taken from the queue that did not fit in the running batch yet.
-    held: VecDeque<CaptionJob>,
+    held: VecDeque<Queued>,
     closed: bool,
 }
 
-impl Worker {
-    fn new(ctx: WorkerContext, models: Models) -> Worker {
+impl<B: Backend> Worker<B> {
+    fn new(ctx: WorkerContext, models: B) -> Worker<B> {
         let m = &ctx.bundle.manifest;
         Worker {
             schedule: Arc::new(Schedule::from_spec(&m.schedule)),
@@ -134,30 +153,59 @@ impl Worker {
         }
     }
 
+    /// Serves until the queue is closed and drained. A panic anywhere in the loop is
+    /// caught here: the requests of the running batch get an error, the batch state is
+    /// rebuilt from scratch, the restart is logged and counted
+    /// (`ladic_worker_restarts_total`), and the loop starts again. Jobs taken from the
+    /// queue but not yet in the batch (`held`) are kept; so are the sessions, which hold
+    /// no state between calls.
     fn run(mut self) {
+        loop {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.serve())) {
+                Ok(()) => break,
+                Err(panic) => self.restart(&panic_message(panic.as_ref())),
+            }
+        }
+        tracing::debug!(worker = self.ctx.index, "worker stopped");
+    }
+
+    fn serve(&mut self) {
         loop {
             self.admit();
             if self.active.is_empty() {
                 if self.closed && self.held.is_empty() {
-                    break;
+                    return;
                 }
                 continue;
             }
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.tick()));
-            let failure = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("internal error in the worker (panic)".to_string()),
-            };
-            if let Some(reason) = failure {
+            if let Err(e) = self.tick() {
+                let reason = e.to_string();
                 tracing::error!(worker = self.ctx.index, %reason, "batch failed; failing its requests");
-                for job in std::mem::take(&mut self.active) {
-                    self.release(&job);
-                    let _ = job.job.reply.send(Err(InferError::Failed(reason.clone())));
-                }
+                self.fail_active(&reason);
             }
         }
-        tracing::debug!(worker = self.ctx.index, "worker stopped");
+    }
+
+    fn restart(&mut self, panic: &str) {
+        tracing::error!(
+            worker = self.ctx.index,
+            panic,
+            failed_requests = self.active.len(),
+            "worker panicked; failing its batch and restarting"
+        );
+        self.ctx.metrics.worker_restarts_total.inc();
+        self.fail_active("internal error in the worker");
+    }
+
+    /// Answers every job of the running batch with `reason` and empties the batch.
+    fn fail_active(&mut self, reason: &str) {
+        for job in std::mem::take(&mut self.active) {
+            self.release(&job);
+            let _ = job
+                .job
+                .reply
+                .send(Err(InferError::Failed(reason.to_string())));
+        }
     }
 
     fn rows_in_batch(&self) -> usize {
@@ -174,8 +222,8 @@ impl Worker {
         let one_job_only = self.ctx.config.batching == BatchingMode::Off;
         loop {
             let idle = self.active.is_empty();
-            let job = if let Some(job) = self.held.pop_front() {
-                job
+            let queued = if let Some(queued) = self.held.pop_front() {
+                queued
             } else if self.closed {
                 return;
             } else if idle {
@@ -203,6 +251,7 @@ impl Worker {
                 }
             };
             self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
+            let Queued { job, progress } = queued;
             if job.reply.is_closed() {
                 self.ctx
                     .metrics
@@ -226,9 +275,13 @@ impl Worker {
                 admitted: now,
                 kv: None,
                 rows: Vec::new(),
+                progress,
             };
             if !idle && self.rows_in_batch() + candidate.denoiser_rows() > max_rows {
-                self.held.push_front(candidate.job);
+                self.held.push_front(Queued {
+                    job: candidate.job,
+                    progress: candidate.progress,
+                });
                 break;
             }
             self.ctx
@@ -326,13 +379,19 @@ impl Worker {
         self.prune();
         self.encode_new()?;
         let max_rows = self.ctx.config.max_batch_rows.max(1);
-        {
+        let (snapshots, owners) = {
             let mut rows: Vec<ActiveRow<'_>> = Vec::new();
-            for job in &mut self.active {
+            // Per row: streamed or not, and (job, candidate) it belongs to.
+            let mut observe: Vec<bool> = Vec::new();
+            let mut owners: Vec<(usize, usize)> = Vec::new();
+            for (j, job) in self.active.iter_mut().enumerate() {
                 let Some(kv) = job.kv.as_ref() else { continue };
-                for row in &mut job.rows {
+                let streaming = job.progress.as_ref().is_some_and(|p| !p.is_closed());
+                for (c, row) in job.rows.iter_mut().enumerate() {
                     if row.need() != Need::Done {
                         rows.push(ActiveRow { row, kv });
+                        observe.push(streaming);
+                        owners.push((j, c));
                     }
                 }
             }
@@ -340,16 +399,33 @@ impl Worker {
                 models: &mut self.models,
                 metrics: &self.ctx.metrics,
             };
-            sampler::step(&mut den, &mut rows, max_rows).map_err(|e| match e {
-                sampler::StepError::Model(e) => e,
-                other => RuntimeError::Inference {
-                    graph: "sampler",
-                    reason: other.to_string(),
-                },
-            })?;
-        }
+            let (_, snapshots) = sampler::step_observed(&mut den, &mut rows, max_rows, &observe)
+                .map_err(|e| match e {
+                    sampler::StepError::Model(e) => e,
+                    other => RuntimeError::Inference {
+                        graph: "sampler",
+                        reason: other.to_string(),
+                    },
+                })?;
+            (snapshots, owners)
+        };
+        self.send_steps(snapshots, &owners);
         self.finish_done();
         Ok(())
+    }
+
+    /// Sends each snapshot to its job's stream; drops it when the stream is full.
+    fn send_steps(&self, snapshots: Vec<Snapshot>, owners: &[(usize, usize)]) {
+        for snap in snapshots {
+            let (j, candidate) = owners[snap.row];
+            let Some(tx) = self.active[j].progress.as_ref() else {
+                continue;
+            };
+            let event = step_event(&self.ctx.text, candidate, snap);
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+                self.ctx.metrics.stream_events_dropped_total.inc();
+            }
+        }
     }
 
     /// Answers every job whose rows are all done.
@@ -363,6 +439,43 @@ impl Worker {
             let result = assemble(&self.ctx.text, &job);
             let _ = job.job.reply.send(result);
         }
+    }
+}
+
+/// A snapshot of a candidate's x0 as the step event a streaming client gets.
+fn step_event(text: &TextDecoder, candidate: usize, snap: Snapshot) -> StepEvent {
+    let cleaned = text.rules.clean(&snap.ids);
+    let tokens = snap
+        .ids
+        .iter()
+        .zip(&snap.confidence)
+        .enumerate()
+        .filter(|(_, (id, _))| !text.rules.special_ids.contains(id))
+        .map(|(position, (&id, &confidence))| StepToken {
+            position,
+            text: text.token(id).unwrap_or_default(),
+            confidence,
+        })
+        .collect();
+    StepEvent {
+        candidate,
+        step: snap.iteration,
+        t: snap.t,
+        caption: text.caption(&cleaned).unwrap_or_default(),
+        confidence: text.rules.caption_confidence(&snap.ids, &snap.confidence),
+        tokens,
+        refine: snap.refine,
+    }
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
     }
 }
 
@@ -392,4 +505,152 @@ fn assemble(text: &TextDecoder, job: &ActiveJob) -> Result<CaptionOutput, InferE
         queue_time: job.admitted.duration_since(job.job.enqueued),
         inference_time: job.admitted.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use ndarray::Array2;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::runtime::{DeviceChoice, SessionOptions};
+    use crate::sampler::SamplerParams;
+
+    /// A backend without ONNX Runtime: zeros in, a fixed caption out, and a panic in
+    /// the next denoiser call whenever `panic_next` is set.
+    struct Fake {
+        kv_shape: (usize, usize, usize),
+        ids: Vec<i64>,
+        panic_next: Arc<AtomicBool>,
+    }
+
+    impl Denoiser for Fake {
+        type Error = RuntimeError;
+
+        fn denoise(
+            &mut self,
+            x: ArrayView3<f32>,
+            _self_cond: ArrayView3<f32>,
+            _t: &[i64],
+            _kv: &[KvRef<'_>],
+        ) -> Result<Array3<f32>, RuntimeError> {
+            if self.panic_next.swap(false, Ordering::SeqCst) {
+                panic!("injected fault in the fake denoiser");
+            }
+            Ok(Array3::zeros(x.dim()))
+        }
+
+        fn decode(
+            &mut self,
+            x0: ArrayView3<f32>,
+        ) -> Result<(Array2<i64>, Array2<f32>), RuntimeError> {
+            let (b, l, _) = x0.dim();
+            let ids = Array2::from_shape_fn((b, l), |(_, i)| self.ids.get(i).copied().unwrap_or(0));
+            Ok((ids, Array2::from_elem((b, l), 0.9)))
+        }
+    }
+
+    impl Backend for Fake {
+        fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError> {
+            let (a, b, c) = self.kv_shape;
+            Ok(Array4::zeros((pixels.dim().0, a, b, c)))
+        }
+    }
+
+    fn submit(
+        tx: &crossbeam_channel::Sender<Queued>,
+        params: &SamplerParams,
+        size: usize,
+    ) -> oneshot::Receiver<Result<CaptionOutput, InferError>> {
+        let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
+        let job = CaptionJob {
+            pixels: Array3::zeros((3, size, size)),
+            params: params.clone(),
+            seed: 1,
+            deadline: now + Duration::from_secs(60),
+            enqueued: now,
+            reply,
+        };
+        tx.send(Queued {
+            job,
+            progress: None,
+        })
+        .unwrap();
+        rx
+    }
+
+    #[test]
+    fn a_panic_fails_the_batch_and_the_worker_keeps_serving() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+        let bundle = Arc::new(Bundle::load(&dir).unwrap());
+        let m = &bundle.manifest;
+        let text = Arc::new(TextDecoder::load(&bundle.tokenizer_path, &m.text).unwrap());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let ctx = WorkerContext {
+            index: 0,
+            rx,
+            bundle: bundle.clone(),
+            text,
+            metrics: metrics.clone(),
+            config: SchedulerConfig {
+                workers: 1,
+                batching: BatchingMode::Continuous,
+                max_batch_rows: 32,
+                queue_size: 8,
+                session: SessionOptions {
+                    device: DeviceChoice::Cpu,
+                    intra_op_threads: 1,
+                },
+            },
+        };
+        let panic_next = Arc::new(AtomicBool::new(true));
+        let d = &m.diffuser;
+        // [CLS] <first word> [SEP]: a one-word caption.
+        let ids = vec![m.text.cls_id, 6, m.text.sep_id];
+        let fake = Fake {
+            kv_shape: (2 * d.layers, d.image_tokens, d.hidden),
+            ids,
+            panic_next: panic_next.clone(),
+        };
+        let worker = std::thread::spawn(move || Worker::new(ctx, fake).run());
+        let mut params = SamplerParams::defaults(m);
+        params.steps = 3;
+        let size = m.image.size as usize;
+
+        let failed = submit(&tx, &params, size).blocking_recv().unwrap();
+        assert!(
+            matches!(&failed, Err(InferError::Failed(m)) if m.contains("internal error")),
+            "{failed:?}"
+        );
+        assert_eq!(metrics.worker_restarts_total.get(), 1);
+        assert_eq!(
+            metrics.rows_in_flight.get(),
+            0,
+            "the failed batch is released"
+        );
+
+        // The same worker thread serves the next requests.
+        for _ in 0..2 {
+            let out = submit(&tx, &params, size).blocking_recv().unwrap().unwrap();
+            assert!(out.best().unwrap().caption.ends_with('.'));
+        }
+        assert_eq!(metrics.worker_restarts_total.get(), 1);
+
+        // A second panic is caught as well.
+        panic_next.store(true, Ordering::SeqCst);
+        assert!(submit(&tx, &params, size).blocking_recv().unwrap().is_err());
+        assert!(submit(&tx, &params, size).blocking_recv().unwrap().is_ok());
+        assert_eq!(metrics.worker_restarts_total.get(), 2);
+
+        drop(tx);
+        worker
+            .join()
+            .expect("the worker exits cleanly once the queue closes");
+    }
 }

@@ -1,0 +1,225 @@
+//! Criterion micro-benchmarks on the default bundle and the real ONNX Runtime:
+//! `cargo bench --bench sampler`.
+//!
+//! - `denoiser/B`: one denoiser call over B rows as the sampler makes it (half the rows
+//!   attend to an image's K/V, half to the unconditional K/V, as guided rows do), the
+//!   gathering of the rows' K/V into the batch included; `denoiser/kv_gathered/B`: the
+//!   same call on a ready K/V batch;
+//! - `preprocess/jpeg_640x480`: decode a 640x480 JPEG, resize and normalize it;
+//! - `caption/direct`: one caption with the bundle's defaults (encode, every denoising
+//!   iteration, decode) on one thread, no queue;
+//! - `caption/scheduler`: the same through the worker pool the server uses (queue,
+//!   worker thread, continuous batching, text), without HTTP.
+//!
+//! Sessions use ONNX Runtime's default thread count, as `serve` does; set
+//! `LADIC_INTRA_OP_THREADS` to change it.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb};
+use ladic_serve::bundle::Bundle;
+use ladic_serve::config::BatchingMode;
+use ladic_serve::metrics::Metrics;
+use ladic_serve::pipeline;
+use ladic_serve::preprocess::{self, ImageLimits};
+use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
+use ladic_serve::sampler::{self, Denoiser, KvRef, Row, SamplerParams, Schedule, SeededNoise};
+use ladic_serve::scheduler::SchedulerConfig;
+use ndarray::{Array3, Axis};
+
+fn bundle_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/scenes-tiny")
+}
+
+fn session_options() -> SessionOptions {
+    SessionOptions {
+        device: DeviceChoice::Cpu,
+        intra_op_threads: std::env::var("LADIC_INTRA_OP_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+fn load() -> (runtime::OrtRuntime, Bundle, Models) {
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
+    let models = Models::load(&rt, &bundle, &session_options()).expect("sessions load");
+    (rt, bundle, models)
+}
+
+/// A 640x480 photo-like JPEG: gradients, a few shapes, some texture.
+fn jpeg_640x480() -> Vec<u8> {
+    let img = ImageBuffer::from_fn(640, 480, |x, y| {
+        let inside = (200..360).contains(&x) && (120..300).contains(&y);
+        let texture = ((x * 7 + y * 13) % 23) as u8;
+        if inside {
+            Rgb([200, 40 + texture, 30])
+        } else {
+            Rgb([(x / 3) as u8, (y / 2) as u8, 128 + texture])
+        }
+    });
+    let mut buf = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(img)
+        .write_to(&mut buf, ImageFormat::Jpeg)
+        .expect("JPEG encodes");
+    buf.into_inner()
+}
+
+fn image_kv(models: &mut Models, bundle: &Bundle) -> Arc<Array3<f32>> {
+    let size = bundle.manifest.image.size as usize;
+    let pixels = ndarray::Array4::<f32>::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
+        ((c * 31 + y * 7 + x * 3) % 17) as f32 / 8.0 - 1.0
+    });
+    let kv = models.encode(pixels.view()).expect("encodes");
+    Arc::new(kv.index_axis_move(Axis(0), 0))
+}
+
+fn denoiser(c: &mut Criterion) {
+    let (_rt, bundle, mut models) = load();
+    let kv = image_kv(&mut models, &bundle);
+    let (l, d) = (
+        bundle.manifest.text.max_len,
+        bundle.manifest.text.latent_dim,
+    );
+    let mut group = c.benchmark_group("denoiser");
+    group.measurement_time(Duration::from_secs(4));
+    for batch in [1usize, 8, 32] {
+        let x = Array3::<f32>::from_shape_fn((batch, l, d), |(b, i, j)| {
+            ((b * 5 + i * 3 + j) % 11) as f32 / 5.0 - 1.0
+        });
+        let sc = Array3::<f32>::zeros((batch, l, d));
+        let t: Vec<i64> = (0..batch).map(|b| 999 - 37 * b as i64).collect();
+        let refs: Vec<KvRef<'_>> = (0..batch)
+            .map(|b| {
+                if b % 2 == 0 {
+                    KvRef::Image(&kv)
+                } else {
+                    KvRef::Null
+                }
+            })
+            .collect();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |bench, _| {
+            bench.iter(|| {
+                Denoiser::denoise(&mut models, x.view(), sc.view(), &t, &refs).expect("denoises")
+            })
+        });
+        // The same call with the K/V batch already assembled: the difference is what
+        // gathering each row's K/V into one tensor costs.
+        let null = Arc::new(Array3::<f32>::zeros(kv.dim()));
+        let views: Vec<_> = (0..batch)
+            .map(|b| if b % 2 == 0 { kv.view() } else { null.view() })
+            .collect();
+        let gathered = ndarray::stack(Axis(0), &views).expect("same shapes");
+        group.bench_with_input(
+            BenchmarkId::new("kv_gathered", batch),
+            &batch,
+            |bench, _| {
+                bench.iter(|| {
+                    models
+                        .denoise(x.view(), sc.view(), &t, gathered.view())
+                        .expect("denoises")
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn preprocessing(c: &mut Criterion) {
+    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
+    let jpeg = jpeg_640x480();
+    let limits = ImageLimits::default();
+    let mut group = c.benchmark_group("preprocess");
+    group.bench_function("jpeg_640x480", |b| {
+        b.iter(|| preprocess::preprocess(&jpeg, &bundle.manifest.image, &limits).expect("decodes"))
+    });
+    group.finish();
+}
+
+fn caption(c: &mut Criterion) {
+    let (rt, bundle, mut models) = load();
+    let manifest = &bundle.manifest;
+    let params = SamplerParams::defaults(manifest);
+    let schedule = Arc::new(Schedule::from_spec(&manifest.schedule));
+    let latent = (manifest.text.max_len, manifest.text.latent_dim);
+    let size = manifest.image.size as usize;
+    let pixels = ndarray::Array4::<f32>::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
+        ((c * 31 + y * 7 + x * 3) % 17) as f32 / 8.0 - 1.0
+    });
+    let mut group = c.benchmark_group("caption");
+    group.measurement_time(Duration::from_secs(5));
+    let mut seed = 0u64;
+    group.bench_function("direct", |b| {
+        b.iter(|| {
+            seed += 1;
+            let kv = models.encode(pixels.view()).expect("encodes");
+            let kv = Arc::new(kv.index_axis_move(Axis(0), 0));
+            let mut rows: Vec<Row> = (0..params.candidates)
+                .map(|c| {
+                    Row::new(
+                        params.clone(),
+                        schedule.clone(),
+                        latent,
+                        Box::new(SeededNoise::new(seed, c as u64)),
+                        false,
+                    )
+                    .expect("noise")
+                })
+                .collect();
+            sampler::run_to_completion(&mut models, &mut rows, &kv, 64).expect("samples");
+            rows
+        })
+    });
+    drop(models);
+
+    let prepared = pipeline::Prepared {
+        runtime: rt,
+        bundle: Arc::new(Bundle::load(&bundle_dir()).expect("default bundle loads")),
+        text: Arc::new(
+            ladic_serve::text::TextDecoder::load(&bundle.tokenizer_path, &manifest.text)
+                .expect("tokenizer loads"),
+        ),
+    };
+    let config = SchedulerConfig {
+        workers: 1,
+        batching: BatchingMode::Continuous,
+        max_batch_rows: 32,
+        queue_size: 4,
+        session: session_options(),
+    };
+    let scheduler = pipeline::start_scheduler(&prepared, config, Arc::new(Metrics::new().unwrap()))
+        .expect("workers start");
+    let image = pixels.index_axis(Axis(0), 0).to_owned();
+    group.bench_function("scheduler", |b| {
+        b.iter(|| {
+            seed += 1;
+            let rx = pipeline::submit(
+                &scheduler,
+                image.clone(),
+                params.clone(),
+                seed,
+                Duration::from_secs(60),
+            )
+            .expect("queued");
+            rx.blocking_recv().expect("answered").expect("captioned")
+        })
+    });
+    group.finish();
+    scheduler.stop();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = denoiser, preprocessing, caption
+}
+criterion_main!(benches);

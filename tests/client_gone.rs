@@ -1,0 +1,149 @@
+//! Clients that hang up mid-request, over real HTTP: their rows leave the batch at the
+//! next step (or are skipped when their job reaches the front of the queue), the
+//! `images_dropped_total{reason="client_gone"}` counter says so, and the worker goes
+//! on with other requests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, scene_png, test_args};
+use ladic_serve::config::BatchingMode;
+use ladic_serve::metrics::Metrics;
+use std::io::Write;
+use std::net::TcpStream;
+
+/// Sends a whole `POST` with a PNG body on a fresh connection and returns the
+/// connection unread, so the test decides when the client goes away. (A blocking
+/// socket: the request is a few kilobytes.)
+fn send_raw(addr: SocketAddr, path: &str, body: &[u8]) -> TcpStream {
+    let mut conn = TcpStream::connect(addr).expect("connects");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: image/png\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(body).unwrap();
+    conn.flush().unwrap();
+    conn
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn client_gone(metrics: &Metrics) -> u64 {
+    metrics
+        .requests_dropped_total
+        .with_label_values(&["client_gone"])
+        .get()
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_frees_its_rows() {
+    let s = TestServer::default().await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    assert_eq!(metrics.rows_in_flight.get(), 0);
+
+    // Hundreds of denoiser calls over 16 rows: seconds of work, unless dropped.
+    let conn = send_raw(addr, "/caption?steps=100&candidates=8", &scene_png(0));
+    wait_for("the rows to be in flight", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == 8
+    })
+    .await;
+    let hung_up = Instant::now();
+    drop(conn);
+    wait_for("the rows to be removed", Duration::from_secs(30), || {
+        metrics.rows_in_flight.get() == 0
+    })
+    .await;
+    // Removed, not finished: only a dropped job is counted.
+    assert_eq!(client_gone(&metrics), 1);
+    let freed_after = hung_up.elapsed();
+
+    // The worker is free for the next client.
+    let r = s
+        .client
+        .post(s.url("/caption?steps=2"))
+        .header("content-type", "image/png")
+        .body(scene_png(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(metrics.rows_in_flight.get(), 0);
+
+    // The metrics endpoint tells operators the same.
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"ladic_images_dropped_total{reason="client_gone"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("ladic_rows_in_flight 0"), "{text}");
+    assert!(
+        freed_after < Duration::from_secs(30),
+        "rows freed {freed_after:?} after the hang-up"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_queued_request_whose_client_left_is_skipped() {
+    // Batching off: the second request waits in the queue behind the first.
+    let mut args = test_args();
+    args.batching = BatchingMode::Off;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let scheduler = s.state().scheduler.get().unwrap().clone();
+
+    let client = s.client.clone();
+    let busy_url = s.url("/caption?steps=60&candidates=4");
+    let busy = tokio::spawn(async move {
+        client
+            .post(busy_url)
+            .header("content-type", "image/png")
+            .body(scene_png(0))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    wait_for("the first request to run", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == 4
+    })
+    .await;
+    let queued = send_raw(addr, "/caption?steps=60&candidates=4", &scene_png(1));
+    wait_for(
+        "the second request to queue",
+        Duration::from_secs(30),
+        || scheduler.queue_depth() == 1,
+    )
+    .await;
+    drop(queued);
+
+    assert_eq!(busy.await.unwrap(), 200);
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        scheduler.queue_depth() == 0 && metrics.rows_in_flight.get() == 0
+    })
+    .await;
+    wait_for("the drop to be counted", Duration::from_secs(30), || {
+        client_gone(&metrics) == 1
+    })
+    .await;
+    s.stop().await;
+}

@@ -1,0 +1,440 @@
+//! Faults: a graph that fails at run time, bundles that cannot be loaded, and SIGTERM
+//! under load, against the real binary where the process's own behaviour (exit code,
+//! messages, logs) is the point. A panicking worker is covered by the unit test in
+//! src/scheduler/worker.rs (a fake backend that panics).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use common::{TestServer, scene_png, test_args};
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ladic-serve"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+fn parity_bundle() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle")
+}
+
+/// A copy of the parity bundle in a temporary directory, to break.
+fn bundle_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(parity_bundle()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+async fn caption(s: &TestServer, query: &str) -> (u16, Value) {
+    let r = s
+        .client
+        .post(s.url(&format!("/caption?{query}")))
+        .header("content-type", "image/png")
+        .body(scene_png(0))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// tests/fixtures/faulty/denoiser.onnx (scripts/make-faulty-bundle.py) fails whenever a
+/// denoiser call has more than 2 rows: the requests of such a batch get 500
+/// inference_failed, and the worker goes on serving.
+#[tokio::test]
+async fn a_graph_failing_at_run_time_fails_its_batch_only() {
+    let dir = bundle_copy();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faulty/denoiser.onnx"),
+        dir.path().join("denoiser.onnx"),
+    )
+    .unwrap();
+    let mut args = test_args();
+    args.model.bundle = dir.path().to_path_buf();
+    // The warm-up caption (one guided candidate: 2 rows) works.
+    let s = TestServer::start(args).await;
+
+    let (status, body) = caption(&s, "steps=3&seed=1&guidance=0").await;
+    assert_eq!(status, 200, "{body}");
+
+    // 2 guided candidates: 4 rows in one call.
+    let (status, body) = caption(&s, "steps=3&seed=1&guidance=1&candidates=2").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error_type"], "inference_failed");
+    assert!(
+        body["error"].as_str().unwrap().contains("denoiser"),
+        "{body}"
+    );
+
+    // A burst: whichever requests share a call fail together; all others succeed.
+    let burst = (0..4).map(|i| caption(&s, if i == 0 { "steps=20" } else { "steps=3" }));
+    for (status, body) in futures_util::future::join_all(burst).await {
+        assert!(status == 200 || status == 500, "{status} {body}");
+        if status == 500 {
+            assert_eq!(body["error_type"], "inference_failed");
+        }
+    }
+
+    // And the worker is still there.
+    for _ in 0..2 {
+        let (status, body) = caption(&s, "steps=3&guidance=0").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"ladic_requests_total{route="/caption",status="500"}"#),
+        "{metrics}"
+    );
+    // A model error is not a panic: no restart.
+    assert!(
+        metrics.contains("ladic_worker_restarts_total 0"),
+        "{metrics}"
+    );
+    s.stop().await;
+}
+
+/// Runs `serve` on a bundle that cannot work; it must exit non-zero, quickly, with one
+/// clear line naming what is wrong.
+fn serve_fails(bundle: &Path, expect: &[&str]) {
+    let out = bin()
+        .args(["serve", "--bind", "127.0.0.1:0", "--intra-op-threads", "1"])
+        .arg("--bundle")
+        .arg(bundle)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exit 0 for {}: {stderr}",
+        bundle.display()
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    for e in expect {
+        assert!(error.contains(e), "{e:?} not in {error:?}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_missing_or_corrupt_bundle_stops_startup() {
+    serve_fails(
+        Path::new("/nonexistent/bundle"),
+        &["/nonexistent/bundle", "manifest.json"],
+    );
+
+    let dir = bundle_copy();
+    std::fs::write(dir.path().join("manifest.json"), "{ not json").unwrap();
+    serve_fails(
+        dir.path(),
+        &["manifest.json", "not a valid bundle manifest"],
+    );
+
+    let dir = bundle_copy();
+    std::fs::remove_file(dir.path().join("decoder.onnx")).unwrap();
+    serve_fails(dir.path(), &["decoder.onnx", "missing"]);
+
+    // Present but not an ONNX graph: found when the sessions are created.
+    let dir = bundle_copy();
+    std::fs::write(
+        dir.path().join("denoiser.onnx"),
+        b"\x08\x07garbage, not a graph",
+    )
+    .unwrap();
+    serve_fails(dir.path(), &["cannot load the model", "denoiser"]);
+
+    // A graph that loads but does not match the manifest.
+    let dir = bundle_copy();
+    std::fs::copy(
+        parity_bundle().join("decoder.onnx"),
+        dir.path().join("denoiser.onnx"),
+    )
+    .unwrap();
+    serve_fails(dir.path(), &["cannot load the model", "denoiser"]);
+}
+
+/// The server binary with its stderr collected line by line.
+struct Process {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    fn start(args: &[&str]) -> Process {
+        let mut child = bin()
+            .args(["--log-json", "serve", "--bind", "127.0.0.1:0"])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                "info,ort=warn,tower_http=debug,ladic_serve=debug",
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Process { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The address from the "listening" line.
+    fn addr(&self) -> String {
+        let start = Instant::now();
+        loop {
+            for line in self.log.lock().unwrap().iter() {
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if v["fields"]["message"] == "listening" {
+                    return v["fields"]["addr"].as_str().unwrap().to_string();
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "not listening: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("still running after {limit:?}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A PNG carrying a recognisable text chunk, to look for in the logs.
+fn marked_png(marker: &str) -> Vec<u8> {
+    let png = scene_png(1);
+    let mut chunk = b"tEXt".to_vec();
+    chunk.extend_from_slice(b"Comment\0");
+    chunk.extend_from_slice(marker.as_bytes());
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in &chunk {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    // After the signature (8) and IHDR (25).
+    let mut out = png[..33].to_vec();
+    out.extend_from_slice(&((chunk.len() - 4) as u32).to_be_bytes());
+    out.extend_from_slice(&chunk);
+    out.extend_from_slice(&(!crc).to_be_bytes());
+    out.extend_from_slice(&png[33..]);
+    out
+}
+
+/// SIGTERM with captions in flight: readiness turns 503 at once, new captions get 503
+/// (or find the port closed), the in-flight ones finish with 200, and the process exits
+/// 0. The logs of it all carry request ids and never the images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_and_exits_0() {
+    let mut p = Process::start(&[
+        "--intra-op-threads",
+        "1",
+        "--request-timeout-ms",
+        "600000",
+        "--max-request-timeout-ms",
+        "600000",
+        "--shutdown-grace-seconds",
+        "300",
+    ]);
+    let base = format!("http://{}", p.addr());
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{}", p.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let marker = "LADIC-LOG-MARKER-7f3a9c";
+    let png = marked_png(marker);
+    let b64 = STANDARD.encode(&png);
+    // Requests that must not leave their bytes in the logs: a JSON image, and invalid
+    // base64 that carries the marker.
+    let r = client
+        .post(format!("{base}/caption?steps=2"))
+        .json(&serde_json::json!({"image": b64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(format!("{base}/caption"))
+        .json(&serde_json::json!({"image": format!("{marker}%%%{marker}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains(marker), "{body}");
+
+    // Three long captions in flight.
+    let in_flight: Vec<_> = (0..3)
+        .map(|i| {
+            let request = client
+                .post(format!("{base}/caption?steps=100&candidates=4"))
+                .header("content-type", "image/png")
+                .header("x-request-id", format!("drain-{i}"))
+                .body(png.clone())
+                .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    loop {
+        let m = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if gauge(&m, "ladic_rows_in_flight") >= 12.0 {
+            break;
+        }
+        assert!(
+            in_flight.iter().all(|h| !h.is_finished()),
+            "a request finished before all three were admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let pid = p.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    loop {
+        let r = client
+            .get(format!("{base}/health/ready"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match client
+        .post(format!("{base}/caption?steps=2"))
+        .header("content-type", "image/png")
+        .body(png.clone())
+        .send()
+        .await
+    {
+        Ok(r) => {
+            assert_eq!(r.status(), 503);
+            assert!(r.headers().contains_key("retry-after"));
+        }
+        Err(e) => assert!(e.is_connect(), "{e}"),
+    }
+    assert!(
+        in_flight.iter().any(|h| !h.is_finished()),
+        "the in-flight requests finished before the drain could be observed"
+    );
+    for h in in_flight {
+        let r = h.await.unwrap().expect("in-flight request answered");
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert!(body["caption"].as_str().unwrap().ends_with('.'));
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let status = p.wait(Duration::from_secs(60));
+        (status, p)
+    })
+    .await
+    .unwrap();
+    let (status, p) = status;
+    let log = p.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("shutdown signal received"), "{log}");
+    assert!(log.contains("draining"), "{log}");
+    assert!(log.contains("\"stopped\""), "{log}");
+    assert!(log.contains("\"request_id\":\"drain-1\""), "{log}");
+
+    // No image bytes in the logs: neither the marker nor any long piece of the base64.
+    assert!(!log.contains(marker), "the marker is in the logs");
+    for piece in b64
+        .as_bytes()
+        .chunks(24)
+        .map(|c| std::str::from_utf8(c).unwrap())
+    {
+        if piece.len() == 24 {
+            assert!(
+                !log.contains(piece),
+                "base64 of the image in the logs: {piece}"
+            );
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The security-facing behaviour of the HTTP API: CORS off unless configured, which
+//! routes the API key guards, request ids, no URL fetching, bombs over HTTP, and error
+//! messages that do not echo what was sent.
+
+mod common;
+
+use common::{TestServer, lying_png, scene_png, test_args};
+use serde_json::{Value, json};
+
+async fn error_type(r: reqwest::Response) -> (u16, String, String) {
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    (
+        status,
+        body["error_type"].as_str().unwrap_or_default().to_string(),
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// A GIF whose logical screen claims `w x h`, with one 1x1 frame.
+fn lying_gif(w: u16, h: u16) -> Vec<u8> {
+    let mut out = b"GIF89a".to_vec();
+    out.extend_from_slice(&w.to_le_bytes());
+    out.extend_from_slice(&h.to_le_bytes());
+    out.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff]);
+    out.extend_from_slice(&[
+        0x2c, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0x02, 0x02, 0x44, 0x01, 0x00,
+    ]);
+    out.push(0x3b);
+    out
+}
+
+#[tokio::test]
+async fn hostile_requests() {
+    let mut args = test_args();
+    args.max_batch_images = 2;
+    let s = TestServer::start(args).await;
+    let post = |path: &str| s.client.post(s.url(path));
+
+    // No CORS headers unless configured, on any route, preflight included.
+    let r = post("/caption?steps=2")
+        .header("origin", "https://evil.example")
+        .header("content-type", "image/png")
+        .body(scene_png(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        !r.headers()
+            .keys()
+            .any(|k| k.as_str().starts_with("access-control-")),
+        "{:?}",
+        r.headers()
+    );
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/caption"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    // Decompression bombs: tiny files claiming 50000x50000 are 422 image_too_large.
+    for (what, bytes, ct) in [
+        ("PNG", lying_png(50_000, 50_000), "image/png"),
+        ("GIF", lying_gif(50_000, 50_000), "image/gif"),
+    ] {
+        let r = post("/caption")
+            .header("content-type", ct)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let (status, ty, _) = error_type(r).await;
+        assert_eq!((status, ty.as_str()), (422, "image_too_large"), "{what}");
+    }
+
+    // The server never fetches URLs: a URL where the image goes is not base64.
+    for url in [
+        "https://example.com/cat.png",
+        "http://169.254.169.254/latest/",
+    ] {
+        let r = post("/caption")
+            .json(&json!({"image": url}))
+            .send()
+            .await
+            .unwrap();
+        let (status, ty, _) = error_type(r).await;
+        assert_eq!((status, ty.as_str()), (400, "malformed_request"), "{url}");
+    }
+
+    // Error messages do not echo large inputs: an image where a number goes, a
+    // base64 string where a list goes, invalid base64, a huge unknown parameter.
+    let big = "QUJD".repeat(50_000);
+    for body in [
+        json!({"image": "AAAA", "steps": big}),
+        json!({"image": format!("{big}%{big}")}),
+    ] {
+        let r = post("/caption").json(&body).send().await.unwrap();
+        let (status, _, error) = error_type(r).await;
+        assert!(status == 400 || status == 422, "{status}");
+        assert!(error.len() < 300, "{} bytes: {error}", error.len());
+    }
+    let r = post("/caption/batch")
+        .json(&json!({"images": big}))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, error) = error_type(r).await;
+    assert_eq!(status, 422);
+    assert!(error.len() < 300, "{error}");
+    let form = reqwest::multipart::Form::new()
+        .part("image", reqwest::multipart::Part::bytes(scene_png(0)))
+        .text(big.clone(), big.clone());
+    let r = post("/caption").multipart(form).send().await.unwrap();
+    let (status, ty, error) = error_type(r).await;
+    assert_eq!((status, ty.as_str()), (422, "invalid_parameter"));
+    assert!(error.len() < 100, "{error}");
+
+    // The batch request count limit is the configured one.
+    let img = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, scene_png(0));
+    let r = post("/caption/batch")
+        .json(&json!({"images": [img, img, img]}))
+        .send()
+        .await
+        .unwrap();
+    let (status, ty, error) = error_type(r).await;
+    assert_eq!((status, ty.as_str()), (422, "invalid_parameter"));
+    assert!(error.contains("between 1 and 2"), "{error}");
+
+    // A refusal sent before the body was read closes the connection, and says so, so
+    // keep-alive clients do not write their next request into a closed socket.
+    let r = post("/caption")
+        .header("content-type", "text/plain")
+        .body(vec![b'x'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    assert_eq!(r.headers()["connection"], "close");
+    let r = post("/caption?steps=2")
+        .header("content-type", "image/png")
+        .body(scene_png(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("connection").is_none());
+
+    // Request ids: echoed when sane, replaced when not.
+    let r = s
+        .client
+        .get(s.url("/health/live"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    for bad in ["x".repeat(129), "has space".to_string()] {
+        let r = s
+            .client
+            .get(s.url("/health/live"))
+            .header("x-request-id", bad.as_str())
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap();
+        assert!(id != bad && id.len() == 32, "{id}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cors_when_configured() {
+    let mut args = test_args();
+    args.cors_allow_origin = vec!["https://app.example".into()];
+    args.api_key = Some("k".into());
+    let s = TestServer::start(args).await;
+
+    // Preflight for the caption route, answered without the API key.
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/caption"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    let methods = h["access-control-allow-methods"].to_str().unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = h["access-control-allow-headers"].to_str().unwrap();
+    assert!(headers.contains("authorization"), "{headers}");
+
+    // A real request from that origin sees the headers it may read.
+    let r = s
+        .client
+        .post(s.url("/caption?steps=2"))
+        .header("origin", "https://app.example")
+        .header("authorization", "Bearer k")
+        .header("content-type", "image/png")
+        .body(scene_png(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+
+    // Other origins get no grant.
+    let r = s
+        .client
+        .get(s.url("/info"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    s.stop().await;
+}
+
+/// With an API key, only the caption routes need it.
+#[tokio::test]
+async fn api_key_guards_captions_only() {
+    let mut args = test_args();
+    args.api_key = Some("s3cret".into());
+    let s = TestServer::start(args).await;
+    for path in ["/health/live", "/health/ready", "/info", "/metrics"] {
+        let r = s.client.get(s.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    for (path, auth) in [
+        ("/caption", None),
+        ("/caption", Some("Bearer s3cre")),
+        ("/caption", Some("Bearer s3cret0")),
+        ("/caption", Some("s3cret")),
+        ("/caption/batch", None),
+    ] {
+        let mut req = s
+            .client
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .body("{}");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let (status, ty, _) = error_type(req.send().await.unwrap()).await;
+        assert_eq!(
+            (status, ty.as_str()),
+            (401, "unauthorized"),
+            "{path} {auth:?}"
+        );
+    }
+    s.stop().await;
+}
