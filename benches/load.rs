@@ -234,6 +234,79 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time so far, in clock ticks: the whole machine (busy, all CPUs), the server
+/// process and this process (the load generator).
+#[derive(Debug, Clone, Copy)]
+struct CpuSnapshot {
+    at: Instant,
+    machine: u64,
+    server: u64,
+    me: u64,
+}
+
+fn process_ticks(pid: &str) -> u64 {
+    // Fields 14 and 15 (utime, stime), counted after the parenthesised command name.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+impl CpuSnapshot {
+    fn take(server: u32) -> CpuSnapshot {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let machine = stat
+            .lines()
+            .next()
+            .map(|l| {
+                let v: Vec<u64> = l
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: busy = all but idle, iowait.
+                v.iter().take(8).sum::<u64>()
+                    - v.get(3).copied().unwrap_or(0)
+                    - v.get(4).copied().unwrap_or(0)
+            })
+            .unwrap_or(0);
+        CpuSnapshot {
+            at: Instant::now(),
+            machine,
+            server: process_ticks(&server.to_string()),
+            me: process_ticks("self"),
+        }
+    }
+
+    /// Cores used on average since `self`: (server, load generator, everything else).
+    fn cores_since(&self, server: u32) -> (f64, f64, f64) {
+        let now = CpuSnapshot::take(server);
+        let hz = clock_ticks_per_second();
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let d = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz / secs;
+        let server = d(now.server, self.server);
+        let me = d(now.me, self.me);
+        let machine = d(now.machine, self.machine);
+        (server, me, (machine - server - me).max(0.0))
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
 /// Mean rows per denoiser call and mean call time, from the server's metrics.
 async fn batch_stats(client: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
     let text = client
@@ -384,6 +457,11 @@ struct PhaseResult {
     max_ms: f64,
     inference_mean_ms: f64,
     outcomes: BTreeMap<String, usize>,
+    /// Average cores used during the phase by the server, the load generator, and
+    /// every other process of the machine (other people's work skews the numbers).
+    server_cores: f64,
+    loadgen_cores: f64,
+    other_cores: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -427,6 +505,7 @@ fn summarize(name: String, offered: f64, seconds: f64, samples: &[Sample]) -> Ph
         max_ms: ok.last().copied().unwrap_or(f64::NAN),
         inference_mean_ms: mean(&inference),
         outcomes,
+        ..PhaseResult::default()
     }
 }
 
@@ -667,8 +746,14 @@ async fn run_mode(settings: &Settings, mode: &str, client: &reqwest::Client) -> 
         mode: mode.to_string(),
         ..ModeResult::default()
     };
+    let pid = server.pid();
+    let account = |p: &mut PhaseResult, since: CpuSnapshot| {
+        (p.server_cores, p.loadgen_cores, p.other_cores) = since.cores_since(pid);
+    };
     for &c in &settings.concurrency {
-        let p = closed_loop(&target, c, settings.warmup, settings.phase).await;
+        let cpu = CpuSnapshot::take(pid);
+        let mut p = closed_loop(&target, c, settings.warmup, settings.phase).await;
+        account(&mut p, cpu);
         eprintln!("   {}", line(&p));
         result.closed.push(p);
     }
@@ -680,7 +765,9 @@ async fn run_mode(settings: &Settings, mode: &str, client: &reqwest::Client) -> 
     if result.saturation > 0.0 {
         for (k, &f) in settings.rates.iter().enumerate() {
             let rate = f * result.saturation;
-            let p = open_loop(&target, rate, settings.warmup, settings.phase, k as u64).await;
+            let cpu = CpuSnapshot::take(pid);
+            let mut p = open_loop(&target, rate, settings.warmup, settings.phase, k as u64).await;
+            account(&mut p, cpu);
             eprintln!("   {} ({:.0}% of saturation)", line(&p), f * 100.0);
             result.open.push((f, p));
         }
@@ -690,7 +777,9 @@ async fn run_mode(settings: &Settings, mode: &str, client: &reqwest::Client) -> 
                 "   overload: {rate:.1}/s for {:.0} s",
                 settings.overload.as_secs_f64()
             );
-            let o = overload(&target, &server.base, server.pid(), rate, settings.overload).await;
+            let cpu = CpuSnapshot::take(pid);
+            let mut o = overload(&target, &server.base, pid, rate, settings.overload).await;
+            account(&mut o.phase, cpu);
             eprintln!("   {}", line(&o.phase));
             result.overload = Some(o);
         }
@@ -707,13 +796,23 @@ async fn run_mode(settings: &Settings, mode: &str, client: &reqwest::Client) -> 
 
 fn line(p: &PhaseResult) -> String {
     format!(
-        "{:<14} {:>7.1} captions/s  p50 {:>7.1} ms  p90 {:>7.1} ms  p99 {:>7.1} ms  {}",
+        "{:<14} {:>7.1} captions/s  p50 {:>7.1} ms  p90 {:>7.1} ms  p99 {:>7.1} ms  cores: server {:.2}, loadgen {:.2}, other {:.2}  {}",
         p.name,
         p.throughput,
         p.p50_ms,
         p.p90_ms,
         p.p99_ms,
+        p.server_cores,
+        p.loadgen_cores,
+        p.other_cores,
         outcomes(p)
+    )
+}
+
+fn cores(p: &PhaseResult) -> String {
+    format!(
+        "{:.2} / {:.2} / {:.2}",
+        p.server_cores, p.loadgen_cores, p.other_cores
     )
 }
 
@@ -741,13 +840,22 @@ struct Reference {
     torch: String,
 }
 
-fn run_reference(repeats: usize) -> Result<Reference> {
-    eprintln!("== Python reference sampler, batch 1, {repeats} captions");
+/// The reference at batch 1 with `threads` torch threads (0: torch's default).
+fn run_reference(repeats: usize, threads: usize) -> Result<Reference> {
+    eprintln!(
+        "== Python reference sampler, batch 1, {repeats} captions, {} threads",
+        if threads == 0 {
+            "default".to_string()
+        } else {
+            threads.to_string()
+        }
+    );
     let out = Command::new("python3")
         .current_dir(Path::new(ROOT).join("models"))
         .args(["-m", "ladic.bench_reference"])
         .args(["--bundle", "scenes-tiny", "--run", "runs/scenes-tiny"])
         .args(["--repeats", &repeats.to_string()])
+        .args(["--threads", &threads.to_string()])
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run python3 -m ladic.bench_reference")?;
@@ -968,6 +1076,7 @@ fn report(
     settings: &Settings,
     modes: &[ModeResult],
     reference: Option<&Reference>,
+    references: &[Reference],
     machine: &BTreeMap<&'static str, String>,
     total: Duration,
 ) -> String {
@@ -1084,7 +1193,7 @@ fn report(
             if let Some(p) = m.closed_at(1) {
                 let _ = writeln!(
                     s,
-                    "| PyTorch reference per caption / {} service at 1 client (HTTP mean; server inference mean {} ms) | {:.1}x |",
+                    "| PyTorch reference per caption (faster thread setting) / {} service at 1 client (HTTP mean; server inference mean {} ms) | {:.1}x |",
                     m.mode,
                     ms(p.inference_mean_ms),
                     r.mean_s * 1e3 / p.mean_ms
@@ -1097,17 +1206,17 @@ fn report(
     let _ = writeln!(s, "### Per mode\n");
     let _ = writeln!(
         s,
-        "Latency in ms from sending (closed loop) or from the scheduled arrival (open loop) to the whole answer; percentiles over 200 answers only. Outcomes count every request of the window by HTTP status.\n"
+        "Latency in ms from sending (closed loop) or from the scheduled arrival (open loop) to the whole answer; percentiles over 200 answers only. Outcomes count every request of the window by HTTP status. Cores: average CPU use during the phase (from /proc) by the server, by this load generator, and by every other process on the machine; a large \"other\" means someone else's work competed with the measurement.\n"
     );
     let _ = writeln!(
         s,
-        "| mode | load | captions/s | p50 | p90 | p99 | max | server inference mean | outcomes |\n|---|---|---|---|---|---|---|---|---|"
+        "| mode | load | captions/s | p50 | p90 | p99 | max | server inference mean | outcomes | cores: server / loadgen / other |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for m in modes {
         for p in &m.closed {
             let _ = writeln!(
                 s,
-                "| {} | {} clients | {:.1} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} clients | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
                 m.mode,
                 p.offered,
                 p.throughput,
@@ -1116,13 +1225,14 @@ fn report(
                 ms(p.p99_ms),
                 ms(p.max_ms),
                 ms(p.inference_mean_ms),
-                outcomes(p)
+                outcomes(p),
+                cores(p)
             );
         }
         for (f, p) in &m.open {
             let _ = writeln!(
                 s,
-                "| {} | {:.1}/s ({:.0}% sat.) | {:.1} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.1}/s ({:.0}% sat.) | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
                 m.mode,
                 p.offered,
                 f * 100.0,
@@ -1132,7 +1242,8 @@ fn report(
                 ms(p.p99_ms),
                 ms(p.max_ms),
                 ms(p.inference_mean_ms),
-                outcomes(p)
+                outcomes(p),
+                cores(p)
             );
         }
     }
@@ -1153,7 +1264,7 @@ fn report(
         let _ = writeln!(s, "### 2x overload (continuous)\n");
         let _ = writeln!(
             s,
-            "{:.1} arrivals/s (Poisson) for {:.0} s: {:.1} captions/s answered (until the last answer), p50 {} ms, p99 {} ms; outcomes {}. Health probes (`/health/live` and `/health/ready` every 250 ms): {}/{} answered 200, slowest {:.0} ms. Server RSS: {:.0} MiB before, max {:.0} MiB in the first half, max {:.0} MiB in the second half, {:.0} MiB at the end, {:.0} MiB one second after; VmHWM {:.0} MiB.\n",
+            "{:.1} arrivals/s (Poisson) for {:.0} s: {:.1} captions/s answered (until the last answer), p50 {} ms, p99 {} ms; outcomes {}. Health probes (`/health/live` and `/health/ready` every 250 ms): {}/{} answered 200, slowest {:.0} ms. Cores (server / load generator / other processes): {}. Server RSS: {:.0} MiB before, max {:.0} MiB in the first half, max {:.0} MiB in the second half, {:.0} MiB at the end, {:.0} MiB one second after; VmHWM {:.0} MiB.\n",
             o.rate,
             o.window_s,
             o.phase.throughput,
@@ -1163,6 +1274,7 @@ fn report(
             o.health_checks - o.health_failures,
             o.health_checks,
             o.health_max_ms,
+            cores(&o.phase),
             o.rss_before_mib,
             o.rss_first_half_max_mib,
             o.rss_second_half_max_mib,
@@ -1171,26 +1283,37 @@ fn report(
             o.hwm_mib
         );
     }
-    if let Some(r) = reference {
+    if !references.is_empty() {
         let _ = writeln!(s, "### Python reference sampler\n");
         let _ = writeln!(
             s,
-            "`python3 -m ladic.bench_reference` (models/ladic/bench_reference.py): `caption_images` at batch 1 on {} (`{}`), torch {} with {} threads, steps {}, {} candidate(s), {} captions after warm-up: mean {:.1} ms, p50 {:.1} ms, min {:.1} ms per caption.\n",
-            if r.runtime == "pytorch" {
-                "the PyTorch model (`TorchBackend` on `load_run`)"
-            } else {
-                "the bundle's ONNX graphs (`OnnxBackend`; no trained run was found)"
-            },
-            r.source,
-            r.torch,
-            r.torch_threads,
-            r.steps,
-            r.candidates,
-            r.repeats,
-            r.mean_s * 1e3,
-            r.p50_s * 1e3,
-            r.min_s * 1e3
+            "`python3 -m ladic.bench_reference` (models/ladic/bench_reference.py): `caption_images` at batch 1, the bundle's default parameters, the unconditional K/V computed once; per caption: image encoding, the denoising loop, the decode. The goal compares against the faster of the thread settings.\n"
         );
+        let _ = writeln!(
+            s,
+            "| model | torch | threads | steps | candidates | captions | mean | p50 | min |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in references {
+            let _ = writeln!(
+                s,
+                "| {} (`{}`) | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+                if r.runtime == "pytorch" {
+                    "PyTorch, `TorchBackend` on `load_run`"
+                } else {
+                    "ONNX Runtime, `OnnxBackend` (no trained run found)"
+                },
+                r.source,
+                r.torch,
+                r.torch_threads,
+                r.steps,
+                r.candidates,
+                r.repeats,
+                r.mean_s * 1e3,
+                r.p50_s * 1e3,
+                r.min_s * 1e3
+            );
+        }
+        let _ = writeln!(s);
     }
     s
 }
@@ -1224,17 +1347,21 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reference = if settings.reference_repeats > 0 {
-        match run_reference(settings.reference_repeats) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("   reference skipped: {e:#}");
-                None
+    // torch's default thread count and one thread: the faster is the baseline, so
+    // the comparison does not flatter the service.
+    let mut references = Vec::new();
+    if settings.reference_repeats > 0 {
+        for threads in [0, 1] {
+            match run_reference(settings.reference_repeats, threads) {
+                Ok(r) => references.push(r),
+                Err(e) => eprintln!("   reference skipped: {e:#}"),
             }
         }
-    } else {
-        None
-    };
+    }
+    let reference = references
+        .iter()
+        .min_by(|a, b| a.mean_s.total_cmp(&b.mean_s))
+        .cloned();
     let modes = rt.block_on(async {
         let client = reqwest::Client::builder()
             .timeout(CLIENT_TIMEOUT)
@@ -1250,6 +1377,7 @@ fn main() -> Result<()> {
         &settings,
         &modes,
         reference.as_ref(),
+        &references,
         &machine,
         started.elapsed(),
     );
@@ -1264,7 +1392,7 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "machine": machine,
             "modes": modes,
-            "reference": reference,
+            "references": references,
         }))?,
     )?;
     std::fs::write(dir.join(format!("results-{stamp}.md")), &section)?;
