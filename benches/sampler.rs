@@ -42,6 +42,10 @@ fn session_options() -> SessionOptions {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        row_parallelism: std::env::var("LADIC_ROW_PARALLELISM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
     }
 }
 

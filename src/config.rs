@@ -45,9 +45,17 @@ pub struct ModelArgs {
     #[arg(long, env = "LADIC_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
 
-    /// ONNX Runtime threads per session (0 = ONNX Runtime's default: one per core).
+    /// ONNX Runtime threads per session (0 = auto: 1 when row slices are used, else
+    /// ONNX Runtime's default of one per core).
     #[arg(long, env = "LADIC_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
+
+    /// On CPU, sessions per graph in each worker: a model call's rows are cut into this
+    /// many slices that run at the same time (0 = auto: the cores divided among the
+    /// workers, when --intra-op-threads is not set; else 1). Each slice's session holds
+    /// its own copy of the weights.
+    #[arg(long, env = "LADIC_ROW_PARALLELISM", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub row_parallelism: u16,
 
     /// ONNX Runtime shared library; ORT_DYLIB_PATH takes precedence, and
     /// .ort/lib/libonnxruntime.so (from scripts/fetch-onnxruntime.sh) is the fallback.
@@ -60,6 +68,7 @@ impl ModelArgs {
         SessionOptions {
             device: self.device,
             intra_op_threads: self.intra_op_threads,
+            row_parallelism: usize::from(self.row_parallelism),
         }
     }
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4, Axis, Ix2, Ix3, Ix4};
+use std::ops::Range;
+
+use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4, Axis, s};
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{TensorElementType, TensorRef, ValueType};
@@ -156,7 +158,46 @@ pub fn init_onnxruntime(configured: Option<&Path>) -> Result<OrtRuntime, Runtime
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub device: DeviceChoice,
+    /// ONNX Runtime threads per session; 0 = ONNX Runtime's default (one per core).
     pub intra_op_threads: usize,
+    /// On CPU, how many sessions of each graph a worker holds; a model call's rows are
+    /// cut into that many slices that run at the same time, one per session. 0 = auto
+    /// (see [`SessionOptions::for_workers`]); [`Models::load`] reads 0 as 1. CUDA
+    /// sessions are never sliced.
+    pub row_parallelism: usize,
+}
+
+impl SessionOptions {
+    /// Resolves the automatic settings for `workers` workers sharing `cores` cores.
+    ///
+    /// On a CPU, small model calls use cores badly through ONNX Runtime's intra-op
+    /// threads (a 2-row denoiser call takes longer on 2 threads than on 1) but well
+    /// through row slices on single-threaded sessions (the 2 rows at once on 2 cores).
+    /// So, when neither setting is given, each worker gets one single-threaded session
+    /// per core it can count on. An explicit thread count alone keeps one session per
+    /// graph; explicit slices without a thread count get one thread each, so that the
+    /// slices do not oversubscribe the cores.
+    pub fn for_workers(&self, workers: usize, cores: usize) -> SessionOptions {
+        let share = (cores / workers.max(1)).max(1);
+        let (row_parallelism, intra_op_threads) =
+            match (self.row_parallelism, self.intra_op_threads) {
+                (0, 0) => (share, 1),
+                (0, threads) => (1, threads),
+                (1, threads) => (1, threads),
+                (slices, 0) => (slices, 1),
+                (slices, threads) => (slices, threads),
+            };
+        SessionOptions {
+            device: self.device,
+            intra_op_threads,
+            row_parallelism,
+        }
+    }
+}
+
+/// Cores this process may use (its CPU affinity and cgroup quota), at least 1.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn ort_dtype(d: DType) -> TensorElementType {
@@ -225,11 +266,97 @@ fn check_graph(
     Ok(())
 }
 
-/// The three sessions of one bundle, owned by one worker thread.
+/// One graph of a bundle: a single session, or on CPU several copies whose slices of a
+/// call's rows run at the same time (see [`SessionOptions::row_parallelism`]).
+struct Graph {
+    name: &'static str,
+    sessions: Vec<Session>,
+}
+
+/// `rows` cut into `slices` contiguous ranges whose lengths differ by at most one.
+fn row_slices(rows: usize, slices: usize) -> Vec<Range<usize>> {
+    let slices = slices.clamp(1, rows.max(1));
+    let (base, extra) = (rows / slices, rows % slices);
+    let mut start = 0;
+    (0..slices)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            start += len;
+            start - len..start
+        })
+        .collect()
+}
+
+impl Graph {
+    fn fail(&self, reason: impl Into<String>) -> RuntimeError {
+        RuntimeError::Inference {
+            graph: self.name,
+            reason: reason.into(),
+        }
+    }
+
+    /// Runs `call` over the rows `0..rows`: on one session, or cut into one slice per
+    /// session, this thread taking the first slice and `helpers` the others. The
+    /// results come back in row order.
+    ///
+    /// The helpers are long-lived threads, not threads spawned per call: ONNX Runtime
+    /// keeps per-thread scratch memory, and a fresh thread per call made a sliced
+    /// call slower than an unsliced one.
+    fn run_rows<T, F>(
+        &mut self,
+        helpers: Option<&rayon::ThreadPool>,
+        rows: usize,
+        call: F,
+    ) -> Result<Vec<T>, RuntimeError>
+    where
+        T: Send,
+        F: Fn(&mut Session, Range<usize>) -> Result<T, RuntimeError> + Sync,
+    {
+        let ranges = row_slices(rows, self.sessions.len());
+        let Some((first, rest)) = self.sessions.split_first_mut() else {
+            return Err(self.fail("no session"));
+        };
+        let Some(helpers) = helpers.filter(|_| ranges.len() > 1) else {
+            return Ok(vec![call(first, 0..rows)?]);
+        };
+        let mut slots: Vec<Option<Result<T, RuntimeError>>> = ranges.iter().map(|_| None).collect();
+        let (first_slot, other_slots) = slots.split_at_mut(1);
+        let call = &call;
+        // A panic in a slice is re-raised here, where the worker catches panics.
+        helpers.in_place_scope(|scope| {
+            for ((session, range), slot) in rest
+                .iter_mut()
+                .zip(ranges[1..].iter().cloned())
+                .zip(other_slots.iter_mut())
+            {
+                scope.spawn(move |_| *slot = Some(call(session, range)));
+            }
+            first_slot[0] = Some(call(first, ranges[0].clone()));
+        });
+        slots
+            .into_iter()
+            .map(|slot| slot.unwrap_or_else(|| Err(self.fail("a row slice did not run"))))
+            .collect()
+    }
+}
+
+/// Joins per-slice arrays along the row axis (no copy when there is one slice).
+fn join_rows<D: ndarray::RemoveAxis, A: Clone>(
+    graph: &Graph,
+    mut parts: Vec<ndarray::Array<A, D>>,
+) -> Result<ndarray::Array<A, D>, RuntimeError> {
+    if parts.len() == 1 {
+        return parts.pop().ok_or_else(|| graph.fail("no result"));
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(Axis(0), &views).map_err(|e| graph.fail(e.to_string()))
+}
+
+/// The three graphs of one bundle, owned by one worker thread.
 pub struct Models {
-    encoder: Session,
-    denoiser: Session,
-    decoder: Session,
+    encoder: Graph,
+    denoiser: Graph,
+    decoder: Graph,
     /// `encoder(zeros)`: the unconditional branch's K/V, computed once at load.
     null_kv: Array3<f32>,
     /// The K/V batch of the last denoiser call, kept so that each call copies the rows'
@@ -237,6 +364,12 @@ pub struct Models {
     kv_batch: Vec<f32>,
     image_size: usize,
     pub device: ActiveDevice,
+    /// Sessions per graph (row slices that run at once); 1 on CUDA.
+    pub row_parallelism: usize,
+    /// Threads that run the row slices after the first (`row_parallelism - 1`).
+    helpers: Option<rayon::ThreadPool>,
+    /// ONNX Runtime intra-op threads per session (0 = its default).
+    pub intra_op_threads: usize,
     pub load_seconds: f64,
 }
 
@@ -244,6 +377,7 @@ impl std::fmt::Debug for Models {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Models")
             .field("device", &self.device)
+            .field("row_parallelism", &self.row_parallelism)
             .finish()
     }
 }
@@ -275,6 +409,20 @@ fn with_cuda(_b: SessionBuilder) -> Result<SessionBuilder, String> {
     Err("this binary was built without the `cuda` feature".into())
 }
 
+fn extract<T: ort::value::PrimitiveTensorElementType + Clone, D: ndarray::Dimension>(
+    outputs: &ort::session::SessionOutputs<'_>,
+    name: &str,
+) -> Result<ndarray::Array<T, D>, String> {
+    outputs
+        .get(name)
+        .ok_or_else(|| format!("no {name} output"))?
+        .try_extract_array::<T>()
+        .map_err(|e| e.to_string())?
+        .into_dimensionality::<D>()
+        .map_err(|e| e.to_string())
+        .map(|a| a.to_owned())
+}
+
 impl Models {
     /// Creates the sessions, checks them against the manifest and computes the
     /// unconditional K/V.
@@ -286,14 +434,14 @@ impl Models {
         let start = Instant::now();
         let graphs = &bundle.manifest.graphs;
         let mut device = ActiveDevice::Cpu;
-        let mut sessions = Vec::with_capacity(3);
-        for (graph, path, spec) in [
+        let mut loaded = Vec::with_capacity(3);
+        for (name, path, spec) in [
             ("encoder", &bundle.encoder_path, &graphs.encoder),
             ("denoiser", &bundle.denoiser_path, &graphs.denoiser),
             ("decoder", &bundle.decoder_path, &graphs.decoder),
         ] {
             let session_err = |reason: String| RuntimeError::Session {
-                graph,
+                graph: name,
                 path: path.clone(),
                 reason,
             };
@@ -302,10 +450,10 @@ impl Models {
                 DeviceChoice::Cuda => true,
                 // The first graph decides; the others follow so all three share one device.
                 DeviceChoice::Auto => {
-                    cfg!(feature = "cuda") && (sessions.is_empty() || device == ActiveDevice::Cuda)
+                    cfg!(feature = "cuda") && (loaded.is_empty() || device == ActiveDevice::Cuda)
                 }
             };
-            let mut session = None;
+            let mut sessions = Vec::new();
             if want_cuda {
                 let attempt = base_builder(rt, opts)
                     .and_then(with_cuda)
@@ -313,32 +461,52 @@ impl Models {
                 match attempt {
                     Ok(s) => {
                         device = ActiveDevice::Cuda;
-                        session = Some(s);
+                        sessions.push(s);
                     }
                     Err(reason) if opts.device == DeviceChoice::Cuda => {
                         return Err(RuntimeError::CudaUnavailable(reason));
                     }
-                    Err(reason) if sessions.is_empty() => {
+                    Err(reason) if loaded.is_empty() => {
                         tracing::info!(%reason, "CUDA execution provider unavailable; using CPU");
                     }
                     Err(reason) => return Err(session_err(reason)),
                 }
             }
-            let session = match session {
-                Some(s) => s,
-                None => base_builder(rt, opts)
-                    .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
-                    .map_err(session_err)?,
-            };
-            check_graph(graph, &session, spec)?;
-            sessions.push(session);
+            if sessions.is_empty() {
+                for _ in 0..opts.row_parallelism.max(1) {
+                    let session = base_builder(rt, opts)
+                        .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
+                        .map_err(session_err)?;
+                    check_graph(name, &session, spec)?;
+                    sessions.push(session);
+                }
+            } else {
+                check_graph(name, &sessions[0], spec)?;
+            }
+            tracing::info!(graph = name, device = %device, sessions = sessions.len(), "graph loaded");
+            loaded.push(Graph { name, sessions });
         }
-        let mut it = sessions.into_iter();
+        let mut it = loaded.into_iter();
         let (Some(encoder), Some(denoiser), Some(decoder)) = (it.next(), it.next(), it.next())
         else {
-            unreachable!("three sessions were pushed")
+            unreachable!("three graphs were pushed")
         };
         let size = bundle.manifest.image.size as usize;
+        let row_parallelism = denoiser.sessions.len();
+        let helpers = if row_parallelism > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(row_parallelism - 1)
+                .thread_name(|i| format!("ladic-slice-{}", i + 1))
+                .build()
+                .map_err(|e| RuntimeError::Session {
+                    graph: "worker",
+                    path: bundle.dir.clone(),
+                    reason: format!("cannot start the row-slice threads: {e}"),
+                })?;
+            Some(pool)
+        } else {
+            None
+        };
         let mut models = Models {
             encoder,
             denoiser,
@@ -347,6 +515,9 @@ impl Models {
             kv_batch: Vec::new(),
             image_size: size,
             device,
+            row_parallelism,
+            helpers,
+            intra_op_threads: opts.intra_op_threads,
             load_seconds: 0.0,
         };
         let zeros = Array4::<f32>::zeros((1, 3, size, size));
@@ -357,6 +528,8 @@ impl Models {
             device = %device,
             requested = ?opts.device,
             cuda_built = cfg!(feature = "cuda"),
+            row_parallelism,
+            intra_op_threads = opts.intra_op_threads,
             seconds = models.load_seconds,
             "bundle sessions loaded"
         );
@@ -369,32 +542,31 @@ impl Models {
 
     /// `pixels [B,3,H,W]` -> `image_kv [B, 2*layers, tokens, hidden]`.
     pub fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError> {
-        let fail = |reason: String| RuntimeError::Inference {
-            graph: "encoder",
-            reason,
-        };
         let pixels = pixels.as_standard_layout();
-        let input = TensorRef::from_array_view(pixels.view()).map_err(|e| fail(e.to_string()))?;
-        let outputs = self
+        let rows = pixels.dim().0;
+        let parts = self
             .encoder
-            .run(ort::inputs![names::PIXELS => input])
-            .map_err(|e| fail(e.to_string()))?;
-        let kv = outputs
-            .get(names::IMAGE_KV)
-            .ok_or_else(|| fail("no image_kv output".into()))?
-            .try_extract_array::<f32>()
-            .map_err(|e| fail(e.to_string()))?
-            .into_dimensionality::<Ix4>()
-            .map_err(|e| fail(e.to_string()))?
-            .to_owned();
-        if kv.dim().0 != pixels.dim().0 {
-            return Err(fail(format!(
-                "image_kv has {} rows for {} images",
-                kv.dim().0,
-                pixels.dim().0
-            )));
-        }
-        Ok(kv)
+            .run_rows(self.helpers.as_ref(), rows, |session, range| {
+                let fail = |reason: String| RuntimeError::Inference {
+                    graph: "encoder",
+                    reason,
+                };
+                let slice = pixels.slice(s![range.clone(), .., .., ..]);
+                let input = TensorRef::from_array_view(slice).map_err(|e| fail(e.to_string()))?;
+                let outputs = session
+                    .run(ort::inputs![names::PIXELS => input])
+                    .map_err(|e| fail(e.to_string()))?;
+                let kv: Array4<f32> = extract(&outputs, names::IMAGE_KV).map_err(fail)?;
+                if kv.dim().0 != range.len() {
+                    return Err(fail(format!(
+                        "image_kv has {} rows for {} images",
+                        kv.dim().0,
+                        range.len()
+                    )));
+                }
+                Ok(kv)
+            })?;
+        join_rows(&self.encoder, parts)
     }
 
     /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv[i]`.
@@ -405,39 +577,44 @@ impl Models {
         t: &[i64],
         kv: ArrayView4<f32>,
     ) -> Result<Array3<f32>, RuntimeError> {
-        let fail = |reason: String| RuntimeError::Inference {
-            graph: "denoiser",
-            reason,
-        };
         let x = x.as_standard_layout();
         let sc = self_cond.as_standard_layout();
         let kv = kv.as_standard_layout();
-        let t = ndarray::ArrayView1::from(t);
-        let outputs = self
-            .denoiser
-            .run(ort::inputs![
-                names::X_T => TensorRef::from_array_view(x.view()).map_err(|e| fail(e.to_string()))?,
-                names::SELF_COND => TensorRef::from_array_view(sc.view()).map_err(|e| fail(e.to_string()))?,
-                names::T => TensorRef::from_array_view(t).map_err(|e| fail(e.to_string()))?,
-                names::IMAGE_KV => TensorRef::from_array_view(kv.view()).map_err(|e| fail(e.to_string()))?,
-            ])
-            .map_err(|e| fail(e.to_string()))?;
-        let x0 = outputs
-            .get(names::X0)
-            .ok_or_else(|| fail("no x0 output".into()))?
-            .try_extract_array::<f32>()
-            .map_err(|e| fail(e.to_string()))?
-            .into_dimensionality::<Ix3>()
-            .map_err(|e| fail(e.to_string()))?
-            .to_owned();
-        if x0.dim() != x.dim() {
-            return Err(fail(format!(
-                "x0 has shape {:?}; expected {:?}",
-                x0.dim(),
-                x.dim()
+        let rows = x.dim().0;
+        if sc.dim().0 != rows || t.len() != rows || kv.dim().0 != rows {
+            return Err(self.denoiser.fail(format!(
+                "inputs disagree on the rows: x {rows}, self_cond {}, t {}, image_kv {}",
+                sc.dim().0,
+                t.len(),
+                kv.dim().0
             )));
         }
-        Ok(x0)
+        let parts = self.denoiser.run_rows(self.helpers.as_ref(), rows, |session, range| {
+            let fail = |reason: String| RuntimeError::Inference {
+                graph: "denoiser",
+                reason,
+            };
+            let tensor_err = |e: ort::Error| fail(e.to_string());
+            let x_part = x.slice(s![range.clone(), .., ..]);
+            let outputs = session
+                .run(ort::inputs![
+                    names::X_T => TensorRef::from_array_view(x_part).map_err(tensor_err)?,
+                    names::SELF_COND => TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..])).map_err(tensor_err)?,
+                    names::T => TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()])).map_err(tensor_err)?,
+                    names::IMAGE_KV => TensorRef::from_array_view(kv.slice(s![range.clone(), .., .., ..])).map_err(tensor_err)?,
+                ])
+                .map_err(tensor_err)?;
+            let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
+            if x0.dim() != x_part.dim() {
+                return Err(fail(format!(
+                    "x0 has shape {:?}; expected {:?}",
+                    x0.dim(),
+                    x_part.dim()
+                )));
+            }
+            Ok(x0)
+        })?;
+        join_rows(&self.denoiser, parts)
     }
 
     /// `x0 [B,L,D]` -> (`token_ids [B,L]`, `confidence [B,L]`).
@@ -445,40 +622,34 @@ impl Models {
         &mut self,
         x0: ArrayView3<f32>,
     ) -> Result<(Array2<i64>, Array2<f32>), RuntimeError> {
-        let fail = |reason: String| RuntimeError::Inference {
-            graph: "decoder",
-            reason,
-        };
         let x0 = x0.as_standard_layout();
-        let outputs = self
-            .decoder
-            .run(ort::inputs![names::X0 => TensorRef::from_array_view(x0.view()).map_err(|e| fail(e.to_string()))?])
-            .map_err(|e| fail(e.to_string()))?;
-        let ids = outputs
-            .get(names::TOKEN_IDS)
-            .ok_or_else(|| fail("no token_ids output".into()))?
-            .try_extract_array::<i64>()
-            .map_err(|e| fail(e.to_string()))?
-            .into_dimensionality::<Ix2>()
-            .map_err(|e| fail(e.to_string()))?
-            .to_owned();
-        let conf = outputs
-            .get(names::CONFIDENCE)
-            .ok_or_else(|| fail("no confidence output".into()))?
-            .try_extract_array::<f32>()
-            .map_err(|e| fail(e.to_string()))?
-            .into_dimensionality::<Ix2>()
-            .map_err(|e| fail(e.to_string()))?
-            .to_owned();
-        let want = (x0.dim().0, x0.dim().1);
-        if ids.dim() != want || conf.dim() != want {
-            return Err(fail(format!(
-                "token_ids {:?} and confidence {:?}; expected {want:?}",
-                ids.dim(),
-                conf.dim()
-            )));
-        }
-        Ok((ids, conf))
+        let rows = x0.dim().0;
+        let parts = self.decoder.run_rows(self.helpers.as_ref(), rows, |session, range| {
+            let fail = |reason: String| RuntimeError::Inference {
+                graph: "decoder",
+                reason,
+            };
+            let part = x0.slice(s![range.clone(), .., ..]);
+            let want = (part.dim().0, part.dim().1);
+            let outputs = session
+                .run(ort::inputs![names::X0 => TensorRef::from_array_view(part).map_err(|e| fail(e.to_string()))?])
+                .map_err(|e| fail(e.to_string()))?;
+            let ids: Array2<i64> = extract(&outputs, names::TOKEN_IDS).map_err(fail)?;
+            let conf: Array2<f32> = extract(&outputs, names::CONFIDENCE).map_err(fail)?;
+            if ids.dim() != want || conf.dim() != want {
+                return Err(fail(format!(
+                    "token_ids {:?} and confidence {:?}; expected {want:?}",
+                    ids.dim(),
+                    conf.dim()
+                )));
+            }
+            Ok((ids, conf))
+        })?;
+        let (ids, conf): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        Ok((
+            join_rows(&self.decoder, ids)?,
+            join_rows(&self.decoder, conf)?,
+        ))
     }
 }
 
@@ -530,6 +701,41 @@ impl Denoiser for Models {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_slices_cover_the_rows_in_order_and_evenly() {
+        assert_eq!(row_slices(5, 2), vec![0..3, 3..5]);
+        assert_eq!(row_slices(6, 3), vec![0..2, 2..4, 4..6]);
+        assert_eq!(row_slices(7, 3), vec![0..3, 3..5, 5..7]);
+        // Never an empty slice: fewer rows than sessions use fewer slices.
+        assert_eq!(row_slices(2, 4), vec![0..1, 1..2]);
+        assert_eq!(row_slices(1, 4), vec![0..1]);
+        assert_eq!(row_slices(0, 4), vec![0..0]);
+        assert_eq!(row_slices(9, 1), vec![0..9]);
+    }
+
+    #[test]
+    fn automatic_threading_gives_each_worker_one_session_per_core() {
+        let opts = |row_parallelism, intra_op_threads| SessionOptions {
+            device: DeviceChoice::Cpu,
+            intra_op_threads,
+            row_parallelism,
+        };
+        let plan = |o: SessionOptions, workers, cores| {
+            let r = o.for_workers(workers, cores);
+            (r.row_parallelism, r.intra_op_threads)
+        };
+        // Nothing set: the cores are shared among the workers, one thread per session.
+        assert_eq!(plan(opts(0, 0), 1, 8), (8, 1));
+        assert_eq!(plan(opts(0, 0), 2, 8), (4, 1));
+        assert_eq!(plan(opts(0, 0), 3, 2), (1, 1));
+        // An explicit thread count keeps one session per graph.
+        assert_eq!(plan(opts(0, 4), 1, 8), (1, 4));
+        assert_eq!(plan(opts(1, 0), 1, 8), (1, 0));
+        // Explicit slices without threads get one thread each.
+        assert_eq!(plan(opts(3, 0), 1, 8), (3, 1));
+        assert_eq!(plan(opts(3, 2), 1, 8), (3, 2));
+    }
 
     #[test]
     fn missing_library_is_a_one_line_error_with_the_fix() {

@@ -75,17 +75,36 @@ fn rust_sampler_matches_the_python_reference() {
     let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
     let bundle = Bundle::load(&dir.join("bundle")).expect("parity bundle loads");
     let m = &bundle.manifest;
-    let opts = SessionOptions {
-        device: DeviceChoice::Cpu,
-        intra_op_threads: 1,
-    };
-    let mut models = Models::load(&rt, &bundle, &opts).expect("sessions load");
     let text = TextDecoder::load(&bundle.tokenizer_path, &m.text).expect("tokenizer loads");
     let schedule = Arc::new(Schedule::from_spec(&m.schedule));
     let (l, d) = (m.text.max_len, m.text.latent_dim);
     let size = m.image.size as usize;
 
-    for case in &cases {
+    // One session per graph, then three whose row slices run at once (uneven slices
+    // included): both must replay the reference.
+    for row_parallelism in [1, 3] {
+        let opts = SessionOptions {
+            device: DeviceChoice::Cpu,
+            intra_op_threads: 1,
+            row_parallelism,
+        };
+        let mut models = Models::load(&rt, &bundle, &opts).expect("sessions load");
+        assert_eq!(models.row_parallelism, row_parallelism);
+        for case in &cases {
+            replay(case, &mut models, &text, &schedule, (l, d), size);
+        }
+    }
+}
+
+fn replay(
+    case: &Case,
+    models: &mut Models,
+    text: &TextDecoder,
+    schedule: &Arc<Schedule>,
+    (l, d): (usize, usize),
+    size: usize,
+) {
+    {
         let p = &case.params;
         let params = SamplerParams {
             steps: p.steps,
@@ -127,7 +146,7 @@ fn rust_sampler_matches_the_python_reference() {
                 .filter(|r| r.need() != Need::Done)
                 .map(|row| ActiveRow { row, kv: &kv })
                 .collect();
-            sampler::step(&mut models, &mut active, 64).expect("step runs");
+            sampler::step(models, &mut active, 64).expect("step runs");
         }
 
         let mut cleaned = Vec::new();

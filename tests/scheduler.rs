@@ -29,6 +29,7 @@ fn scheduler(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Schedule
         session: ladic_serve::runtime::SessionOptions {
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
+            row_parallelism: 2,
         },
     };
     (

@@ -569,6 +569,9 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             "batching": s.batching,
             "max_batch_rows": s.max_batch_rows,
             "queue_size": s.queue_size,
+            // Known once the workers have loaded (null before).
+            "row_parallelism": state.scheduler.get().map(|x| x.info.row_parallelism),
+            "intra_op_threads": state.scheduler.get().map(|x| x.info.intra_op_threads),
         },
     }))
 }

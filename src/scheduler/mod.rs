@@ -131,6 +131,10 @@ pub struct SchedulerConfig {
 pub struct LoadedInfo {
     pub device: ActiveDevice,
     pub load_seconds: f64,
+    /// Sessions per graph in each worker (row slices run at once).
+    pub row_parallelism: usize,
+    /// ONNX Runtime intra-op threads per session (0 = its default).
+    pub intra_op_threads: usize,
 }
 
 pub struct Scheduler {
@@ -162,6 +166,10 @@ impl Scheduler {
         // A zero-capacity channel would be a rendezvous channel: every submit would fail
         // while the workers are busy. One slot is the least that makes sense.
         let (tx, rx) = crossbeam_channel::bounded::<Queued>(config.queue_size.max(1));
+        let mut config = config;
+        config.session = config
+            .session
+            .for_workers(config.workers.max(1), crate::runtime::available_cores());
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
@@ -207,6 +215,8 @@ impl Scheduler {
             info: info.clone().unwrap_or(LoadedInfo {
                 device: ActiveDevice::Cpu,
                 load_seconds: 0.0,
+                row_parallelism: 1,
+                intra_op_threads: 0,
             }),
         };
         match (first_error, info) {

@@ -123,6 +123,8 @@ pub(super) fn run(
     let _ = loaded.send(Ok(LoadedInfo {
         device: models.device,
         load_seconds: models.load_seconds,
+        row_parallelism: models.row_parallelism,
+        intra_op_threads: models.intra_op_threads,
     }));
     drop(loaded);
     Worker::new(ctx, models).run();
@@ -606,6 +608,7 @@ mod tests {
                 session: SessionOptions {
                     device: DeviceChoice::Cpu,
                     intra_op_threads: 1,
+                    row_parallelism: 1,
                 },
             },
         };
