@@ -112,16 +112,34 @@ def _tokenize_pair(captions: list[str], references: list[list[str]]) -> tuple[To
     return {i: tokenized[i] for i in range(n)}, {i: tokenized[n + i] for i in range(n)}
 
 
+# One METEOR Java process serves every report of a run: starting one loads its
+# paraphrase tables and takes about 10 s, which made METEOR most of an evaluation's time.
+_METEOR: Any = None
+
+
+def _discard_meteor(meteor: Any, worker: threading.Thread) -> None:
+    global _METEOR
+    meteor.meteor_p.kill()
+    worker.join(5.0)
+    meteor.lock = threading.Lock()  # a failed run leaves the lock held; __del__ takes it
+    if _METEOR is meteor:
+        _METEOR = None
+
+
 def _meteor(gts: Tokenized, res: Tokenized) -> float | None:
     """METEOR in a watched thread: the pycocoevalcap wrapper blocks forever if its Java
-    process dies, and deadlocks at garbage collection if scoring raised."""
+    process dies, and deadlocks at garbage collection if scoring raised. A process that
+    fails or times out is killed and the next call starts a new one."""
+    global _METEOR
     if shutil.which("java") is None:
         warnings.warn("java not found; reporting METEOR as None", stacklevel=3)
         return None
     try:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        meteor = Meteor()
+        if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+            _METEOR = Meteor()
+        meteor = _METEOR
     except Exception as error:  # noqa: BLE001
         warnings.warn(f"METEOR unavailable ({error!r}); reporting None", stacklevel=3)
         return None
@@ -136,14 +154,12 @@ def _meteor(gts: Tokenized, res: Tokenized) -> float | None:
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     thread.join(METEOR_TIMEOUT_S)
-    meteor.meteor_p.kill()
-    thread.join(5.0)
-    meteor.lock = threading.Lock()  # a failed run leaves the lock held; __del__ takes it
-    if "score" not in result:
-        reason = result.get("error", f"timed out after {METEOR_TIMEOUT_S:.0f} s")
-        warnings.warn(f"METEOR failed ({reason!r}); reporting None", stacklevel=3)
-        return None
-    return result["score"]
+    if "score" in result:
+        return result["score"]
+    _discard_meteor(meteor, thread)
+    reason = result.get("error", f"timed out after {METEOR_TIMEOUT_S:.0f} s")
+    warnings.warn(f"METEOR failed ({reason!r}); reporting None", stacklevel=3)
+    return None
 
 
 def ngram_metrics(captions: list[str], references: list[list[str]]) -> dict[str, float | None]:

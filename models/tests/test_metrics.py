@@ -129,3 +129,24 @@ def test_ngram_metrics_without_java(monkeypatch: pytest.MonkeyPatch) -> None:
     assert scores["METEOR"] is None
     assert scores["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
     assert scores["CIDEr-D"] is not None and scores["CIDEr-D"] > 1.0
+
+
+def test_meteor_process_is_reused_and_replaced_when_it_dies(
+    ngram_scores: tuple[dict[str, float | None], dict[str, float | None]],
+) -> None:
+    from ladic import metrics
+
+    if ngram_scores[0]["METEOR"] is None:
+        pytest.skip("METEOR needs Java")
+    scenes = [TWO, ONE, THREE]
+    caps, refs = [canonical_caption(s) for s in scenes], [references(s) for s in scenes]
+    first = metrics._METEOR
+    assert first is not None and first.meteor_p.poll() is None
+    again = ngram_metrics(caps, refs)
+    assert metrics._METEOR is first, "a second report starts no new Java process"
+    assert again["METEOR"] == pytest.approx(ngram_scores[0]["METEOR"])
+    first.meteor_p.kill()
+    first.meteor_p.wait()
+    after = ngram_metrics(caps, refs)
+    assert metrics._METEOR is not first, "a dead process is replaced"
+    assert after["METEOR"] == pytest.approx(ngram_scores[0]["METEOR"])
