@@ -8,6 +8,16 @@
 Every graph gets a dynamic batch axis; the export is checked against PyTorch with
 ONNX Runtime before the manifest is written. `--precision fp16` (or `mixed`) then
 converts the graphs in place (ladic/precision.py) and checks them against fp32.
+
+On a host without network where some Python packages are missing (a GPU host that has
+PyTorch only), a random-weight bundle can still be written:
+
+    python -m ladic.export --random-init base --out DIR --no-check --no-onnx-package
+
+`--no-check` skips the ONNX Runtime comparison (onnxruntime is then not imported);
+`--no-onnx-package` lets torch's exporter run without the `onnx` package (see
+`allow_export_without_onnx`); without `tokenizers` the placeholder tokenizer of a
+random-weight bundle is written as plain JSON (`word_level_tokenizer_json`).
 """
 
 from __future__ import annotations
@@ -19,13 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
 from .config import LadicConfig, base_config, micro_config, tiny_config
 from .model import Ladic
-from .tokenizer import tokenizer_from_vocab
 
 FORMAT = "ladic-bundle"
 FORMAT_VERSION = 1
@@ -140,6 +148,8 @@ def export_graphs(model: Ladic, out: Path) -> None:
 
 def max_graph_difference(model: Ladic, bundle: Path, batch: int) -> dict[str, float]:
     """Max abs difference between ONNX Runtime and PyTorch on random inputs, per output."""
+    import onnxruntime as ort
+
     model.eval()
     specs = graph_specs(model.cfg)
     examples = example_inputs(model.cfg, batch=batch, seed=batch)
@@ -206,7 +216,11 @@ def manifest(cfg: LadicConfig, name: str, description: str) -> dict[str, Any]:
 
 
 def write_bundle(
-    model: Ladic, tokenizer_json: Path, out: Path, name: str, description: str,
+    model: Ladic,
+    tokenizer_json: Path,
+    out: Path,
+    name: str,
+    description: str,
     check: bool = True,
 ) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
@@ -239,13 +253,120 @@ def load_run(run: Path) -> tuple[Ladic, Path]:
 
 
 def placeholder_tokenizer(cfg: LadicConfig, path: Path) -> Path:
-    """A word-level tokenizer with the config's special ids, for random-weight bundles."""
+    """A word-level tokenizer with the config's special ids, for random-weight bundles.
+
+    Written by the `tokenizers` package when it is installed; otherwise (a host with
+    PyTorch only) as the same JSON built by hand (`word_level_tokenizer_json`)."""
     t = cfg.text
-    named = {t.pad_id: "[PAD]", t.cls_id: "[CLS]", t.sep_id: "[SEP]", t.unk_id: "[UNK]",
-             t.mask_id: "[MASK]", t.period_id: "."}
+    named = {
+        t.pad_id: "[PAD]",
+        t.cls_id: "[CLS]",
+        t.sep_id: "[SEP]",
+        t.unk_id: "[UNK]",
+        t.mask_id: "[MASK]",
+        t.period_id: ".",
+    }
     vocab = [named.get(i, f"w{i}") for i in range(t.vocab_size)]
+    try:
+        from .tokenizer import tokenizer_from_vocab
+    except ImportError:
+        print("tokenizers is not installed: writing the placeholder tokenizer as plain JSON")
+        path.write_text(json.dumps(word_level_tokenizer_json(vocab, t.max_len), indent=2))
+        return path
     tokenizer_from_vocab(vocab, t.max_len).save(str(path))
     return path
+
+
+def word_level_tokenizer_json(vocab: list[str], max_len: int) -> dict[str, Any]:
+    """What `tokenizer.tokenizer_from_vocab(vocab, max_len).save()` writes (tokenizers'
+    JSON format 1.0), without the `tokenizers` package."""
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    # tokenizer.SPECIAL_TOKENS (not imported: that module needs `tokenizers`).
+    added = sorted((ids[tok], tok) for tok in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"))
+
+    def template(parts: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+        return [{kind: {"id": name, "type_id": type_id}} for kind, name, type_id in parts]
+
+    return {
+        "version": "1.0",
+        "truncation": {
+            "direction": "Right",
+            "max_length": max_len,
+            "strategy": "LongestFirst",
+            "stride": 0,
+        },
+        "padding": {
+            "strategy": {"Fixed": max_len},
+            "direction": "Right",
+            "pad_to_multiple_of": None,
+            "pad_id": ids["[PAD]"],
+            "pad_type_id": 0,
+            "pad_token": "[PAD]",
+        },
+        "added_tokens": [
+            {
+                "id": i,
+                "content": tok,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, tok in added
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}],
+        },
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": template(
+                [("SpecialToken", "[CLS]", 0), ("Sequence", "A", 0), ("SpecialToken", "[SEP]", 0)]
+            ),
+            "pair": template([("Sequence", "A", 0), ("Sequence", "B", 1)]),
+            "special_tokens": {
+                tok: {"id": tok, "ids": [ids[tok]], "tokens": [tok]} for tok in ("[CLS]", "[SEP]")
+            },
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {"type": "WordLevel", "vocab": ids, "unk_token": "[UNK]"},
+    }
+
+
+def allow_export_without_onnx() -> bool:
+    """Let torch's TorchScript ONNX exporter run when the `onnx` package is missing.
+
+    The exporter serializes the graph itself; it imports `onnx` only to insert custom
+    onnxscript functions into the model, and these graphs use none (standard ONNX ops,
+    no custom opsets), so that step is replaced by a pass-through. Does nothing when
+    `onnx` is importable. Returns whether the pass-through was installed."""
+    try:
+        import onnx  # noqa: F401
+
+        return False
+    except ImportError:
+        pass
+    import importlib
+
+    for name in (
+        "torch.onnx._internal.torchscript_exporter.onnx_proto_utils",
+        "torch.onnx._internal.onnx_proto_utils",
+    ):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "_add_onnxscript_fn"):
+            module._add_onnxscript_fn = lambda model_bytes, custom_opsets: model_bytes
+            print(f"onnx is not installed: {name}._add_onnxscript_fn bypassed")
+            return True
+    print(
+        "onnx is not installed and this torch has no known hook to bypass; "
+        "the export will likely fail"
+    )
+    return False
 
 
 def random_model(size: str, seed: int) -> Ladic:
@@ -272,15 +393,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bert", type=Path, help="bert-base-uncased directory (official only)")
     p.add_argument("--mean", type=Path, help="latent mean pickle (official only)")
     p.add_argument("--std", type=Path, help="latent std pickle (official only)")
-    p.add_argument("--decoder-layers", type=int, default=0,
-                   help="upper BERT layers in the decoder (official only; 0 = as released)")
+    p.add_argument(
+        "--decoder-layers",
+        type=int,
+        default=0,
+        help="upper BERT layers in the decoder (official only; 0 = as released)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="bundle name (default: the output directory's name)")
     p.add_argument("--steps", type=int, help="default sampling iterations in the manifest")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-check", action="store_true", help="skip the ONNX vs PyTorch check")
-    p.add_argument("--precision", choices=["fp32", "fp16", "mixed"], default="fp32",
-                   help="fp16 or mixed: export fp32, then convert the graphs (ladic.precision)")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the ONNX vs PyTorch check (onnxruntime is then not needed)",
+    )
+    p.add_argument(
+        "--no-onnx-package",
+        action="store_true",
+        help="if the `onnx` package is missing, export without it\n"
+        "(allow_export_without_onnx; fp32 only)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "mixed"],
+        default="fp32",
+        help="fp16 or mixed: export fp32, then convert the graphs (ladic.precision)",
+    )
     return p.parse_args(argv)
 
 
@@ -288,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.no_onnx_package:
+        if args.precision != "fp32":
+            raise SystemExit("--no-onnx-package: --precision fp16/mixed needs the onnx package")
+        allow_export_without_onnx()
     if args.run:
         model, tok = load_run(args.run)
         description = f"LaDiC {model.cfg.name} trained on Scenes"
@@ -299,15 +442,20 @@ def main(argv: list[str] | None = None) -> None:
         from .official import bert_tokenizer_json, load_official
 
         model = load_official(
-            args.official, vit=args.vit, bert=args.bert, mean=args.mean, std=args.std,
+            args.official,
+            vit=args.vit,
+            bert=args.bert,
+            mean=args.mean,
+            std=args.std,
             decoder_layers=args.decoder_layers,
         )
         tok = bert_tokenizer_json(args.bert, model.cfg.text.max_len, out / "tokenizer.json")
         description = "LaDiC (official release checkpoint)"
     if args.steps:
         model.cfg.sampler.steps = args.steps
-    diffs = write_bundle(model, tok, out, args.name or out.name, description,
-                         check=not args.no_check)
+    diffs = write_bundle(
+        model, tok, out, args.name or out.name, description, check=not args.no_check
+    )
     for k, v in sorted(diffs.items()):
         print(f"{k}: max |onnx - torch| = {v:.2e}")
     if args.precision != "fp32":
