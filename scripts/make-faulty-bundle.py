@@ -26,7 +26,8 @@ def main():
         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["batch", L, D]),
         helper.make_tensor_value_info("self_cond", TensorProto.FLOAT, ["batch", L, D]),
         helper.make_tensor_value_info("t", TensorProto.INT64, ["batch"]),
-        helper.make_tensor_value_info("image_kv", TensorProto.FLOAT, ["batch", *KV]),
+        helper.make_tensor_value_info("image_kv", TensorProto.FLOAT, ["kv_slots", *KV]),
+        helper.make_tensor_value_info("kv_index", TensorProto.INT64, ["batch"]),
     ]
     outputs = [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["batch", L, D])]
     inits = [

@@ -195,6 +195,14 @@ pub struct Manifest {
     pub graphs: Graphs,
 }
 
+impl Manifest {
+    /// Whether the denoiser takes `kv_index` (its `image_kv` is then a pool of distinct
+    /// K/V that rows index into) rather than one `image_kv` row per input row.
+    pub fn denoiser_gathers_kv(&self) -> bool {
+        self.graphs.denoiser.input(names::KV_INDEX).is_some()
+    }
+}
+
 /// A validated bundle with its files resolved to paths that exist.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -216,6 +224,10 @@ pub mod names {
     pub const X0: &str = "x0";
     pub const TOKEN_IDS: &str = "token_ids";
     pub const CONFIDENCE: &str = "confidence";
+    /// Optional denoiser input: row i attends to `image_kv[kv_index[i]]`, so rows that
+    /// share an image (guided pairs, MBR candidates, every unconditional row) send its
+    /// K/V once per call.
+    pub const KV_INDEX: &str = "kv_index";
 }
 
 impl Bundle {
@@ -401,6 +413,10 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
         DType::Float32,
         &kv_tail,
     )?;
+    let gathers = m.denoiser_gathers_kv();
+    if gathers {
+        expect_spec(&g.denoiser, "denoiser", KV_INDEX, true, DType::Int64, &[])?;
+    }
     expect_spec(&g.denoiser, "denoiser", X0, false, DType::Float32, &[l, d])?;
     expect_spec(&g.decoder, "decoder", X0, true, DType::Float32, &[l, d])?;
     expect_spec(&g.decoder, "decoder", TOKEN_IDS, false, DType::Int64, &[l])?;
@@ -419,6 +435,7 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
     ] {
         let expected = match name {
             "encoder" => (1, 1),
+            "denoiser" if gathers => (5, 1),
             "denoiser" => (4, 1),
             _ => (1, 2),
         };
@@ -462,7 +479,8 @@ pub(crate) mod tests {
                 {"name": "x_t", "dtype": "float32", "shape": ["batch", 40, 64]},
                 {"name": "self_cond", "dtype": "float32", "shape": ["batch", 40, 64]},
                 {"name": "t", "dtype": "int64", "shape": ["batch"]},
-                {"name": "image_kv", "dtype": "float32", "shape": ["batch", 8, 49, 128]}],
+                {"name": "image_kv", "dtype": "float32", "shape": ["kv_slots", 8, 49, 128]},
+                {"name": "kv_index", "dtype": "int64", "shape": ["batch"]}],
               "outputs": [{"name": "x0", "dtype": "float32", "shape": ["batch", 40, 64]}]},
             "decoder": {"file": "decoder.onnx",
               "inputs": [{"name": "x0", "dtype": "float32", "shape": ["batch", 40, 64]}],
@@ -507,6 +525,25 @@ pub(crate) mod tests {
         let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
         let err = validate(&m).unwrap_err().to_string();
         assert!(err.contains("x_t"), "{err}");
+    }
+
+    #[test]
+    fn kv_index_is_optional_but_checked_when_present() {
+        assert!(example_manifest().denoiser_gathers_kv());
+        // The older form: one image_kv row per denoiser row, four inputs.
+        let mut v = example_manifest_json();
+        let inputs = v["graphs"]["denoiser"]["inputs"].as_array_mut().unwrap();
+        inputs.pop();
+        inputs[3]["shape"][0] = serde_json::json!("batch");
+        let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
+        assert!(!m.denoiser_gathers_kv());
+        validate(&m).expect("a denoiser without kv_index is valid");
+        // A kv_index of the wrong type is refused.
+        let mut v = example_manifest_json();
+        v["graphs"]["denoiser"]["inputs"][4]["dtype"] = serde_json::json!("float32");
+        let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
+        let err = validate(&m).unwrap_err().to_string();
+        assert!(err.contains("kv_index"), "{err}");
     }
 
     #[test]

@@ -359,9 +359,11 @@ pub struct Models {
     decoder: Graph,
     /// `encoder(zeros)`: the unconditional branch's K/V, computed once at load.
     null_kv: Array3<f32>,
-    /// The K/V batch of the last denoiser call, kept so that each call copies the rows'
-    /// K/V into memory that is already mapped instead of a fresh zeroed allocation.
+    /// The K/V pool of the last denoiser call, kept so that each call copies the
+    /// distinct K/V into memory that is already mapped instead of a fresh allocation.
     kv_batch: Vec<f32>,
+    /// Whether the denoiser takes `kv_index` (see [`names::KV_INDEX`]).
+    gathers_kv: bool,
     image_size: usize,
     pub device: ActiveDevice,
     /// Sessions per graph (row slices that run at once); 1 on CUDA.
@@ -513,6 +515,7 @@ impl Models {
             decoder,
             null_kv: Array3::zeros((0, 0, 0)),
             kv_batch: Vec::new(),
+            gathers_kv: bundle.manifest.denoiser_gathers_kv(),
             image_size: size,
             device,
             row_parallelism,
@@ -577,43 +580,100 @@ impl Models {
         t: &[i64],
         kv: ArrayView4<f32>,
     ) -> Result<Array3<f32>, RuntimeError> {
+        let identity: Vec<i64> = (0..kv.dim().0 as i64).collect();
+        self.denoise_gathered(x, self_cond, t, kv, &identity)
+    }
+
+    /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv_pool[kv_index[i]]`.
+    /// With a bundle whose denoiser takes `kv_index` the pool is sent as is (each
+    /// distinct K/V once); with an older one the rows' K/V are gathered here.
+    pub fn denoise_gathered(
+        &mut self,
+        x: ArrayView3<f32>,
+        self_cond: ArrayView3<f32>,
+        t: &[i64],
+        kv_pool: ArrayView4<f32>,
+        kv_index: &[i64],
+    ) -> Result<Array3<f32>, RuntimeError> {
         let x = x.as_standard_layout();
         let sc = self_cond.as_standard_layout();
-        let kv = kv.as_standard_layout();
         let rows = x.dim().0;
-        if sc.dim().0 != rows || t.len() != rows || kv.dim().0 != rows {
+        if sc.dim().0 != rows || t.len() != rows || kv_index.len() != rows {
             return Err(self.denoiser.fail(format!(
-                "inputs disagree on the rows: x {rows}, self_cond {}, t {}, image_kv {}",
+                "inputs disagree on the rows: x {rows}, self_cond {}, t {}, kv_index {}",
                 sc.dim().0,
                 t.len(),
-                kv.dim().0
+                kv_index.len()
             )));
         }
-        let parts = self.denoiser.run_rows(self.helpers.as_ref(), rows, |session, range| {
-            let fail = |reason: String| RuntimeError::Inference {
-                graph: "denoiser",
-                reason,
-            };
-            let tensor_err = |e: ort::Error| fail(e.to_string());
-            let x_part = x.slice(s![range.clone(), .., ..]);
-            let outputs = session
-                .run(ort::inputs![
-                    names::X_T => TensorRef::from_array_view(x_part).map_err(tensor_err)?,
-                    names::SELF_COND => TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..])).map_err(tensor_err)?,
-                    names::T => TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()])).map_err(tensor_err)?,
-                    names::IMAGE_KV => TensorRef::from_array_view(kv.slice(s![range.clone(), .., .., ..])).map_err(tensor_err)?,
-                ])
+        let slots = kv_pool.dim().0;
+        if let Some(bad) = kv_index.iter().find(|&&i| i < 0 || i as usize >= slots) {
+            return Err(self
+                .denoiser
+                .fail(format!("kv_index {bad} outside the pool of {slots}")));
+        }
+        // Old graphs take one K/V row per input row: gather them on the host.
+        let gathered;
+        let identity = slots == rows && kv_index.iter().enumerate().all(|(i, &k)| k as usize == i);
+        let kv = if self.gathers_kv || identity {
+            kv_pool.as_standard_layout()
+        } else {
+            let picks: Vec<usize> = kv_index.iter().map(|&i| i as usize).collect();
+            gathered = kv_pool.select(Axis(0), &picks);
+            ndarray::CowArray::from(gathered.view())
+        };
+        let gathers_kv = self.gathers_kv;
+        let parts = self
+            .denoiser
+            .run_rows(self.helpers.as_ref(), rows, |session, range| {
+                let fail = |reason: String| RuntimeError::Inference {
+                    graph: "denoiser",
+                    reason,
+                };
+                let tensor_err = |e: ort::Error| fail(e.to_string());
+                let x_part = x.slice(s![range.clone(), .., ..]);
+                let x_t = TensorRef::from_array_view(x_part).map_err(tensor_err)?;
+                let sc_part = TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..]))
+                    .map_err(tensor_err)?;
+                let t_part =
+                    TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()]))
+                        .map_err(tensor_err)?;
+                let outputs = if gathers_kv {
+                    // Every slice gets the whole pool and its rows' indices into it.
+                    let pool = TensorRef::from_array_view(kv.view()).map_err(tensor_err)?;
+                    let index = TensorRef::from_array_view(ndarray::ArrayView1::from(
+                        &kv_index[range.clone()],
+                    ))
+                    .map_err(tensor_err)?;
+                    session.run(ort::inputs![
+                        names::X_T => x_t,
+                        names::SELF_COND => sc_part,
+                        names::T => t_part,
+                        names::IMAGE_KV => pool,
+                        names::KV_INDEX => index,
+                    ])
+                } else {
+                    let kv_part =
+                        TensorRef::from_array_view(kv.slice(s![range.clone(), .., .., ..]))
+                            .map_err(tensor_err)?;
+                    session.run(ort::inputs![
+                        names::X_T => x_t,
+                        names::SELF_COND => sc_part,
+                        names::T => t_part,
+                        names::IMAGE_KV => kv_part,
+                    ])
+                }
                 .map_err(tensor_err)?;
-            let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
-            if x0.dim() != x_part.dim() {
-                return Err(fail(format!(
-                    "x0 has shape {:?}; expected {:?}",
-                    x0.dim(),
-                    x_part.dim()
-                )));
-            }
-            Ok(x0)
-        })?;
+                let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
+                if x0.dim() != x_part.dim() {
+                    return Err(fail(format!(
+                        "x0 has shape {:?}; expected {:?}",
+                        x0.dim(),
+                        x_part.dim()
+                    )));
+                }
+                Ok(x0)
+            })?;
         join_rows(&self.denoiser, parts)
     }
 
@@ -663,10 +723,15 @@ impl Denoiser for Models {
         t: &[i64],
         kv: &[KvRef<'_>],
     ) -> Result<Array3<f32>, RuntimeError> {
+        // The pool holds each distinct K/V once, in order of first use: a guided pair and
+        // the MBR candidates of one image share theirs, and every unconditional row
+        // shares the null K/V. The same allocation is the same K/V.
         let dim = self.null_kv.dim();
-        let mut buf = std::mem::take(&mut self.kv_batch);
-        buf.clear();
-        buf.reserve(kv.len() * self.null_kv.len());
+        let mut pool = std::mem::take(&mut self.kv_batch);
+        pool.clear();
+        let mut slot_of: std::collections::HashMap<*const f32, i64> =
+            std::collections::HashMap::new();
+        let mut kv_index = Vec::with_capacity(kv.len());
         for src in kv {
             let a = match src {
                 KvRef::Image(a) => *a,
@@ -678,18 +743,23 @@ impl Denoiser for Models {
                     reason: format!("image K/V of shape {:?}; expected {dim:?}", a.dim()),
                 });
             }
-            match a.as_slice() {
-                Some(s) => buf.extend_from_slice(s),
-                None => buf.extend(a.iter().copied()),
-            }
+            let next = slot_of.len() as i64;
+            let slot = *slot_of.entry(a.as_ptr()).or_insert_with(|| {
+                match a.as_slice() {
+                    Some(s) => pool.extend_from_slice(s),
+                    None => pool.extend(a.iter().copied()),
+                }
+                next
+            });
+            kv_index.push(slot);
         }
-        let result = ArrayView4::from_shape((kv.len(), dim.0, dim.1, dim.2), &buf)
+        let result = ArrayView4::from_shape((slot_of.len(), dim.0, dim.1, dim.2), &pool)
             .map_err(|e| RuntimeError::Inference {
                 graph: "denoiser",
                 reason: e.to_string(),
             })
-            .and_then(|batch| Models::denoise(self, x, self_cond, t, batch));
-        self.kv_batch = buf;
+            .and_then(|pool| self.denoise_gathered(x, self_cond, t, pool, &kv_index));
+        self.kv_batch = pool;
         result
     }
 

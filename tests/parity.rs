@@ -3,7 +3,7 @@
 //! same noise in, so the same x0 at every iteration (within 1e-4), the same token ids,
 //! the same MBR choice and the same caption must come out.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ladic_serve::bundle::{BackRefineSpec, Bundle};
@@ -81,19 +81,52 @@ fn rust_sampler_matches_the_python_reference() {
     let size = m.image.size as usize;
 
     // One session per graph, then three whose row slices run at once (uneven slices
-    // included): both must replay the reference.
-    for row_parallelism in [1, 3] {
+    // included): both must replay the reference. The bundle's denoiser takes a K/V
+    // pool and `kv_index`; the same bundle with the denoiser as it was exported before
+    // `kv_index` (one K/V row per row) must replay it too.
+    assert!(m.denoiser_gathers_kv(), "the parity bundle is current");
+    let legacy_dir = tempfile::tempdir().expect("temp dir");
+    let legacy = legacy_bundle(&dir, legacy_dir.path());
+    assert!(!legacy.manifest.denoiser_gathers_kv());
+    for (bundle, row_parallelism) in [(&bundle, 1), (&bundle, 3), (&legacy, 2)] {
         let opts = SessionOptions {
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
             row_parallelism,
         };
-        let mut models = Models::load(&rt, &bundle, &opts).expect("sessions load");
+        let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
         assert_eq!(models.row_parallelism, row_parallelism);
         for case in &cases {
             replay(case, &mut models, &text, &schedule, (l, d), size);
         }
     }
+}
+
+/// The parity bundle with tests/fixtures/parity/legacy-denoiser.onnx (no `kv_index`)
+/// and its manifest changed to match, written to `out`.
+fn legacy_bundle(fixtures: &Path, out: &Path) -> Bundle {
+    let src = fixtures.join("bundle");
+    for entry in std::fs::read_dir(&src).expect("parity bundle") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), out.join(entry.file_name())).expect("copy");
+    }
+    std::fs::copy(
+        fixtures.join("legacy-denoiser.onnx"),
+        out.join("denoiser.onnx"),
+    )
+    .expect("legacy denoiser (python -m ladic.fixtures)");
+    let path = out.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    let inputs = manifest["graphs"]["denoiser"]["inputs"]
+        .as_array_mut()
+        .expect("inputs");
+    inputs.retain(|i| i["name"] != "kv_index");
+    for input in inputs.iter_mut().filter(|i| i["name"] == "image_kv") {
+        input["shape"][0] = serde_json::json!("batch");
+    }
+    std::fs::write(&path, manifest.to_string()).expect("write manifest");
+    Bundle::load(out).expect("legacy bundle loads")
 }
 
 fn replay(

@@ -51,6 +51,23 @@ class EncoderGraph(nn.Module):
 
 
 class DenoiserGraph(nn.Module):
+    """The denoiser with `image_kv` as a pool of distinct K/V and `kv_index` choosing each
+    row's (docs/bundle.md): rows that share an image send its K/V once per call."""
+
+    def __init__(self, model: Ladic) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, x_t: Tensor, self_cond: Tensor, t: Tensor, image_kv: Tensor, kv_index: Tensor
+    ) -> Tensor:
+        return self.model.denoise(x_t, self_cond, t, image_kv.index_select(0, kv_index))
+
+
+class LegacyDenoiserGraph(nn.Module):
+    """The denoiser as bundles wrote it before `kv_index`: one `image_kv` row per row.
+    Only for the service's compatibility test (ladic.fixtures)."""
+
     def __init__(self, model: Ladic) -> None:
         super().__init__()
         self.model = model
@@ -72,10 +89,18 @@ def io_spec(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": shape}
 
 
-def graph_specs(cfg: LadicConfig) -> dict[str, dict[str, Any]]:
+def graph_specs(cfg: LadicConfig, gather_kv: bool = True) -> dict[str, dict[str, Any]]:
     s = cfg.image.image_size
     L, D = cfg.text.max_len, cfg.latent_dim
     kv = ["batch", 2 * cfg.diffuser.layers, cfg.image.tokens, cfg.diffuser_hidden]
+    kv_inputs = (
+        [
+            io_spec("image_kv", "float32", ["kv_slots", *kv[1:]]),
+            io_spec("kv_index", "int64", ["batch"]),
+        ]
+        if gather_kv
+        else [io_spec("image_kv", "float32", kv)]
+    )
     return {
         "encoder": {
             "file": "encoder.onnx",
@@ -88,7 +113,7 @@ def graph_specs(cfg: LadicConfig) -> dict[str, dict[str, Any]]:
                 io_spec("x_t", "float32", ["batch", L, D]),
                 io_spec("self_cond", "float32", ["batch", L, D]),
                 io_spec("t", "int64", ["batch"]),
-                io_spec("image_kv", "float32", kv),
+                *kv_inputs,
             ],
             "outputs": [io_spec("x0", "float32", ["batch", L, D])],
         },
@@ -103,36 +128,54 @@ def graph_specs(cfg: LadicConfig) -> dict[str, dict[str, Any]]:
     }
 
 
-def example_inputs(cfg: LadicConfig, batch: int, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+def example_inputs(
+    cfg: LadicConfig, batch: int, seed: int = 0, gather_kv: bool = True
+) -> dict[str, dict[str, Tensor]]:
+    """Random inputs per graph. With `gather_kv` the denoiser's pool has one slot more
+    than the batch has rows (so that the two axes stay independent in the trace) and
+    the rows pick slots at random, repeats included."""
     g = torch.Generator().manual_seed(seed)
     s, L, D = cfg.image.image_size, cfg.text.max_len, cfg.latent_dim
-    kv_shape = (batch, 2 * cfg.diffuser.layers, cfg.image.tokens, cfg.diffuser_hidden)
+    slots = batch + 1 if gather_kv else batch
+    kv_shape = (slots, 2 * cfg.diffuser.layers, cfg.image.tokens, cfg.diffuser_hidden)
+    denoiser = {
+        "x_t": torch.randn(batch, L, D, generator=g),
+        "self_cond": torch.randn(batch, L, D, generator=g),
+        "t": torch.randint(0, cfg.schedule.num_timesteps, (batch,), generator=g),
+        "image_kv": torch.randn(*kv_shape, generator=g),
+    }
+    if gather_kv:
+        denoiser["kv_index"] = torch.randint(0, slots, (batch,), generator=g)
     return {
         "encoder": {"pixels": torch.randn(batch, 3, s, s, generator=g)},
-        "denoiser": {
-            "x_t": torch.randn(batch, L, D, generator=g),
-            "self_cond": torch.randn(batch, L, D, generator=g),
-            "t": torch.randint(0, cfg.schedule.num_timesteps, (batch,), generator=g),
-            "image_kv": torch.randn(*kv_shape, generator=g),
-        },
+        "denoiser": denoiser,
         "decoder": {"x0": torch.randn(batch, L, D, generator=g)},
     }
 
 
-def export_graphs(model: Ladic, out: Path) -> None:
+def denoise_reference(model: Ladic, inputs: dict[str, Tensor]) -> Tensor:
+    """What the exported denoiser computes, in PyTorch, for either input form."""
+    kv = inputs["image_kv"]
+    if "kv_index" in inputs:
+        kv = kv.index_select(0, inputs["kv_index"])
+    return model.denoise(inputs["x_t"], inputs["self_cond"], inputs["t"], kv)
+
+
+def export_graphs(model: Ladic, out: Path, gather_kv: bool = True) -> None:
     model.eval()
-    specs = graph_specs(model.cfg)
+    specs = graph_specs(model.cfg, gather_kv)
     wrappers = {
         "encoder": EncoderGraph(model),
-        "denoiser": DenoiserGraph(model),
+        "denoiser": DenoiserGraph(model) if gather_kv else LegacyDenoiserGraph(model),
         "decoder": DecoderGraph(model),
     }
-    examples = example_inputs(model.cfg, batch=2)
+    examples = example_inputs(model.cfg, batch=2, gather_kv=gather_kv)
     for name, wrapper in wrappers.items():
         spec = specs[name]
         inputs = [i["name"] for i in spec["inputs"]]
         outputs = [o["name"] for o in spec["outputs"]]
-        dynamic = {n: {0: "batch"} for n in inputs + outputs}
+        # Axis 0 is dynamic everywhere, named as in the manifest (batch or kv_slots).
+        dynamic = {io["name"]: {0: io["shape"][0]} for io in spec["inputs"] + spec["outputs"]}
         with torch.no_grad():
             torch.onnx.export(
                 wrapper,
@@ -155,7 +198,7 @@ def max_graph_difference(model: Ladic, bundle: Path, batch: int) -> dict[str, fl
     examples = example_inputs(model.cfg, batch=batch, seed=batch)
     torch_fns = {
         "encoder": lambda a: (model.encode_image(a["pixels"]),),
-        "denoiser": lambda a: (model.denoise(a["x_t"], a["self_cond"], a["t"], a["image_kv"]),),
+        "denoiser": lambda a: (denoise_reference(model, a),),
         "decoder": lambda a: model.decode(a["x0"]),
     }
     diffs: dict[str, float] = {}

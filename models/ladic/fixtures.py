@@ -1,6 +1,8 @@
 """Parity fixtures for the Rust sampler: `python -m ladic.fixtures` (from models/).
 
-Writes `tests/fixtures/parity/bundle/` (a few-kilobyte random-weight bundle) and
+Writes `tests/fixtures/parity/bundle/` (a few-kilobyte random-weight bundle),
+`tests/fixtures/parity/legacy-denoiser.onnx` (the same denoiser without `kv_index`, as
+bundles were written before it, for the service's compatibility test) and
 `tests/fixtures/parity/cases.json`: for plain sampling, Back&Refine and MBR, the input
 pixels, every noise draw, the x0 after every iteration, and the expected ids and text,
 all computed through ONNX Runtime so the Rust service must reproduce them.
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .config import BackRefineConfig
-from .export import placeholder_tokenizer, random_model, write_bundle
+from .export import export_graphs, placeholder_tokenizer, random_model, write_bundle
 from .sampler import (
     OnnxBackend,
     RecordingNoise,
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     model = random_model("micro", seed=7)
     tok_path = placeholder_tokenizer(model.cfg, bundle / "tokenizer.json")
     write_bundle(model, tok_path, bundle, "parity-micro", "random weights for parity tests")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_graphs(model, Path(tmp), gather_kv=False)
+        shutil.copyfile(Path(tmp) / "denoiser.onnx", args.out / "legacy-denoiser.onnx")
     backend = OnnxBackend(str(bundle))
     tokenizer = Tokenizer.from_file(str(tok_path))
     cfg = model.cfg

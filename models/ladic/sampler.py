@@ -332,12 +332,20 @@ class OnnxBackend:
         self.encoder, self.denoiser, self.decoder = (
             session("encoder"), session("denoiser"), session("decoder"))
 
+    @property
+    def gathers_kv(self) -> bool:
+        """Bundles since `kv_index` take a K/V pool plus an index per row (docs/bundle.md);
+        this sampler passes one K/V row per row, so the index is the identity."""
+        return any(i.name == "kv_index" for i in self.denoiser.get_inputs())
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return self.encoder.run(None, {"pixels": pixels.astype(np.float32)})[0]
 
     def denoise(self, x_t, self_cond, t, image_kv) -> np.ndarray:  # type: ignore[no-untyped-def]
         feed = {"x_t": x_t, "self_cond": self_cond, "t": t.astype(np.int64),
                 "image_kv": np.ascontiguousarray(image_kv)}
+        if self.gathers_kv:
+            feed["kv_index"] = np.arange(len(image_kv), dtype=np.int64)
         return self.denoiser.run(None, feed)[0]
 
     def decode(self, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

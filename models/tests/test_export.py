@@ -7,10 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ladic.config import BackRefineConfig
 from ladic.diffusion import alpha_bar, stride_for
-from ladic.export import max_graph_difference, placeholder_tokenizer, random_model, write_bundle
+from ladic.export import (
+    example_inputs,
+    max_graph_difference,
+    placeholder_tokenizer,
+    random_model,
+    write_bundle,
+)
 from ladic.sampler import (
     OnnxBackend,
     SampleParams,
@@ -35,9 +42,28 @@ def test_bundle_files_and_manifest(micro) -> None:  # type: ignore[no-untyped-de
     for graph in manifest["graphs"].values():
         assert (out / graph["file"]).exists()
         for io in graph["inputs"] + graph["outputs"]:
-            assert io["shape"][0] == "batch"
+            # The denoiser's K/V pool is indexed by kv_index; everything else is per row.
+            pooled = graph["file"] == "denoiser.onnx" and io["name"] == "image_kv"
+            assert io["shape"][0] == ("kv_slots" if pooled else "batch")
+    names = [io["name"] for io in manifest["graphs"]["denoiser"]["inputs"]]
+    assert names == ["x_t", "self_cond", "t", "image_kv", "kv_index"]
     assert manifest["text"]["max_len"] == model.cfg.text.max_len
     assert manifest["diffuser"]["hidden"] == 2 * manifest["text"]["latent_dim"]
+
+
+def test_denoiser_gathers_each_rows_kv_from_the_pool(micro) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    model, out = micro
+    inputs = example_inputs(model.cfg, batch=4, seed=5)["denoiser"]
+    inputs["kv_index"] = torch.tensor([2, 0, 2, 4])  # repeats and an unused slot
+    sess = ort.InferenceSession(str(out / "denoiser.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        per_row = model.denoise(
+            inputs["x_t"], inputs["self_cond"], inputs["t"], inputs["image_kv"][[2, 0, 2, 4]]
+        )
+    assert np.abs(got - per_row.numpy()).max() <= 1e-4
 
 
 @pytest.mark.parametrize("batch", [1, 3])
