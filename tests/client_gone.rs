@@ -68,27 +68,12 @@ async fn a_client_that_disconnects_mid_request_frees_its_rows() {
     let freed_after = hung_up.elapsed();
 
     // The worker is free for the next client.
-    let r = s
-        .client
-        .post(s.url("/caption?steps=2"))
-        .header("content-type", "image/png")
-        .body(scene_png(1))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption?steps=2", scene_png(1)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(metrics.rows_in_flight.get(), 0);
 
     // The metrics endpoint tells operators the same.
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(
         text.contains(r#"ladic_images_dropped_total{reason="client_gone"} 1"#),
         "{text}"
@@ -111,18 +96,10 @@ async fn a_queued_request_whose_client_left_is_skipped() {
     let metrics = s.state().metrics.clone();
     let scheduler = s.state().scheduler.get().unwrap().clone();
 
-    let client = s.client.clone();
-    let busy_url = s.url("/caption?steps=60&candidates=4");
-    let busy = tokio::spawn(async move {
-        client
-            .post(busy_url)
-            .header("content-type", "image/png")
-            .body(scene_png(0))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let busy_request = s
+        .png_request("/caption?steps=60&candidates=4", scene_png(0))
+        .send();
+    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
     wait_for("the first request to run", Duration::from_secs(60), || {
         metrics.rows_in_flight.get() == 4
     })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{TestServer, scene_png, test_args};
+use common::{TestServer, crc32, metrics_text, png_request, scene_png, test_args};
 use serde_json::Value;
 
 fn bin() -> Command {
@@ -37,16 +37,8 @@ fn bundle_copy() -> tempfile::TempDir {
 }
 
 async fn caption(s: &TestServer, query: &str) -> (u16, Value) {
-    let r = s
-        .client
-        .post(s.url(&format!("/caption?{query}")))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
+    s.post_png_json(&format!("/caption?{query}"), scene_png(0))
         .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
 }
 
 /// tests/fixtures/faulty/denoiser.onnx (scripts/make-faulty-bundle.py) fails whenever a
@@ -91,15 +83,7 @@ async fn a_graph_failing_at_run_time_fails_its_batch_only() {
         let (status, body) = caption(&s, "steps=3&guidance=0").await;
         assert_eq!(status, 200, "{body}");
     }
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains(r#"ladic_requests_total{route="/caption",status="500"}"#),
         "{metrics}"
@@ -266,22 +250,11 @@ fn marked_png(marker: &str) -> Vec<u8> {
     let mut chunk = b"tEXt".to_vec();
     chunk.extend_from_slice(b"Comment\0");
     chunk.extend_from_slice(marker.as_bytes());
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in &chunk {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
     // After the signature (8) and IHDR (25).
     let mut out = png[..33].to_vec();
     out.extend_from_slice(&((chunk.len() - 4) as u32).to_be_bytes());
     out.extend_from_slice(&chunk);
-    out.extend_from_slice(&(!crc).to_be_bytes());
+    out.extend_from_slice(&crc32(&chunk).to_be_bytes());
     out.extend_from_slice(&png[33..]);
     out
 }
@@ -339,24 +312,18 @@ async fn sigterm_under_load_drains_and_exits_0() {
     // Three long captions in flight.
     let in_flight: Vec<_> = (0..3)
         .map(|i| {
-            let request = client
-                .post(format!("{base}/caption?steps=100&candidates=4"))
-                .header("content-type", "image/png")
-                .header("x-request-id", format!("drain-{i}"))
-                .body(png.clone())
-                .send();
+            let request = png_request(
+                &client,
+                format!("{base}/caption?steps=100&candidates=4"),
+                png.clone(),
+            )
+            .header("x-request-id", format!("drain-{i}"))
+            .send();
             tokio::spawn(request)
         })
         .collect();
     loop {
-        let m = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics_text(&client, &base).await;
         if gauge(&m, "ladic_rows_in_flight") >= 12.0 {
             break;
         }
@@ -386,10 +353,7 @@ async fn sigterm_under_load_drains_and_exits_0() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    match client
-        .post(format!("{base}/caption?steps=2"))
-        .header("content-type", "image/png")
-        .body(png.clone())
+    match png_request(&client, format!("{base}/caption?steps=2"), png.clone())
         .send()
         .await
     {

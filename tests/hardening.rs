@@ -35,13 +35,11 @@ async fn hostile_requests() {
     let mut args = test_args();
     args.max_batch_images = 2;
     let s = TestServer::start(args).await;
-    let post = |path: &str| s.client.post(s.url(path));
 
     // No CORS headers unless configured, on any route, preflight included.
-    let r = post("/caption?steps=2")
+    let r = s
+        .png_request("/caption?steps=2", scene_png(0))
         .header("origin", "https://evil.example")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
         .send()
         .await
         .unwrap();
@@ -69,7 +67,8 @@ async fn hostile_requests() {
         ("PNG", lying_png(50_000, 50_000), "image/png"),
         ("GIF", lying_gif(50_000, 50_000), "image/gif"),
     ] {
-        let r = post("/caption")
+        let r = s
+            .post("/caption")
             .header("content-type", ct)
             .body(bytes)
             .send()
@@ -84,11 +83,7 @@ async fn hostile_requests() {
         "https://example.com/cat.png",
         "http://169.254.169.254/latest/",
     ] {
-        let r = post("/caption")
-            .json(&json!({"image": url}))
-            .send()
-            .await
-            .unwrap();
+        let r = s.post_json("/caption", &json!({"image": url})).await;
         let (status, ty, _) = error_type(r).await;
         assert_eq!((status, ty.as_str()), (400, "malformed_request"), "{url}");
     }
@@ -100,41 +95,36 @@ async fn hostile_requests() {
         json!({"image": "AAAA", "steps": big}),
         json!({"image": format!("{big}%{big}")}),
     ] {
-        let r = post("/caption").json(&body).send().await.unwrap();
+        let r = s.post_json("/caption", &body).await;
         let (status, _, error) = error_type(r).await;
         assert!(status == 400 || status == 422, "{status}");
         assert!(error.len() < 300, "{} bytes: {error}", error.len());
     }
-    let r = post("/caption/batch")
-        .json(&json!({"images": big}))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_json("/caption/batch", &json!({"images": big})).await;
     let (status, _, error) = error_type(r).await;
     assert_eq!(status, 422);
     assert!(error.len() < 300, "{error}");
     let form = reqwest::multipart::Form::new()
         .part("image", reqwest::multipart::Part::bytes(scene_png(0)))
         .text(big.clone(), big.clone());
-    let r = post("/caption").multipart(form).send().await.unwrap();
+    let r = s.post_multipart("/caption", form).await;
     let (status, ty, error) = error_type(r).await;
     assert_eq!((status, ty.as_str()), (422, "invalid_parameter"));
     assert!(error.len() < 100, "{error}");
 
     // The batch request count limit is the configured one.
     let img = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, scene_png(0));
-    let r = post("/caption/batch")
-        .json(&json!({"images": [img, img, img]}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post_json("/caption/batch", &json!({"images": [img, img, img]}))
+        .await;
     let (status, ty, error) = error_type(r).await;
     assert_eq!((status, ty.as_str()), (422, "invalid_parameter"));
     assert!(error.contains("between 1 and 2"), "{error}");
 
     // A refusal sent before the body was read closes the connection, and says so, so
     // keep-alive clients do not write their next request into a closed socket.
-    let r = post("/caption")
+    let r = s
+        .post("/caption")
         .header("content-type", "text/plain")
         .body(vec![b'x'; 64 * 1024])
         .send()
@@ -142,12 +132,7 @@ async fn hostile_requests() {
         .unwrap();
     assert_eq!(r.status(), 415);
     assert_eq!(r.headers()["connection"], "close");
-    let r = post("/caption?steps=2")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("connection").is_none());
 
@@ -204,12 +189,9 @@ async fn cors_when_configured() {
 
     // A real request from that origin sees the headers it may read.
     let r = s
-        .client
-        .post(s.url("/caption?steps=2"))
+        .png_request("/caption?steps=2", scene_png(0))
         .header("origin", "https://app.example")
         .header("authorization", "Bearer k")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
         .send()
         .await
         .unwrap();
@@ -243,7 +225,7 @@ async fn api_key_guards_captions_only() {
     args.api_key = Some("s3cret".into());
     let s = TestServer::start(args).await;
     for path in ["/health/live", "/health/ready", "/info", "/metrics"] {
-        let r = s.client.get(s.url(path)).send().await.unwrap();
+        let r = s.get(path).await;
         assert_eq!(r.status(), 200, "{path}");
     }
     for (path, auth) in [

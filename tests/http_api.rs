@@ -5,7 +5,7 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{TestServer, lying_png, scene_png, test_args};
+use common::{TestServer, lying_png, png_form, scene_png, test_args};
 use image::ImageFormat;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -51,11 +51,8 @@ async fn every_request_form_captions() {
 
     // Raw body, image/png, with parameters in the query string.
     let r = s
-        .client
-        .post(s.url("/caption?steps=3&seed=5&guidance=0.5"))
-        .header("content-type", "image/png")
+        .png_request("/caption?steps=3&seed=5&guidance=0.5", png.clone())
         .header("x-request-id", "my-request-1")
-        .body(png.clone())
         .send()
         .await
         .unwrap();
@@ -84,24 +81,11 @@ async fn every_request_form_captions() {
 
     // Multipart with parameters as form fields: same seed and steps as the raw request,
     // so the same caption.
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "image",
-            reqwest::multipart::Part::bytes(png.clone())
-                .file_name("scene.png")
-                .mime_str("image/png")
-                .unwrap(),
-        )
+    let form = png_form(png.clone())
         .text("steps", "3")
         .text("seed", "5")
         .text("guidance", "0.5");
-    let r = s
-        .client
-        .post(s.url("/caption"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_multipart("/caption", form).await;
     assert_eq!(r.status(), StatusCode::OK);
     let multipart = json_of(r).await;
     assert_eq!(multipart["caption"], raw["caption"]);
@@ -110,12 +94,11 @@ async fn every_request_form_captions() {
     let b64 = STANDARD.encode(&png);
     for image in [b64.clone(), format!("data:image/png;base64,{b64}")] {
         let r = s
-            .client
-            .post(s.url("/caption"))
-            .json(&json!({"image": image, "steps": 3, "seed": 5, "guidance": 0.5}))
-            .send()
-            .await
-            .unwrap();
+            .post_json(
+                "/caption",
+                &json!({"image": image, "steps": 3, "seed": 5, "guidance": 0.5}),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::OK);
         let body = json_of(r).await;
         assert_caption_response(&body, 3);
@@ -123,16 +106,13 @@ async fn every_request_form_captions() {
     }
 
     // MBR candidates and Back&Refine.
-    let r = s
-        .client
-        .post(s.url("/caption?candidates=3&back_refine=true&steps=4"))
-        .header("content-type", "image/png")
-        .body(png.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let body = json_of(r).await;
+    let (status, body) = s
+        .post_png_json(
+            "/caption?candidates=3&back_refine=true&steps=4",
+            png.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(body["candidates"].as_array().unwrap().len(), 3);
     s.stop().await;
 }
@@ -142,12 +122,11 @@ async fn batch_endpoint() {
     let s = TestServer::default().await;
     let images: Vec<String> = (0..3).map(|v| STANDARD.encode(scene_png(v))).collect();
     let r = s
-        .client
-        .post(s.url("/caption/batch"))
-        .json(&json!({"images": images, "steps": 2, "seed": 9}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/caption/batch",
+            &json!({"images": images, "steps": 2, "seed": 9}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.headers().contains_key("x-inference-time"));
     let body = json_of(r).await;
@@ -160,41 +139,25 @@ async fn batch_endpoint() {
     assert_eq!(body["seed"], 9);
 
     // The same image with the same seed alone gives the same caption as in the batch.
-    let r = s
-        .client
-        .post(s.url("/caption?steps=2&seed=9"))
-        .header("content-type", "image/png")
-        .body(scene_png(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await["caption"], results[1]["caption"]);
+    let (_, alone) = s
+        .post_png_json("/caption?steps=2&seed=9", scene_png(1))
+        .await;
+    assert_eq!(alone["caption"], results[1]["caption"]);
 
     // Empty, too many, a bad image, wrong content type.
-    let r = s
-        .client
-        .post(s.url("/caption/batch"))
-        .json(&json!({"images": []}))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_json("/caption/batch", &json!({"images": []})).await;
     assert_eq!(error_type(r, 422).await, "invalid_parameter");
     let many: Vec<String> = (0..17).map(|_| images[0].clone()).collect();
     let r = s
-        .client
-        .post(s.url("/caption/batch"))
-        .json(&json!({"images": many}))
-        .send()
-        .await
-        .unwrap();
+        .post_json("/caption/batch", &json!({"images": many}))
+        .await;
     assert_eq!(error_type(r, 422).await, "invalid_parameter");
     let r = s
-        .client
-        .post(s.url("/caption/batch"))
-        .json(&json!({"images": [images[0], STANDARD.encode(b"not an image")]}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/caption/batch",
+            &json!({"images": [images[0], STANDARD.encode(b"not an image")]}),
+        )
+        .await;
     assert_eq!(r.status(), 400);
     assert!(
         json_of(r).await["error"]
@@ -202,14 +165,7 @@ async fn batch_endpoint() {
             .unwrap()
             .contains("images[1]")
     );
-    let r = s
-        .client
-        .post(s.url("/caption/batch"))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption/batch", scene_png(0)).await;
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
     s.stop().await;
 }
@@ -220,42 +176,31 @@ async fn error_statuses() {
     args.max_body_bytes = 64 * 1024;
     args.max_image_pixels = 1_000_000;
     let s = TestServer::start(args).await;
-    let post = |path: &str| s.client.post(s.url(path));
 
     // 400: undecodable image, malformed JSON, bad base64, multipart without `image`.
-    let r = post("/caption")
-        .header("content-type", "image/png")
-        .body("definitely not a PNG")
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", "definitely not a PNG").await;
     assert_eq!(error_type(r, 400).await, "invalid_image");
     let mut truncated = scene_png(0);
     truncated.truncate(truncated.len() / 2);
-    let r = post("/caption")
-        .header("content-type", "image/png")
-        .body(truncated)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", truncated).await;
     assert_eq!(error_type(r, 400).await, "invalid_image");
-    let r = post("/caption")
+    let r = s
+        .post("/caption")
         .header("content-type", "application/json")
         .body("{\"image\": ")
         .send()
         .await
         .unwrap();
     assert_eq!(error_type(r, 400).await, "malformed_request");
-    let r = post("/caption")
-        .json(&json!({"image": "%%% not base64 %%%"}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post_json("/caption", &json!({"image": "%%% not base64 %%%"}))
+        .await;
     assert_eq!(error_type(r, 400).await, "malformed_request");
     let form = reqwest::multipart::Form::new().text("steps", "3");
-    let r = post("/caption").multipart(form).send().await.unwrap();
+    let r = s.post_multipart("/caption", form).await;
     assert_eq!(error_type(r, 400).await, "malformed_request");
-    let r = post("/caption")
+    let r = s
+        .post("/caption")
         .header("content-type", "multipart/form-data")
         .body("x")
         .send()
@@ -265,16 +210,12 @@ async fn error_statuses() {
 
     // 413: body over the limit, with and without a Content-Length.
     let big = vec![0u8; 100 * 1024];
-    let r = post("/caption")
-        .header("content-type", "image/png")
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", big.clone()).await;
     assert_eq!(error_type(r, 413).await, "payload_too_large");
     let stream =
         futures_util::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![0u8; 16 * 1024])));
-    let r = post("/caption")
+    let r = s
+        .post("/caption")
         .header("content-type", "image/png")
         .body(reqwest::Body::wrap_stream(stream))
         .send()
@@ -283,14 +224,15 @@ async fn error_statuses() {
     assert_eq!(error_type(r, 413).await, "payload_too_large");
 
     // 415: unsupported or missing content type.
-    let r = post("/caption")
+    let r = s
+        .post("/caption")
         .header("content-type", "text/plain")
         .body("hello")
         .send()
         .await
         .unwrap();
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
-    let r = post("/caption").body(scene_png(0)).send().await.unwrap();
+    let r = s.post("/caption").body(scene_png(0)).send().await.unwrap();
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
 
     // 422: parameters out of range, unknown, of the wrong type; image too large.
@@ -303,48 +245,28 @@ async fn error_statuses() {
         "stepz=4",
         "timeout_ms=999999999",
     ] {
-        let r = post(&format!("/caption?{q}"))
-            .header("content-type", "image/png")
-            .body(scene_png(0))
-            .send()
-            .await
-            .unwrap();
+        let r = s.post_png(&format!("/caption?{q}"), scene_png(0)).await;
         assert_eq!(error_type(r, 422).await, "invalid_parameter", "{q}");
     }
-    let r = post("/caption")
-        .json(&json!({"image": "AAAA", "guidance": "lots"}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post_json("/caption", &json!({"image": "AAAA", "guidance": "lots"}))
+        .await;
     assert_eq!(error_type(r, 422).await, "invalid_parameter");
-    let r = post("/caption")
-        .header("content-type", "image/png")
-        .body(lying_png(50_000, 50_000))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", lying_png(50_000, 50_000)).await;
     assert_eq!(error_type(r, 422).await, "image_too_large");
-    let r = post("/caption")
-        .header("content-type", "image/png")
-        .body(lying_png(2000, 2000))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", lying_png(2000, 2000)).await;
     assert_eq!(error_type(r, 422).await, "image_too_large");
 
     // 504: a deadline too short for the work.
-    let r = post("/caption?steps=100&candidates=8&timeout_ms=1")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .post_png("/caption?steps=100&candidates=8&timeout_ms=1", scene_png(0))
+        .await;
     assert_eq!(error_type(r, 504).await, "timeout");
 
     // 404 and 405 keep the JSON error shape.
-    let r = s.client.get(s.url("/nope")).send().await.unwrap();
+    let r = s.get("/nope").await;
     assert_eq!(error_type(r, 404).await, "not_found");
-    let r = s.client.get(s.url("/caption")).send().await.unwrap();
+    let r = s.get("/caption").await;
     assert_eq!(error_type(r, 405).await, "method_not_allowed");
     s.stop().await;
 }
@@ -358,10 +280,7 @@ async fn full_queue_answers_429_with_retry_after() {
     let s = TestServer::start(args).await;
     let png = scene_png(0);
     let sends = (0..12).map(|_| {
-        s.client
-            .post(s.url("/caption?steps=60&candidates=4"))
-            .header("content-type", "image/png")
-            .body(png.clone())
+        s.png_request("/caption?steps=60&candidates=4", png.clone())
             .send()
     });
     let responses = futures_util::future::join_all(sends).await;
@@ -387,13 +306,13 @@ async fn full_queue_answers_429_with_retry_after() {
 #[tokio::test]
 async fn readiness_and_draining() {
     let s = TestServer::default().await;
-    let r = s.client.get(s.url("/health/live")).send().await.unwrap();
+    let r = s.get("/health/live").await;
     assert_eq!(r.status(), 200);
-    let r = s.client.get(s.url("/health/ready")).send().await.unwrap();
+    let r = s.get("/health/ready").await;
     assert_eq!(r.status(), 200);
     assert_eq!(json_of(r).await["status"], "ready");
 
-    let info = json_of(s.client.get(s.url("/info")).send().await.unwrap()).await;
+    let info = json_of(s.get("/info").await).await;
     assert_eq!(info["model"], "scenes-tiny");
     assert_eq!(info["ready"], true);
     assert_eq!(info["device"], "cpu");
@@ -401,19 +320,12 @@ async fn readiness_and_draining() {
 
     // Draining: readiness turns false and new captions get 503, liveness stays up.
     s.state().begin_drain();
-    let r = s.client.get(s.url("/health/ready")).send().await.unwrap();
+    let r = s.get("/health/ready").await;
     assert_eq!(error_type(r, 503).await, "not_ready");
-    let r = s
-        .client
-        .post(s.url("/caption"))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", scene_png(0)).await;
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(error_type(r, 503).await, "not_ready");
-    let r = s.client.get(s.url("/health/live")).send().await.unwrap();
+    let r = s.get("/health/live").await;
     assert_eq!(r.status(), 200);
     s.stop().await;
 }
@@ -424,27 +336,13 @@ async fn not_ready_until_warmed_up() {
     // Loading finished, so nothing else flips the flag: put the server back in the
     // state it is in before its warm-up caption.
     s.state().set_ready(false);
-    let r = s.client.get(s.url("/health/ready")).send().await.unwrap();
+    let r = s.get("/health/ready").await;
     assert_eq!(error_type(r, 503).await, "not_ready");
-    let r = s
-        .client
-        .post(s.url("/caption"))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", scene_png(0)).await;
     let body_type = error_type(r, 503).await;
     assert_eq!(body_type, "not_ready");
     s.state().set_ready(true);
-    let r = s
-        .client
-        .post(s.url("/caption?steps=2"))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
     assert_eq!(r.status(), 200);
     s.stop().await;
 }
@@ -455,16 +353,10 @@ async fn same_seed_same_caption_different_seeds_differ() {
     let png = scene_png(2);
     let mut captions = Vec::new();
     for seed in [1u64, 1, 2, 3, 4] {
-        let r = s
-            .client
-            .post(s.url(&format!("/caption?seed={seed}&candidates=2")))
-            .header("content-type", "image/png")
-            .body(png.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let body = json_of(r).await;
+        let (status, body) = s
+            .post_png_json(&format!("/caption?seed={seed}&candidates=2"), png.clone())
+            .await;
+        assert_eq!(status, 200);
         captions.push((body["caption"].clone(), body["candidates"].clone()));
     }
     assert_eq!(captions[0], captions[1], "same seed, same result");
@@ -473,39 +365,19 @@ async fn same_seed_same_caption_different_seeds_differ() {
         "different seeds should give different candidates"
     );
     // Without a seed the server picks one and reports it; replaying it reproduces.
-    let r = s
-        .client
-        .post(s.url("/caption"))
-        .header("content-type", "image/png")
-        .body(png.clone())
-        .send()
-        .await
-        .unwrap();
-    let first = json_of(r).await;
+    let (_, first) = s.post_png_json("/caption", png.clone()).await;
     let seed = first["seed"].as_u64().unwrap();
-    let r = s
-        .client
-        .post(s.url(&format!("/caption?seed={seed}")))
-        .header("content-type", "image/png")
-        .body(png.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await["caption"], first["caption"]);
+    let (_, replay) = s
+        .post_png_json(&format!("/caption?seed={seed}"), png.clone())
+        .await;
+    assert_eq!(replay["caption"], first["caption"]);
     s.stop().await;
 }
 
 #[tokio::test]
 async fn metrics_exposition() {
     let s = TestServer::default().await;
-    let r = s
-        .client
-        .post(s.url("/caption?steps=2"))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
     assert_eq!(r.status(), 200);
     let r = s
         .client
@@ -516,7 +388,7 @@ async fn metrics_exposition() {
         .await
         .unwrap();
     assert_eq!(r.status(), 415);
-    let r = s.client.get(s.url("/metrics")).send().await.unwrap();
+    let r = s.get("/metrics").await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -580,61 +452,34 @@ async fn api_key_protects_post_routes() {
     let mut args = test_args();
     args.api_key = Some("s3cret".into());
     let s = TestServer::start(args).await;
-    let r = s
-        .client
-        .post(s.url("/caption"))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_png("/caption", scene_png(0)).await;
     assert_eq!(error_type(r, 401).await, "unauthorized");
     let r = s
-        .client
-        .post(s.url("/caption?steps=2"))
-        .header("content-type", "image/png")
+        .png_request("/caption?steps=2", scene_png(0))
         .header("authorization", "Bearer s3cret")
-        .body(scene_png(0))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     let r = s
-        .client
-        .post(s.url("/caption?steps=2"))
-        .header("content-type", "image/png")
+        .png_request("/caption?steps=2", scene_png(0))
         .header("x-api-key", "s3cret")
-        .body(scene_png(0))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     // Health and metrics stay open for probes and scrapers.
-    assert_eq!(
-        s.client
-            .get(s.url("/health/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(s.get("/health/ready").await.status(), 200);
     s.stop().await;
 }
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
     let mut s = TestServer::default().await;
-    let client = s.client.clone();
-    let url = s.url("/caption?steps=100&candidates=4");
-    let request = tokio::spawn(async move {
-        client
-            .post(url)
-            .header("content-type", "image/png")
-            .body(scene_png(0))
-            .send()
-            .await
-    });
+    let request = tokio::spawn(
+        s.png_request("/caption?steps=100&candidates=4", scene_png(0))
+            .send(),
+    );
     let state = s.server.as_ref().unwrap().state.clone();
     while state.in_flight() == 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;

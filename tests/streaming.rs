@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{TestServer, scene_png};
+use common::{TestServer, png_form, scene_png};
 use serde_json::{Value, json};
 
 /// One parsed Server-Sent Event: its name and its JSON data.
@@ -55,15 +55,21 @@ fn without_timings(mut body: Value) -> Value {
     body
 }
 
-async fn plain_caption(s: &TestServer, query: &str) -> Value {
-    let r = s
-        .client
-        .post(s.url(&format!("/caption?{query}")))
-        .header("content-type", "image/png")
-        .body(scene_png(0))
+/// `POST path` with a raw `image/png` body, asking for an event stream.
+async fn post_png_sse(
+    s: &TestServer,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    s.png_request(path, body)
+        .header("accept", "text/event-stream")
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn plain_caption(s: &TestServer, query: &str) -> Value {
+    let r = s.post_png(&format!("/caption?{query}"), scene_png(0)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/json");
     r.json().await.unwrap()
@@ -120,15 +126,7 @@ async fn streams_every_step_then_the_plain_answer() {
     let s = TestServer::default().await;
 
     // Accept: text/event-stream on a raw-body request.
-    let r = s
-        .client
-        .post(s.url("/caption?steps=5&seed=11"))
-        .header("content-type", "image/png")
-        .header("accept", "text/event-stream")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = post_png_sse(&s, "/caption?steps=5&seed=11", scene_png(0)).await;
     assert_eq!(r.headers()["cache-control"], "no-cache");
     let events = all_events(r).await;
     let start = &events[0].1;
@@ -149,15 +147,12 @@ async fn streams_every_step_then_the_plain_answer() {
     // stream=true as a JSON field, with MBR candidates and Back&Refine.
     let b64 = STANDARD.encode(scene_png(0));
     let r = s
-        .client
-        .post(s.url("/caption"))
-        .json(
+        .post_json(
+            "/caption",
             &json!({"image": b64, "stream": true, "steps": 10, "seed": 4,
                       "candidates": 3, "back_refine": true}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     let events = all_events(r).await;
     // Back&Refine at t = 599 (trigger 599, stride 100) restarts once: 5 + 10.
     assert_eq!(events[0].1["iterations"], 15);
@@ -177,33 +172,12 @@ async fn streams_every_step_then_the_plain_answer() {
     assert_eq!(without_timings(done), without_timings(plain));
 
     // stream=true as a multipart field; stream=false wins over Accept.
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "image",
-            reqwest::multipart::Part::bytes(scene_png(1))
-                .file_name("scene.png")
-                .mime_str("image/png")
-                .unwrap(),
-        )
+    let form = png_form(scene_png(1))
         .text("steps", "2")
         .text("stream", "true");
-    let r = s
-        .client
-        .post(s.url("/caption"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = s.post_multipart("/caption", form).await;
     check_shape(&all_events(r).await, 1);
-    let r = s
-        .client
-        .post(s.url("/caption?steps=2&stream=false"))
-        .header("content-type", "image/png")
-        .header("accept", "text/event-stream")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = post_png_sse(&s, "/caption?steps=2&stream=false", scene_png(0)).await;
     assert_eq!(r.headers()["content-type"], "application/json");
     s.stop().await;
 }
@@ -211,52 +185,31 @@ async fn streams_every_step_then_the_plain_answer() {
 #[tokio::test]
 async fn streaming_errors() {
     let s = TestServer::default().await;
-    let sse = |query: &str| {
-        s.client
-            .post(s.url(&format!("/caption?{query}")))
-            .header("accept", "text/event-stream")
-    };
 
     // Found before the image is queued: the usual status and JSON body.
-    let r = sse("steps=2")
-        .header("content-type", "image/png")
-        .body("not a PNG")
-        .send()
-        .await
-        .unwrap();
+    let r = post_png_sse(&s, "/caption?steps=2", "not a PNG").await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error_type"], "invalid_image");
-    let r = sse("steps=0")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = post_png_sse(&s, "/caption?steps=0", scene_png(0)).await;
     assert_eq!(r.status(), 422);
-    let r = sse("stream=maybe")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = post_png_sse(&s, "/caption?stream=maybe", scene_png(0)).await;
     assert_eq!(r.status(), 422);
     let r = s
-        .client
-        .post(s.url("/caption/batch?stream=true"))
-        .json(&json!({"images": [STANDARD.encode(scene_png(0))]}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/caption/batch?stream=true",
+            &json!({"images": [STANDARD.encode(scene_png(0))]}),
+        )
+        .await;
     assert_eq!(r.status(), 422, "the batch route does not stream");
 
     // Once streaming, a failure is an `error` event with the usual body.
-    let r = sse("steps=100&candidates=8&timeout_ms=1")
-        .header("content-type", "image/png")
-        .body(scene_png(0))
-        .send()
-        .await
-        .unwrap();
+    let r = post_png_sse(
+        &s,
+        "/caption?steps=100&candidates=8&timeout_ms=1",
+        scene_png(0),
+    )
+    .await;
     let events = all_events(r).await;
     assert_eq!(events.first().unwrap().0, "start");
     let (name, body) = events.last().unwrap();
@@ -271,15 +224,12 @@ async fn streaming_errors() {
 async fn a_client_that_leaves_mid_stream_frees_its_rows() {
     let s = TestServer::default().await;
     let metrics = s.state().metrics.clone();
-    let mut r = s
-        .client
-        .post(s.url("/caption?steps=100&candidates=8&back_refine=true"))
-        .header("content-type", "image/png")
-        .header("accept", "text/event-stream")
-        .body(scene_png(2))
-        .send()
-        .await
-        .unwrap();
+    let mut r = post_png_sse(
+        &s,
+        "/caption?steps=100&candidates=8&back_refine=true",
+        scene_png(2),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let mut buf = String::new();
     let mut steps = 0;
@@ -324,7 +274,7 @@ async fn a_client_that_leaves_mid_stream_frees_its_rows() {
 #[tokio::test]
 async fn the_demo_page_is_self_contained() {
     let s = TestServer::default().await;
-    let r = s.client.get(s.url("/")).send().await.unwrap();
+    let r = s.get("/").await;
     assert_eq!(r.status(), 200);
     let headers = r.headers().clone();
     assert_eq!(headers["content-type"], "text/html; charset=utf-8");

@@ -9,6 +9,7 @@ use std::time::Duration;
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb};
 use ladic_serve::config::ServeArgs;
 use ladic_serve::server::{self, Server};
+use serde_json::Value;
 
 /// The default bundle, as the README's serve command uses it.
 pub fn bundle_dir() -> PathBuf {
@@ -57,6 +58,57 @@ impl TestServer {
         format!("{}{path}", self.base)
     }
 
+    /// `POST path`, ready for headers and a body.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path))
+    }
+
+    /// `POST path` (query string included) with `body` sent raw as `image/png`, ready
+    /// for more headers.
+    pub fn png_request(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        png_request(&self.client, self.url(path), body)
+    }
+
+    /// `POST path` with `body` sent raw as `image/png`.
+    pub async fn post_png(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.png_request(path, body).send().await.unwrap()
+    }
+
+    /// `POST path` with `body` sent raw as `image/png`; the status and the JSON body.
+    pub async fn post_png_json(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self.post_png(path, body).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+
+    /// `POST path` with `body` as a JSON request.
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.post(path).json(body).send().await.unwrap()
+    }
+
+    /// `POST path` with a multipart form.
+    pub async fn post_multipart(
+        &self,
+        path: &str,
+        form: reqwest::multipart::Form,
+    ) -> reqwest::Response {
+        self.post(path).multipart(form).send().await.unwrap()
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// The text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> String {
+        metrics_text(&self.client, &self.base).await
+    }
+
     pub fn state(&self) -> &ladic_serve::http::AppState {
         &self.server.as_ref().expect("running").state
     }
@@ -66,6 +118,43 @@ impl TestServer {
             s.shutdown(Duration::from_secs(5)).await;
         }
     }
+}
+
+/// `POST url` with `body` sent raw as `image/png`, ready for more headers; for servers
+/// that are not a [`TestServer`].
+pub fn png_request(
+    client: &reqwest::Client,
+    url: String,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("content-type", "image/png")
+        .body(body)
+}
+
+/// The text of `GET {base}/metrics`.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A multipart form whose `image` part is `png`, as a browser uploads a file
+/// (`scene.png`, `image/png`); add the parameters as text fields.
+pub fn png_form(png: Vec<u8>) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new().part(
+        "image",
+        reqwest::multipart::Part::bytes(png)
+            .file_name("scene.png")
+            .mime_str("image/png")
+            .unwrap(),
+    )
 }
 
 pub fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -92,22 +181,24 @@ pub fn scene_png(variant: u8) -> Vec<u8> {
     encode(&scene(variant), ImageFormat::Png)
 }
 
+/// The CRC-32 of a PNG chunk (over its type and data), as the chunk's trailer carries it.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
 /// A PNG header claiming `w x h` plus a few bytes: a tiny file asking for a huge buffer.
 pub fn lying_png(w: u32, h: u32) -> Vec<u8> {
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = 0xFFFF_FFFFu32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
     let mut ihdr = b"IHDR".to_vec();
     ihdr.extend_from_slice(&w.to_be_bytes());
     ihdr.extend_from_slice(&h.to_be_bytes());
