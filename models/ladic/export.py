@@ -445,6 +445,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="bundle name (default: the output directory's name)")
     p.add_argument("--steps", type=int, help="default sampling iterations in the manifest")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="default classifier-free guidance weight in the manifest (0 = no\n"
+        "unconditional pass: half the denoiser rows)",
+    )
+    p.add_argument(
+        "--self-conditioning",
+        choices=["on", "off"],
+        help="default self-conditioning in the manifest (feed back the last x0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--no-check",
@@ -496,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
         description = "LaDiC (official release checkpoint)"
     if args.steps:
         model.cfg.sampler.steps = args.steps
+    if args.guidance is not None:
+        model.cfg.sampler.guidance = args.guidance
+    if args.self_conditioning is not None:
+        model.cfg.sampler.self_conditioning = args.self_conditioning == "on"
     diffs = write_bundle(
         model, tok, out, args.name or out.name, description, check=not args.no_check
     )
