@@ -46,6 +46,7 @@ fn session_options() -> SessionOptions {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1),
+        kv_pool: true,
     }
 }
 

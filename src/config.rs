@@ -57,6 +57,12 @@ pub struct ModelArgs {
     #[arg(long, env = "LADIC_ROW_PARALLELISM", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub row_parallelism: u16,
 
+    /// Keep each image's cross-attention K/V in a pool on the model's device while its
+    /// rows are in flight, instead of sending it with every denoiser step (bundles whose
+    /// denoiser takes `kv_index`).
+    #[arg(long, env = "LADIC_KV_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kv_pool: bool,
+
     /// ONNX Runtime shared library; ORT_DYLIB_PATH takes precedence, and
     /// .ort/lib/libonnxruntime.so (from scripts/fetch-onnxruntime.sh) is the fallback.
     #[arg(long, env = "LADIC_ORT_LIBRARY")]
@@ -69,6 +75,7 @@ impl ModelArgs {
             device: self.device,
             intra_op_threads: self.intra_op_threads,
             row_parallelism: usize::from(self.row_parallelism),
+            kv_pool: self.kv_pool,
         }
     }
 }

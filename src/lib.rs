@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod config;
 pub mod http;
+pub mod kv_pool;
 pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;

@@ -18,7 +18,12 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, DType, GraphSpec, names};
+use crate::kv_pool::KvPool;
 use crate::sampler::{Denoiser, KvRef};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+
+/// Slots the K/V pool starts with (it doubles when full).
+const KV_POOL_SLOTS: usize = 64;
 
 /// Where the setup script puts the library, relative to the working directory.
 pub const LOCAL_LIBRARY: &str = ".ort/lib/libonnxruntime.so";
@@ -165,6 +170,10 @@ pub struct SessionOptions {
     /// (see [`SessionOptions::for_workers`]); [`Models::load`] reads 0 as 1. CUDA
     /// sessions are never sliced.
     pub row_parallelism: usize,
+    /// Keep each image's K/V in a pool on the denoiser's device for as long as its rows
+    /// are in flight (`kv_pool`), with a denoiser that takes `kv_index`; else copy the
+    /// call's K/V at every step.
+    pub kv_pool: bool,
 }
 
 impl SessionOptions {
@@ -191,6 +200,7 @@ impl SessionOptions {
             device: self.device,
             intra_op_threads,
             row_parallelism,
+            kv_pool: self.kv_pool,
         }
     }
 }
@@ -352,6 +362,16 @@ fn join_rows<D: ndarray::RemoveAxis, A: Clone>(
     ndarray::concatenate(Axis(0), &views).map_err(|e| graph.fail(e.to_string()))
 }
 
+/// The denoiser's `image_kv` for one call.
+enum KvInput<'a> {
+    /// One K/V per row (a denoiser without `kv_index`).
+    PerRow(ArrayView4<'a, f32>),
+    /// Distinct K/V on the host, indexed by `kv_index`.
+    Pool(ArrayView4<'a, f32>),
+    /// The worker's [`KvPool`], where the denoiser runs, indexed by `kv_index`.
+    Resident(&'a ort::value::Tensor<f32>),
+}
+
 /// The three graphs of one bundle, owned by one worker thread.
 pub struct Models {
     encoder: Graph,
@@ -364,6 +384,8 @@ pub struct Models {
     kv_batch: Vec<f32>,
     /// Whether the denoiser takes `kv_index` (see [`names::KV_INDEX`]).
     gathers_kv: bool,
+    /// The images' K/V where the denoiser runs (with `gathers_kv` and the option on).
+    kv_pool: Option<KvPool>,
     image_size: usize,
     pub device: ActiveDevice,
     /// Sessions per graph (row slices that run at once); 1 on CUDA.
@@ -516,6 +538,7 @@ impl Models {
             null_kv: Array3::zeros((0, 0, 0)),
             kv_batch: Vec::new(),
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
+            kv_pool: None,
             image_size: size,
             device,
             row_parallelism,
@@ -526,6 +549,28 @@ impl Models {
         let zeros = Array4::<f32>::zeros((1, 3, size, size));
         let null = models.encode(zeros.view())?;
         models.null_kv = null.index_axis_move(Axis(0), 0);
+        if models.gathers_kv && opts.kv_pool {
+            models.kv_pool =
+                Some(
+                    models
+                        .new_kv_pool()
+                        .map_err(|reason| RuntimeError::Session {
+                            graph: "denoiser",
+                            path: bundle.denoiser_path.clone(),
+                            reason,
+                        })?,
+                );
+        }
+        tracing::info!(
+            kv_index = models.gathers_kv,
+            resident_kv_pool = models.kv_pool.is_some(),
+            "image K/V: {}",
+            match (models.gathers_kv, models.kv_pool.is_some()) {
+                (true, true) => "kept in a pool on the model's device while requests are in flight",
+                (true, false) => "sent once per image per denoiser call (--kv-pool false)",
+                _ => "sent once per row per denoiser call (a denoiser without kv_index)",
+            }
+        );
         models.load_seconds = start.elapsed().as_secs_f64();
         tracing::info!(
             device = %device,
@@ -541,6 +586,29 @@ impl Models {
 
     pub fn image_size(&self) -> usize {
         self.image_size
+    }
+
+    /// A K/V pool in the memory the denoiser reads its inputs from: the GPU's with CUDA.
+    fn new_kv_pool(&self) -> Result<KvPool, String> {
+        let allocator = match self.device {
+            ActiveDevice::Cpu => Allocator::default(),
+            ActiveDevice::Cuda => {
+                let info = MemoryInfo::new(
+                    AllocationDevice::CUDA,
+                    0,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )
+                .map_err(|e| e.to_string())?;
+                Allocator::new(&self.denoiser.sessions[0], info).map_err(|e| e.to_string())?
+            }
+        };
+        KvPool::new(allocator, &self.null_kv, KV_POOL_SLOTS)
+    }
+
+    /// The K/V pool's counters, when there is one.
+    pub fn kv_pool_stats(&self) -> Option<crate::kv_pool::PoolStats> {
+        self.kv_pool.as_ref().map(|p| p.stats)
     }
 
     /// `pixels [B,3,H,W]` -> `image_kv [B, 2*layers, tokens, hidden]`.
@@ -595,6 +663,36 @@ impl Models {
         kv_pool: ArrayView4<f32>,
         kv_index: &[i64],
     ) -> Result<Array3<f32>, RuntimeError> {
+        let slots = kv_pool.dim().0;
+        if let Some(bad) = kv_index.iter().find(|&&i| i < 0 || i as usize >= slots) {
+            return Err(self
+                .denoiser
+                .fail(format!("kv_index {bad} outside the pool of {slots}")));
+        }
+        let rows = kv_index.len();
+        let identity = slots == rows && kv_index.iter().enumerate().all(|(i, &k)| k as usize == i);
+        if self.gathers_kv {
+            let pool = kv_pool.as_standard_layout();
+            self.run_denoiser(x, self_cond, t, KvInput::Pool(pool.view()), kv_index)
+        } else if identity {
+            let per_row = kv_pool.as_standard_layout();
+            self.run_denoiser(x, self_cond, t, KvInput::PerRow(per_row.view()), kv_index)
+        } else {
+            // Old graphs take one K/V row per input row: gather them on the host.
+            let picks: Vec<usize> = kv_index.iter().map(|&i| i as usize).collect();
+            let per_row = kv_pool.select(Axis(0), &picks);
+            self.run_denoiser(x, self_cond, t, KvInput::PerRow(per_row.view()), kv_index)
+        }
+    }
+
+    fn run_denoiser(
+        &mut self,
+        x: ArrayView3<f32>,
+        self_cond: ArrayView3<f32>,
+        t: &[i64],
+        kv: KvInput<'_>,
+        kv_index: &[i64],
+    ) -> Result<Array3<f32>, RuntimeError> {
         let x = x.as_standard_layout();
         let sc = self_cond.as_standard_layout();
         let rows = x.dim().0;
@@ -606,23 +704,7 @@ impl Models {
                 kv_index.len()
             )));
         }
-        let slots = kv_pool.dim().0;
-        if let Some(bad) = kv_index.iter().find(|&&i| i < 0 || i as usize >= slots) {
-            return Err(self
-                .denoiser
-                .fail(format!("kv_index {bad} outside the pool of {slots}")));
-        }
-        // Old graphs take one K/V row per input row: gather them on the host.
-        let gathered;
-        let identity = slots == rows && kv_index.iter().enumerate().all(|(i, &k)| k as usize == i);
-        let kv = if self.gathers_kv || identity {
-            kv_pool.as_standard_layout()
-        } else {
-            let picks: Vec<usize> = kv_index.iter().map(|&i| i as usize).collect();
-            gathered = kv_pool.select(Axis(0), &picks);
-            ndarray::CowArray::from(gathered.view())
-        };
-        let gathers_kv = self.gathers_kv;
+        let kv = &kv;
         let parts = self
             .denoiser
             .run_rows(self.helpers.as_ref(), rows, |session, range| {
@@ -638,30 +720,43 @@ impl Models {
                 let t_part =
                     TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()]))
                         .map_err(tensor_err)?;
-                let outputs = if gathers_kv {
-                    // Every slice gets the whole pool and its rows' indices into it.
-                    let pool = TensorRef::from_array_view(kv.view()).map_err(tensor_err)?;
-                    let index = TensorRef::from_array_view(ndarray::ArrayView1::from(
-                        &kv_index[range.clone()],
-                    ))
-                    .map_err(tensor_err)?;
-                    session.run(ort::inputs![
+                let index =
+                    TensorRef::from_array_view(ndarray::ArrayView1::from(&kv_index[range.clone()]))
+                        .map_err(tensor_err)?;
+                // Every slice gets the whole pool and its rows' indices into it.
+                let outputs = match kv {
+                    KvInput::PerRow(per_row) => {
+                        let kv_part = TensorRef::from_array_view(per_row.slice(s![
+                            range.clone(),
+                            ..,
+                            ..,
+                            ..
+                        ]))
+                        .map_err(tensor_err)?;
+                        session.run(ort::inputs![
+                            names::X_T => x_t,
+                            names::SELF_COND => sc_part,
+                            names::T => t_part,
+                            names::IMAGE_KV => kv_part,
+                        ])
+                    }
+                    KvInput::Pool(pool) => {
+                        let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
+                        session.run(ort::inputs![
+                            names::X_T => x_t,
+                            names::SELF_COND => sc_part,
+                            names::T => t_part,
+                            names::IMAGE_KV => pool,
+                            names::KV_INDEX => index,
+                        ])
+                    }
+                    KvInput::Resident(pool) => session.run(ort::inputs![
                         names::X_T => x_t,
                         names::SELF_COND => sc_part,
                         names::T => t_part,
-                        names::IMAGE_KV => pool,
+                        names::IMAGE_KV => *pool,
                         names::KV_INDEX => index,
-                    ])
-                } else {
-                    let kv_part =
-                        TensorRef::from_array_view(kv.slice(s![range.clone(), .., .., ..]))
-                            .map_err(tensor_err)?;
-                    session.run(ort::inputs![
-                        names::X_T => x_t,
-                        names::SELF_COND => sc_part,
-                        names::T => t_part,
-                        names::IMAGE_KV => kv_part,
-                    ])
+                    ]),
                 }
                 .map_err(tensor_err)?;
                 let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
@@ -723,6 +818,17 @@ impl Denoiser for Models {
         t: &[i64],
         kv: &[KvRef<'_>],
     ) -> Result<Array3<f32>, RuntimeError> {
+        if let Some(pool) = self.kv_pool.as_mut() {
+            let kv_index = pool.assign(kv).map_err(|reason| RuntimeError::Inference {
+                graph: "denoiser",
+                reason,
+            })?;
+            let pool = self.kv_pool.take().expect("the pool was just used");
+            let result =
+                self.run_denoiser(x, self_cond, t, KvInput::Resident(pool.tensor()), &kv_index);
+            self.kv_pool = Some(pool);
+            return result;
+        }
         // The pool holds each distinct K/V once, in order of first use: a guided pair and
         // the MBR candidates of one image share theirs, and every unconditional row
         // shares the null K/V. The same allocation is the same K/V.
@@ -734,7 +840,7 @@ impl Denoiser for Models {
         let mut kv_index = Vec::with_capacity(kv.len());
         for src in kv {
             let a = match src {
-                KvRef::Image(a) => *a,
+                KvRef::Image(a) => a.as_ref(),
                 KvRef::Null => &self.null_kv,
             };
             if a.dim() != dim {
@@ -790,6 +896,7 @@ mod tests {
             device: DeviceChoice::Cpu,
             intra_op_threads,
             row_parallelism,
+            kv_pool: true,
         };
         let plan = |o: SessionOptions, workers, cores| {
             let r = o.for_workers(workers, cores);

@@ -93,6 +93,7 @@ fn rust_sampler_matches_the_python_reference() {
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
             row_parallelism,
+            kv_pool: true,
         };
         let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
         assert_eq!(models.row_parallelism, row_parallelism);

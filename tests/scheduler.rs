@@ -30,6 +30,7 @@ fn scheduler(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Schedule
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
             row_parallelism: 2,
+            kv_pool: true,
         },
     };
     (

@@ -75,7 +75,8 @@ pub struct TraceStep {
 /// K/V the denoiser implementation computed once at load.
 #[derive(Debug, Clone, Copy)]
 pub enum KvRef<'a> {
-    Image(&'a Array3<f32>),
+    /// An image's K/V, shared by its rows (the `Arc` identifies it across calls).
+    Image(&'a Arc<Array3<f32>>),
     Null,
 }
 
@@ -190,7 +191,7 @@ pub fn step_observed<D: Denoiser>(
                     if uncond {
                         KvRef::Null
                     } else {
-                        KvRef::Image(rows[i].kv.as_ref())
+                        KvRef::Image(rows[i].kv)
                     }
                 })
                 .collect();

@@ -73,7 +73,7 @@ impl Denoiser for FakeDenoiser {
         let mut out = Array3::zeros(x.dim());
         for b in 0..x.dim().0 {
             let k = match kv[b] {
-                KvRef::Image(k) => k,
+                KvRef::Image(k) => k.as_ref(),
                 KvRef::Null => &self.null_kv,
             };
             out.index_axis_mut(Axis(0), b).assign(&fake_x0(

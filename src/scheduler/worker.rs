@@ -609,6 +609,7 @@ mod tests {
                     device: DeviceChoice::Cpu,
                     intra_op_threads: 1,
                     row_parallelism: 1,
+                    kv_pool: true,
                 },
             },
         };

@@ -1,0 +1,239 @@
+//! The cross-attention K/V of the images in flight, one slot each, kept in memory of
+//! the device the denoiser runs on, so that a denoising step sends none of it.
+//!
+//! The denoiser of a current bundle takes `image_kv` as a pool plus `kv_index` per row
+//! (docs/bundle.md). Without this pool every step would copy each image's K/V into a
+//! fresh batch: about 14.5 MB per image for the full-size model, most of what a GPU
+//! step would move. Here an image's K/V is copied once, when it first appears in a
+//! call, and stays until its rows have not been in a call for [`IDLE_CALLS`] calls.
+//! Slot 0 holds the unconditional (null) K/V for good. The pool doubles when full.
+//!
+//! Entries are keyed by the address of the image's `Arc`ed K/V and keep a clone of the
+//! `Arc`: while an entry exists its address cannot be reused by another image.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ndarray::Array3;
+use ort::memory::Allocator;
+use ort::value::{Shape, Tensor, TensorRefMut};
+
+use crate::sampler::KvRef;
+
+/// Calls an entry may go unused before its slot is freed (a request held back by the
+/// row limit keeps its slot for a few steps).
+pub const IDLE_CALLS: u64 = 4;
+
+struct Entry {
+    slot: usize,
+    kv: Arc<Array3<f32>>,
+    last_call: u64,
+}
+
+/// Counters, for tests and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// K/V copied into a slot.
+    pub uploads: u64,
+    /// Times the pool grew.
+    pub grows: u64,
+}
+
+pub struct KvPool {
+    allocator: Allocator,
+    storage: Tensor<f32>,
+    capacity: usize,
+    /// Shape of one image's K/V.
+    item: [usize; 3],
+    entries: HashMap<usize, Entry>,
+    free: Vec<usize>,
+    calls: u64,
+    pub stats: PoolStats,
+}
+
+fn err(reason: impl std::fmt::Display) -> String {
+    format!("K/V pool: {reason}")
+}
+
+impl KvPool {
+    /// A pool of `capacity` slots (at least 2) in `allocator`'s memory, with `null_kv`
+    /// in slot 0.
+    pub fn new(
+        allocator: Allocator,
+        null_kv: &Array3<f32>,
+        capacity: usize,
+    ) -> Result<Self, String> {
+        let (a, b, c) = null_kv.dim();
+        let capacity = capacity.max(2);
+        let storage = Tensor::<f32>::new(&allocator, [capacity, a, b, c]).map_err(err)?;
+        let mut pool = KvPool {
+            allocator,
+            storage,
+            capacity,
+            item: [a, b, c],
+            entries: HashMap::new(),
+            free: (1..capacity).rev().collect(),
+            calls: 0,
+            stats: PoolStats::default(),
+        };
+        pool.upload(0, null_kv)?;
+        Ok(pool)
+    }
+
+    /// The pool, for the denoiser's `image_kv` input.
+    pub fn tensor(&self) -> &Tensor<f32> {
+        &self.storage
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Images with a slot (the null K/V not counted).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The slot of each row's K/V for one denoiser call (its `kv_index`), copying in
+    /// the K/V that are not in the pool yet.
+    pub fn assign(&mut self, kv: &[KvRef<'_>]) -> Result<Vec<i64>, String> {
+        self.calls += 1;
+        let call = self.calls;
+        // Mark first what this call uses, so that making room never evicts it.
+        for src in kv {
+            if let KvRef::Image(a) = src
+                && let Some(e) = self.entries.get_mut(&key(a))
+            {
+                e.last_call = call;
+            }
+        }
+        let mut index = Vec::with_capacity(kv.len());
+        for src in kv {
+            let slot = match src {
+                KvRef::Null => 0,
+                KvRef::Image(a) => match self.entries.get(&key(a)) {
+                    Some(e) => e.slot,
+                    None => {
+                        if a.dim() != (self.item[0], self.item[1], self.item[2]) {
+                            return Err(err(format!(
+                                "image K/V of shape {:?}; expected {:?}",
+                                a.dim(),
+                                self.item
+                            )));
+                        }
+                        let slot = self.take_slot(call)?;
+                        self.upload(slot, a)?;
+                        self.entries.insert(
+                            key(a),
+                            Entry {
+                                slot,
+                                kv: Arc::clone(a),
+                                last_call: call,
+                            },
+                        );
+                        slot
+                    }
+                },
+            };
+            index.push(slot as i64);
+        }
+        // Let go of images whose rows have left (their requests finished or failed).
+        let idle: Vec<usize> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.last_call + IDLE_CALLS < call)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in idle {
+            self.release(k);
+        }
+        Ok(index)
+    }
+
+    fn release(&mut self, key: usize) {
+        if let Some(e) = self.entries.remove(&key) {
+            self.free.push(e.slot);
+            drop(e.kv);
+        }
+    }
+
+    /// A free slot: a free one, else one not used in this call, else a doubled pool.
+    fn take_slot(&mut self, call: u64) -> Result<usize, String> {
+        if let Some(slot) = self.free.pop() {
+            return Ok(slot);
+        }
+        let unused: Vec<usize> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.last_call < call)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in unused {
+            self.release(k);
+        }
+        if let Some(slot) = self.free.pop() {
+            return Ok(slot);
+        }
+        self.grow()?;
+        self.free
+            .pop()
+            .ok_or_else(|| err("no free slot after growing"))
+    }
+
+    /// Doubles the pool, copying the old slots over on the device.
+    fn grow(&mut self) -> Result<(), String> {
+        let [a, b, c] = self.item;
+        let capacity = self.capacity * 2;
+        let mut storage = Tensor::<f32>::new(&self.allocator, [capacity, a, b, c]).map_err(err)?;
+        let head = slots_view(&mut storage, self.item, 0, self.capacity)?;
+        self.storage.copy_into(head).map_err(err)?;
+        self.free.extend((self.capacity..capacity).rev());
+        self.storage = storage;
+        self.capacity = capacity;
+        self.stats.grows += 1;
+        Ok(())
+    }
+
+    /// Copies one image's K/V into `slot` (host to device on a GPU).
+    fn upload(&mut self, slot: usize, kv: &Array3<f32>) -> Result<(), String> {
+        // An owned source: ONNX Runtime's copy of a borrowed host view within one
+        // device clones it first through the same copy machinery, which deadlocks.
+        let source =
+            Tensor::from_array(kv.to_owned().insert_axis(ndarray::Axis(0))).map_err(err)?;
+        let view = slots_view(&mut self.storage, self.item, slot, 1)?;
+        source.copy_into(view).map_err(err)?;
+        self.stats.uploads += 1;
+        Ok(())
+    }
+}
+
+/// `count` slots from `first` of `storage` (slots of shape `item`), as a tensor of
+/// their own over the same memory.
+fn slots_view(
+    storage: &mut Tensor<f32>,
+    item: [usize; 3],
+    first: usize,
+    count: usize,
+) -> Result<TensorRefMut<'_, f32>, String> {
+    let [a, b, c] = item;
+    let total: i64 = storage.shape().iter().product();
+    if ((first + count) * a * b * c) as i64 > total {
+        return Err(err("slot outside the pool"));
+    }
+    let info = storage.memory_info().to_owned();
+    // Plain address arithmetic: the pointer may be device memory, never read here.
+    let base = storage.data_ptr_mut() as usize;
+    let ptr = base + first * a * b * c * std::mem::size_of::<f32>();
+    let shape = Shape::from([count as i64, a as i64, b as i64, c as i64]);
+    // SAFETY: the range lies inside `storage` (checked above), whose memory `info`
+    // describes, and the view borrows `storage` mutably for as long as it lives.
+    unsafe { TensorRefMut::from_raw(info, ptr as *mut std::ffi::c_void, shape) }.map_err(err)
+}
+
+fn key(a: &Arc<Array3<f32>>) -> usize {
+    Arc::as_ptr(a) as usize
+}
