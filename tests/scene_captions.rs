@@ -5,9 +5,9 @@
 use std::process::Command;
 
 /// How many of the eight fixture images the committed `scenes-tiny` captions exactly
-/// (it gets 4 of 8 at seed 0; models/README.md has its full evaluation). Raise it when
-/// a better bundle lands.
-const MIN_EXACT: usize = 4;
+/// (it gets 8 of 8 at seed 0; one miss is allowed for other CPUs' rounding).
+/// models/README.md has its full evaluation.
+const MIN_EXACT: usize = 7;
 
 #[test]
 fn default_bundle_captions_rendered_scenes() {
