@@ -5,17 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
 use crate::bundle::{Bundle, BundleError};
 use crate::config::{BatchingMode, CaptionArgs, ModelArgs};
 use crate::metrics::{Metrics, MetricsError};
 use crate::preprocess::{self, ImageLimits, PreprocessError};
 use crate::runtime::{self, OrtRuntime, RuntimeError};
 use crate::sampler::SamplerParams;
-use crate::scheduler::{
-    CaptionJob, CaptionOutput, InferError, Scheduler, SchedulerConfig, SubmitError,
-};
+use crate::scheduler::{CaptionJob, CaptionReply, Scheduler, SchedulerConfig, SubmitError};
 use crate::text::{TextDecoder, TextError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,17 +92,9 @@ pub fn submit(
     params: SamplerParams,
     seed: u64,
     timeout: Duration,
-) -> Result<oneshot::Receiver<Result<CaptionOutput, InferError>>, SubmitError> {
-    let (reply, rx) = oneshot::channel();
-    let now = Instant::now();
-    scheduler.submit(CaptionJob {
-        pixels,
-        params,
-        seed,
-        deadline: now + timeout,
-        enqueued: now,
-        reply,
-    })?;
+) -> Result<CaptionReply, SubmitError> {
+    let (job, rx) = CaptionJob::new(pixels, params, seed, Instant::now() + timeout);
+    scheduler.submit(job)?;
     Ok(rx)
 }
 

@@ -115,17 +115,8 @@ fn gone_clients_and_expired_deadlines_cost_nothing() {
     )
     .unwrap();
     drop(gone);
-    let (reply, expired) = tokio::sync::oneshot::channel();
-    let now = Instant::now();
-    s.submit(CaptionJob {
-        pixels: pixels(&p, 2),
-        params: params.clone(),
-        seed: 1,
-        deadline: now,
-        enqueued: now,
-        reply,
-    })
-    .unwrap();
+    let (job, expired) = CaptionJob::new(pixels(&p, 2), params.clone(), 1, Instant::now());
+    s.submit(job).unwrap();
 
     assert!(busy.blocking_recv().unwrap().is_ok());
     assert_eq!(
@@ -169,20 +160,13 @@ fn a_slow_stream_loses_step_events_not_time() {
     // Room for one event, and nobody reads until the answer is in: the worker must
     // neither wait for the reader nor change the result.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1);
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    let now = Instant::now();
-    s.submit_streaming(
-        CaptionJob {
-            pixels: pixels(&p, 0),
-            params,
-            seed: 3,
-            deadline: now + Duration::from_secs(60),
-            enqueued: now,
-            reply,
-        },
-        events_tx,
-    )
-    .unwrap();
+    let (job, rx) = CaptionJob::new(
+        pixels(&p, 0),
+        params,
+        3,
+        Instant::now() + Duration::from_secs(60),
+    );
+    s.submit_streaming(job, events_tx).unwrap();
     let streamed = rx.blocking_recv().unwrap().unwrap();
     assert_eq!(streamed.candidates, plain.candidates);
     assert_eq!(streamed.chosen, plain.chosen);

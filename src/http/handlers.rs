@@ -180,19 +180,10 @@ async fn stream_caption(
 ) -> Result<Response, ApiError> {
     let deadline = start + resolved.timeout;
     let pixels = decode_image(&state, image).await?;
-    let (reply, reply_rx) = oneshot::channel();
+    let (job, reply_rx) =
+        CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
     let (events_tx, events_rx) = mpsc::channel(STREAM_BUFFER);
-    scheduler.submit_streaming(
-        CaptionJob {
-            pixels,
-            params: resolved.sampler.clone(),
-            seed: resolved.seed,
-            deadline,
-            enqueued: Instant::now(),
-            reply,
-        },
-        events_tx,
-    )?;
+    scheduler.submit_streaming(job, events_tx)?;
     let schedule = Schedule::from_spec(&state.manifest.schedule);
     let first = StreamStart {
         model: state.manifest.name.clone(),
@@ -437,15 +428,8 @@ async fn run_caption(
 ) -> Result<CaptionOutput, ApiError> {
     let deadline = start + resolved.timeout;
     let pixels = decode_image(state, image).await?;
-    let (reply, rx) = oneshot::channel();
-    scheduler.submit(CaptionJob {
-        pixels,
-        params: resolved.sampler.clone(),
-        seed: resolved.seed,
-        deadline,
-        enqueued: Instant::now(),
-        reply,
-    })?;
+    let (job, rx) = CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
+    scheduler.submit(job)?;
     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await {
         Err(_) => Err(ApiError::Timeout),
         Ok(Err(_)) => Err(ApiError::Inference("the worker dropped the request".into())),

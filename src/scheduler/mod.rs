@@ -36,6 +36,30 @@ pub struct CaptionJob {
     pub reply: oneshot::Sender<Result<CaptionOutput, InferError>>,
 }
 
+/// Where a job's answer arrives.
+pub type CaptionReply = oneshot::Receiver<Result<CaptionOutput, InferError>>;
+
+impl CaptionJob {
+    /// A job enqueued now, and the receiver of its answer.
+    pub fn new(
+        pixels: Array3<f32>,
+        params: SamplerParams,
+        seed: u64,
+        deadline: Instant,
+    ) -> (CaptionJob, CaptionReply) {
+        let (reply, rx) = oneshot::channel();
+        let job = CaptionJob {
+            pixels,
+            params,
+            seed,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+        };
+        (job, rx)
+    }
+}
+
 /// Where a streaming job's [`StepEvent`]s go. The worker only ever `try_send`s: when
 /// the receiver lags and the channel is full, intermediate events are dropped (and
 /// counted in `ladic_stream_events_dropped_total`); the batch never waits for it.

@@ -568,16 +568,12 @@ mod tests {
         params: &SamplerParams,
         size: usize,
     ) -> oneshot::Receiver<Result<CaptionOutput, InferError>> {
-        let (reply, rx) = oneshot::channel();
-        let now = Instant::now();
-        let job = CaptionJob {
-            pixels: Array3::zeros((3, size, size)),
-            params: params.clone(),
-            seed: 1,
-            deadline: now + Duration::from_secs(60),
-            enqueued: now,
-            reply,
-        };
+        let (job, rx) = CaptionJob::new(
+            Array3::zeros((3, size, size)),
+            params.clone(),
+            1,
+            Instant::now() + Duration::from_secs(60),
+        );
         tx.send(Queued {
             job,
             progress: None,
