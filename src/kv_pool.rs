@@ -85,19 +85,6 @@ impl KvPool {
         &self.storage
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Images with a slot (the null K/V not counted).
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The slot of each row's K/V for one denoiser call (its `kv_index`), copying in
     /// the K/V that are not in the pool yet.
     pub fn assign(&mut self, kv: &[KvRef<'_>]) -> Result<Vec<i64>, String> {

@@ -191,8 +191,7 @@ impl SessionOptions {
         let (row_parallelism, intra_op_threads) =
             match (self.row_parallelism, self.intra_op_threads) {
                 (0, 0) => (share, 1),
-                (0, threads) => (1, threads),
-                (1, threads) => (1, threads),
+                (0 | 1, threads) => (1, threads),
                 (slices, 0) => (slices, 1),
                 (slices, threads) => (slices, threads),
             };
