@@ -282,15 +282,14 @@ def write_bundle(
     return diffs
 
 
-def load_run(run: Path) -> tuple[Ladic, Path]:
-    """A trained model from a `ladic.train` output directory (final or last checkpoint)."""
+def load_run(run: Path, checkpoint: Path | None = None) -> tuple[Ladic, Path]:
+    """A trained model from a `ladic.train` output directory: `checkpoint` if given, else
+    the final weights, else the last checkpoint."""
     cfg = LadicConfig.from_dict(json.loads((run / "config.json").read_text()))
     model = Ladic(cfg)
     final = run / "final.pt"
-    if final.exists():
-        state = torch.load(final, map_location="cpu", weights_only=False)["model"]
-    else:
-        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    path = checkpoint or (final if final.exists() else run / "checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
     model.load_state_dict(state)
     return model.eval(), run / "tokenizer.json"
 

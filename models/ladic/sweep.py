@@ -19,15 +19,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import data, scenes
-from .config import LadicConfig
-from .metrics import exact_match
-from .model import Ladic
-from .sampler import SampleParams, SeededNoise, TorchBackend, caption_images, ids_to_text
+from .export import load_run
+from .sampler import SampleParams
 from .tokenizer import load_tokenizer
+from .train import evaluate_exact_match
 
 FIELDS = {"steps", "guidance", "time_shift", "renoise_scale", "self_conditioning", "candidates"}
 
@@ -46,16 +44,6 @@ def parse_setting(text: str, base: SampleParams) -> SampleParams:
     return dataclasses.replace(base, **changes)
 
 
-def load_model(run: Path, checkpoint: Path | None) -> Ladic:
-    cfg = LadicConfig.from_dict(json.loads((run / "config.json").read_text()))
-    model = Ladic(cfg)
-    path = checkpoint or (
-        run / "final.pt" if (run / "final.pt").exists() else run / "checkpoint.pt"
-    )
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
-    return model.eval()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("settings", nargs="+", help="field=value[,field=value...] per setting")
@@ -69,31 +57,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model = load_model(args.run, args.checkpoint)
+    model, tokenizer_path = load_run(args.run, args.checkpoint)
     cfg = model.cfg
-    tokenizer = load_tokenizer(args.run / "tokenizer.json", cfg.text.max_len)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.text.max_len)
     scene_list = scenes.generate_split(args.split, args.limit)
-    pixels = data.normalize(
-        data.split_images(args.split, cfg.image, len(scene_list)), cfg.image
-    ).numpy()
-    backend = TorchBackend(model, "cpu")
-    shape = (cfg.text.max_len, cfg.latent_dim)
+    images = data.split_images(args.split, cfg.image, len(scene_list))
     base = SampleParams.defaults(cfg)
     results = []
     for text in args.settings:
         params = parse_setting(text, base)
         start = time.time()
-        captions: list[str] = []
-        for first in range(0, len(pixels), 100):
-            out = caption_images(
-                backend,
-                pixels[first : first + 100],
-                params,
-                cfg,
-                lambda i, k, f=first: SeededNoise(args.seed + 10000 * k + f + i, shape),
-            )
-            captions += [ids_to_text(tokenizer, c.ids) for c in out]
-        exact = float(np.mean([exact_match(c, s) for c, s in zip(captions, scene_list)]))
+        exact, _ = evaluate_exact_match(
+            model, images, scene_list, tokenizer, "cpu", params, args.seed
+        )
         seconds = time.time() - start
         results.append({"setting": text, "exact_match": exact, "seconds": seconds})
         print(

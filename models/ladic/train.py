@@ -167,21 +167,31 @@ def latent_roundtrip_accuracy(text: TextLatent, ids: Tensor, device: str) -> flo
 
 @torch.no_grad()
 def evaluate_exact_match(
-    model: Ladic, images: np.ndarray, scene_list: list, tokenizer, device: str, steps: int
+    model: Ladic,
+    images: np.ndarray,
+    scene_list: list,
+    tokenizer,
+    device: str,
+    params: SampleParams,
+    seed: int = 0,
 ) -> tuple[float, list[str]]:
-    """Exact-match accuracy of sampled captions on a few validation images."""
+    """Exact-match accuracy of sampled captions (uint8 `images`, 100 per sampler call);
+    candidate k of image i gets the noise of seed `seed + 10000 * k + i`."""
+    was_training = model.training
     model.eval()
-    params = SampleParams.defaults(model.cfg)
-    params.steps = steps
     backend = TorchBackend(model, device)
     caps: list[str] = []
     for start in range(0, len(images), 100):
         pix = data.normalize(images[start : start + 100], model.cfg.image).numpy()
         out = caption_images(
-            backend, pix, params, model.cfg, lambda i, j, s=start: SeededNoise(s + i, shape(model))
+            backend,
+            pix,
+            params,
+            model.cfg,
+            lambda i, k, s=start: SeededNoise(seed + 10000 * k + s + i, shape(model)),
         )
         caps += [ids_to_text(tokenizer, c.ids) for c in out]
-    model.train()
+    model.train(was_training)
     hits = [exact_match(c, s) for c, s in zip(caps, scene_list)]
     return float(np.mean(hits)), caps
 
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         val = ""
         if done % args.eval_every == 0 or done == args.steps:
             acc, caps = evaluate_exact_match(
-                model, val_images, val_scenes, tokenizer, device, cfg.sampler.steps
+                model, val_images, val_scenes, tokenizer, device, SampleParams.defaults(cfg)
             )
             val = f"{acc:.4f}"
             tqdm.write(f"step {done}: val exact match {acc:.3f}; e.g. {caps[0]!r}")
