@@ -4,7 +4,7 @@
 #
 #   scripts/bench-gpu.sh --binary PATH [--out DIR] [--device cuda|cpu]
 #                        [--config base|tiny|micro] [--quick] [--check-export]
-#                        [--budget SECONDS]
+#                        [--budget SECONDS] [--no-reference]
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
@@ -18,6 +18,8 @@
 #   --check-export  also run the exporter's ONNX Runtime check (needs onnxruntime in Python)
 #   --budget S      skip the later throughput phases when the run would pass S seconds
 #                   (default 480; 0: never skip)
+#   --no-reference  measure the service only (a second run on another bundle or with
+#                   other server flags, next to a full run)
 #
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
@@ -34,7 +36,8 @@
 # the library path. Environment: PYTHON (default python3), BENCH_SERVER_ARGS (extra
 # `serve` flags), BENCH_MAX_BATCH_ROWS (default: 512, less where the denoiser's K/V input
 # would pass 2^31 elements: 256 for base), BENCH_CONCURRENCY (default "32 R/4 R/2" for
-# R rows, "8 32" with --quick), BENCH_REF_THREADS (torch threads of the reference;
+# R rows, "8 32" with --quick), BENCH_TP_SECONDS (seconds per throughput phase;
+# default 30, 4 with --quick), BENCH_REF_THREADS (torch threads of the reference;
 # default: torch's own on cuda, 1 on cpu).
 set -euo pipefail
 CALLER=$PWD
@@ -42,11 +45,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 SECONDS=0
 
-usage() { sed -n '5,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '5,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { printf '[%4ds] ERROR: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench DEVICE=cuda CONFIG="" QUICK=0 CHECK_EXPORT=0 BUDGET=480
+REFERENCE=1
 while [[ $# -gt 0 ]]; do
   case $1 in
     --binary) BINARY=${2:?}; shift 2 ;;
@@ -56,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --quick) QUICK=1; shift ;;
     --check-export) CHECK_EXPORT=1; shift ;;
     --budget) BUDGET=${2:?}; shift 2 ;;
+    --no-reference) REFERENCE=0; shift ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -86,12 +91,13 @@ exec > >(tee "$RES/bench.log") 2>&1
 TEE_PID=$!
 
 if [[ $QUICK == 1 ]]; then
-  LAT_WARMUP=2 LAT_N=8 TP_SECONDS=4 CONCURRENCY=${BENCH_CONCURRENCY:-"8 32"}
+  LAT_WARMUP=2 LAT_N=8 TP_SECONDS=${BENCH_TP_SECONDS:-4} CONCURRENCY=${BENCH_CONCURRENCY:-"8 32"}
   REF_WARMUP=1 REF_LAT_N=3 REF_BATCH=16 REF_TP_N=1 READY_TIMEOUT=120 REF_RESERVE=30
 else
-  LAT_WARMUP=5 LAT_N=30 TP_SECONDS=30 CONCURRENCY=${BENCH_CONCURRENCY:-}
+  LAT_WARMUP=5 LAT_N=30 TP_SECONDS=${BENCH_TP_SECONDS:-30} CONCURRENCY=${BENCH_CONCURRENCY:-}
   REF_WARMUP=3 REF_LAT_N=30 REF_BATCH=256 REF_TP_N=3 READY_TIMEOUT=300 REF_RESERVE=120
 fi
+[[ $REFERENCE == 1 ]] || REF_RESERVE=0
 if [[ $DEVICE == cpu ]]; then REF_THREADS=${BENCH_REF_THREADS:-1}; else REF_THREADS=${BENCH_REF_THREADS:-0}; fi
 IMAGE=$ROOT/tests/fixtures/images/scene-test-seen-0.png
 SERVER_PID=""
@@ -169,9 +175,9 @@ if [[ -f $BUNDLE/manifest.json ]] && grep -q "\"name\": \"$CONFIG\"" "$BUNDLE/ma
   log "reusing the bundle exported earlier (delete $BUNDLE to export again)"
 else
   rm -rf "$BUNDLE"
-  log "exporting: python -m ladic.export --random-init $CONFIG --out $BUNDLE ${EXPORT_FLAGS[*]}"
+  log "exporting: python -m ladic.export --random-init $CONFIG --name $CONFIG --out $BUNDLE ${EXPORT_FLAGS[*]}"
   (cd models && PYTHONPATH="$ROOT/models${PYTHONPATH:+:$PYTHONPATH}" timeout 900 \
-    "$PY" -W ignore -m ladic.export --random-init "$CONFIG" --out "$BUNDLE" "${EXPORT_FLAGS[@]}") \
+    "$PY" -W ignore -m ladic.export --random-init "$CONFIG" --name "$CONFIG" --out "$BUNDLE" "${EXPORT_FLAGS[@]}") \
     >"$RES/export.log" 2>&1 || { tail -20 "$RES/export.log"; die "export failed (log: $RES/export.log)"; }
   tail -3 "$RES/export.log"
 fi
@@ -211,9 +217,10 @@ cleanup() {
 trap cleanup EXIT
 
 summary() {
-  "$PY" - "$RES" "$DEVICE" "$CONFIG" "$QUICK" "$GPU_NAME" "$CONCURRENCY" "$REF_BATCH" <<'EOF'
+  "$PY" - "$RES" "$DEVICE" "$CONFIG" "$QUICK" "$GPU_NAME" "$CONCURRENCY" "$REF_BATCH" \
+    "$BUNDLE/manifest.json" <<'EOF'
 import datetime, glob, json, os, re, sys
-res, device, config, quick, gpu, conc, ref_batch = sys.argv[1:8]
+res, device, config, quick, gpu, conc, ref_batch, manifest = sys.argv[1:9]
 def load(path):
     try:
         with open(path) as f:
@@ -227,6 +234,7 @@ def lines(path):
     except (OSError, ValueError):
         return []
 env = load(f"{res}/env.json") or {}
+precision = (load(manifest) or {}).get("precision", "fp32")
 lat = {s: load(f"{res}/latency-steps{s}.json") for s in (5, 34)}
 tp = {}
 for p in sorted(glob.glob(f"{res}/loadgen-c*.json")):
@@ -275,13 +283,14 @@ title = "GPU benchmark" if device == "cuda" else "GPU benchmark script, CPU smok
 out.append(f"### {title}: {card}, {now}{' (--quick)' if quick == '1' else ''}")
 out.append("")
 out.append(
-    f"Bundle `{config}` with random weights (seed 0), exported here; service "
+    f"Bundle `{config}` ({precision}) with random weights (seed 0), exported here; service "
     f"`ladic-serve serve --device {device} {server.get('args', '')}`"
     f" ({server.get('version', '?')}); graphs: {server.get('providers', 'n/a').replace(',', ', ')}. "
-    f"Reference: models/ladic/bench_reference.py --loop torch on {device}, PyTorch "
-    f"{env.get('torch')}, Python {env.get('python')}"
-    + (", fp32 with TF32 allowed" if device == "cuda" else "") + ". "
-    "Service latency: sequential single requests over HTTP (PNG fixture, p50 of "
+    + (f"Reference: models/ladic/bench_reference.py --loop torch on {device}, PyTorch "
+       f"{env.get('torch')}, Python {env.get('python')}"
+       + (", fp32 with TF32 allowed" if device == "cuda" else "") + ". "
+       if ref else "Reference: not run in this pass (--no-reference). ")
+    + "Service latency: sequential single requests over HTTP (PNG fixture, p50 of "
     f"{(lat[5] or {}).get('n', '?')}); service throughput: scripts/loadgen.py measure, "
     "closed loop, best concurrency; reference: one caption_images-equivalent call per "
     "batch (image encoding, the loop, the decode)."
@@ -486,6 +495,9 @@ EOF
 [[ $WORK == "$RES" ]] || cp "$WORK/server.log" "$RES/server.log"
 
 # ----------------------------------------------------------------- (d) the reference
+if [[ $REFERENCE == 0 ]]; then
+log "== (d) PyTorch reference: skipped (--no-reference)"
+else
 log "== (d) PyTorch reference on $DEVICE: fp32 and bf16; batch 1 at 5 and 34 steps ($REF_LAT_N each), batch $REF_BATCH at 34 steps ($REF_TP_N)"
 TF32=(); [[ $DEVICE == cuda ]] && TF32=(--tf32)
 # Bounded so that the whole run ends near --budget; the cases done by then are kept.
@@ -511,6 +523,8 @@ else
   tail -5 "$RES/reference.log"
   log "warning: the reference failed or passed its ${REF_TIMEOUT} s (log: $RES/reference.log); cases done: $(grep -c . "$RES/reference.jsonl" || true)"
 fi
+
+fi  # REFERENCE
 
 # ----------------------------------------------------------------- (e) summary
 log "== (e) summary ($RES/summary.md)"
