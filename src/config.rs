@@ -58,8 +58,9 @@ pub struct ModelArgs {
     pub row_parallelism: u16,
 
     /// Keep each image's cross-attention K/V in a pool on the model's device while its
-    /// rows are in flight, instead of sending it with every denoiser step (bundles whose
-    /// denoiser takes `kv_index`).
+    /// rows are in flight: the encoder writes it there and the denoiser reads it there
+    /// (bundles whose denoiser takes `kv_index`). False: it comes back to the host and
+    /// goes with every denoiser step.
     #[arg(long, env = "LADIC_KV_POOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub kv_pool: bool,
 

@@ -8,11 +8,19 @@
 //! call, and stays until its rows have not been in a call for [`IDLE_CALLS`] calls.
 //! Slot 0 holds the unconditional (null) K/V for good. The pool doubles when full.
 //!
-//! Entries are keyed by the address of the image's `Arc`ed K/V and keep a clone of the
-//! `Arc`: while an entry exists its address cannot be reused by another image.
+//! Two kinds of entries:
+//! - *host* K/V ([`KvRef::Image`]): keyed by the address of the image's `Arc`ed K/V,
+//!   keeping a clone of the `Arc` (so the address cannot be reused by another image);
+//!   copied in on first use, let go after [`IDLE_CALLS`] idle calls, copied in again if
+//!   it comes back;
+//! - *resident* K/V ([`ResidentKv`]): the encoder wrote it straight into a run of slots
+//!   ([`KvPool::reserve_run`] and [`KvPool::run_view`]), so it never went through host
+//!   memory; there is no other copy, so it is never let go early: its slot is freed
+//!   when the last clone of its [`ResidentKv`] is dropped (its request finished or
+//!   failed).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use ndarray::Array3;
 use ort::memory::Allocator;
@@ -37,7 +45,36 @@ pub struct PoolStats {
     pub uploads: u64,
     /// Times the pool grew.
     pub grows: u64,
+    /// Slots the pool has.
+    pub capacity: usize,
+    /// Slots held by resident K/V now.
+    pub resident: usize,
 }
+
+/// One image's K/V in a slot of a [`KvPool`], written there by the encoder. Clones
+/// share the slot; dropping the last one hands the slot back to the pool.
+#[derive(Debug)]
+pub struct ResidentKv {
+    slot: usize,
+    /// The pool that owns the slot (a handle never indexes another pool).
+    pool: u64,
+    released: Arc<Mutex<Vec<usize>>>,
+}
+
+impl ResidentKv {
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+}
+
+impl Drop for ResidentKv {
+    fn drop(&mut self) {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        released.push(self.slot);
+    }
+}
+
+static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub struct KvPool {
     allocator: Allocator,
@@ -46,7 +83,11 @@ pub struct KvPool {
     /// Shape of one image's K/V.
     item: [usize; 3],
     entries: HashMap<usize, Entry>,
-    free: Vec<usize>,
+    /// Free slots (lowest first, so that runs of free slots stay together).
+    free: BTreeSet<usize>,
+    /// Slots of resident K/V whose last handle was dropped since the last look.
+    released: Arc<Mutex<Vec<usize>>>,
+    id: u64,
     calls: u64,
     pub stats: PoolStats,
 }
@@ -72,9 +113,14 @@ impl KvPool {
             capacity,
             item: [a, b, c],
             entries: HashMap::new(),
-            free: (1..capacity).rev().collect(),
+            free: (1..capacity).collect(),
+            released: Arc::new(Mutex::new(Vec::new())),
+            id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             calls: 0,
-            stats: PoolStats::default(),
+            stats: PoolStats {
+                capacity,
+                ..PoolStats::default()
+            },
         };
         pool.upload(0, null_kv)?;
         Ok(pool)
@@ -88,6 +134,7 @@ impl KvPool {
     /// The slot of each row's K/V for one denoiser call (its `kv_index`), copying in
     /// the K/V that are not in the pool yet.
     pub fn assign(&mut self, kv: &[KvRef<'_>]) -> Result<Vec<i64>, String> {
+        self.reclaim();
         self.calls += 1;
         let call = self.calls;
         // Mark first what this call uses, so that making room never evicts it.
@@ -102,6 +149,12 @@ impl KvPool {
         for src in kv {
             let slot = match src {
                 KvRef::Null => 0,
+                KvRef::Resident(r) => {
+                    if r.pool != self.id || r.slot >= self.capacity {
+                        return Err(err(format!("slot {} is not this pool's", r.slot)));
+                    }
+                    r.slot
+                }
                 KvRef::Image(a) => match self.entries.get(&key(a)) {
                     Some(e) => e.slot,
                     None => {
@@ -143,14 +196,79 @@ impl KvPool {
 
     fn release(&mut self, key: usize) {
         if let Some(e) = self.entries.remove(&key) {
-            self.free.push(e.slot);
+            self.free.insert(e.slot);
             drop(e.kv);
+        }
+    }
+
+    /// Frees the slots of resident K/V whose handles were dropped.
+    fn reclaim(&mut self) {
+        let released =
+            std::mem::take(&mut *self.released.lock().unwrap_or_else(|e| e.into_inner()));
+        self.stats.resident -= released.len();
+        self.free.extend(released);
+    }
+
+    /// `count` consecutive free slots for resident K/V, the first returned; the pool
+    /// grows (keeping its slots) until it has such a run. Write the K/V into
+    /// [`run_view`](Self::run_view)`(first, count)`, then take a handle per slot with
+    /// [`resident`](Self::resident); a slot with no handle taken stays reserved.
+    pub fn reserve_run(&mut self, count: usize) -> Result<usize, String> {
+        self.reclaim();
+        if count == 0 {
+            return Err(err("a run of no slots"));
+        }
+        loop {
+            if let Some(first) = self.find_run(count) {
+                for slot in first..first + count {
+                    self.free.remove(&slot);
+                }
+                self.stats.resident += count;
+                return Ok(first);
+            }
+            self.grow()?;
+        }
+    }
+
+    /// The lowest run of `count` free slots.
+    fn find_run(&self, count: usize) -> Option<usize> {
+        let mut start = None;
+        let mut previous = None;
+        for &slot in &self.free {
+            if previous.is_none_or(|p| p + 1 != slot) {
+                start = Some(slot);
+            }
+            previous = Some(slot);
+            if let Some(first) = start
+                && slot + 1 - first >= count
+            {
+                return Some(first);
+            }
+        }
+        None
+    }
+
+    /// The slots `first..first + count`, to write K/V into (the encoder's output).
+    pub fn run_view(
+        &mut self,
+        first: usize,
+        count: usize,
+    ) -> Result<TensorRefMut<'_, f32>, String> {
+        slots_view(&mut self.storage, self.item, first, count)
+    }
+
+    /// The handle of a slot reserved with [`reserve_run`](Self::reserve_run).
+    pub fn resident(&self, slot: usize) -> ResidentKv {
+        ResidentKv {
+            slot,
+            pool: self.id,
+            released: Arc::clone(&self.released),
         }
     }
 
     /// A free slot: a free one, else one not used in this call, else a doubled pool.
     fn take_slot(&mut self, call: u64) -> Result<usize, String> {
-        if let Some(slot) = self.free.pop() {
+        if let Some(slot) = self.free.pop_first() {
             return Ok(slot);
         }
         let unused: Vec<usize> = self
@@ -162,12 +280,12 @@ impl KvPool {
         for k in unused {
             self.release(k);
         }
-        if let Some(slot) = self.free.pop() {
+        if let Some(slot) = self.free.pop_first() {
             return Ok(slot);
         }
         self.grow()?;
         self.free
-            .pop()
+            .pop_first()
             .ok_or_else(|| err("no free slot after growing"))
     }
 
@@ -178,10 +296,11 @@ impl KvPool {
         let mut storage = Tensor::<f32>::new(&self.allocator, [capacity, a, b, c]).map_err(err)?;
         let head = slots_view(&mut storage, self.item, 0, self.capacity)?;
         self.storage.copy_into(head).map_err(err)?;
-        self.free.extend((self.capacity..capacity).rev());
+        self.free.extend(self.capacity..capacity);
         self.storage = storage;
         self.capacity = capacity;
         self.stats.grows += 1;
+        self.stats.capacity = capacity;
         Ok(())
     }
 

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub queue_wait_seconds: Histogram,
     pub batch_rows: Histogram,
     pub denoiser_step_duration_seconds: Histogram,
+    pub encoder_call_duration_seconds: Histogram,
+    pub decoder_call_duration_seconds: Histogram,
+    pub worker_tick_duration_seconds: Histogram,
     pub queue_depth: IntGauge,
     pub rows_in_flight: IntGauge,
     pub requests_dropped_total: IntCounterVec,
@@ -73,6 +76,25 @@ impl Metrics {
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
         )?;
+        let seconds_histogram = |name: &str, help: &str| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            )
+        };
+        let encoder_call_duration_seconds = seconds_histogram(
+            "encoder_call_duration_seconds",
+            "Wall time of one encoder call over the images a worker took in.",
+        )?;
+        let decoder_call_duration_seconds = seconds_histogram(
+            "decoder_call_duration_seconds",
+            "Wall time of one decoder call over a batch of rows.",
+        )?;
+        let worker_tick_duration_seconds = seconds_histogram(
+            "worker_tick_duration_seconds",
+            "Wall time of one pass of a worker's loop: encoder, denoiser and decoder calls \
+             and the sampler's own work on the host.",
+        )?;
         let queue_depth = IntGauge::new("queue_depth", "Images waiting for a worker.")?;
         let rows_in_flight = IntGauge::new(
             "rows_in_flight",
@@ -109,6 +131,9 @@ impl Metrics {
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(batch_rows.clone()))?;
         registry.register(Box::new(denoiser_step_duration_seconds.clone()))?;
+        registry.register(Box::new(encoder_call_duration_seconds.clone()))?;
+        registry.register(Box::new(decoder_call_duration_seconds.clone()))?;
+        registry.register(Box::new(worker_tick_duration_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(rows_in_flight.clone()))?;
         registry.register(Box::new(requests_dropped_total.clone()))?;
@@ -123,6 +148,9 @@ impl Metrics {
             queue_wait_seconds,
             batch_rows,
             denoiser_step_duration_seconds,
+            encoder_call_duration_seconds,
+            decoder_call_duration_seconds,
+            worker_tick_duration_seconds,
             queue_depth,
             rows_in_flight,
             requests_dropped_total,
@@ -175,6 +203,9 @@ mod tests {
             "queue_wait_seconds",
             "batch_rows",
             "denoiser_step_duration_seconds",
+            "encoder_call_duration_seconds",
+            "decoder_call_duration_seconds",
+            "worker_tick_duration_seconds",
             "queue_depth",
             "rows_in_flight",
             "images_dropped_total",

@@ -19,7 +19,7 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, DType, GraphSpec, names};
 use crate::kv_pool::KvPool;
-use crate::sampler::{Denoiser, KvRef};
+use crate::sampler::{Denoiser, ImageKv, KvRef};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 
 /// Slots the K/V pool starts with (it doubles when full).
@@ -565,7 +565,8 @@ impl Models {
             resident_kv_pool = models.kv_pool.is_some(),
             "image K/V: {}",
             match (models.gathers_kv, models.kv_pool.is_some()) {
-                (true, true) => "kept in a pool on the model's device while requests are in flight",
+                (true, true) =>
+                    "written by the encoder into a pool on the model's device, read there by the denoiser",
                 (true, false) => "sent once per image per denoiser call (--kv-pool false)",
                 _ => "sent once per row per denoiser call (a denoiser without kv_index)",
             }
@@ -637,6 +638,49 @@ impl Models {
                 Ok(kv)
             })?;
         join_rows(&self.encoder, parts)
+    }
+
+    /// Encodes `pixels [B,3,H,W]`, one [`ImageKv`] per image. With a resident pool
+    /// the encoder writes straight into a run of its slots (device memory with CUDA):
+    /// the K/V never passes through the host. Otherwise the K/V comes back to the host.
+    pub fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError> {
+        if self.kv_pool.is_none() {
+            let kv = self.encode(pixels)?;
+            return Ok(kv
+                .outer_iter()
+                .map(|k| ImageKv::Host(std::sync::Arc::new(k.to_owned())))
+                .collect());
+        }
+        let images = pixels.dim().0;
+        if images == 0 {
+            return Ok(Vec::new());
+        }
+        let fail = |reason: String| RuntimeError::Inference {
+            graph: "encoder",
+            reason,
+        };
+        let pool = self.kv_pool.as_mut().expect("checked above");
+        let first = pool.reserve_run(images).map_err(fail)?;
+        // Handles first: if the encoder fails, dropping them frees the run.
+        let handles: Vec<ImageKv> = (first..first + images)
+            .map(|slot| ImageKv::Resident(std::sync::Arc::new(pool.resident(slot))))
+            .collect();
+        let output = pool.run_view(first, images).map_err(fail)?;
+        // One session: the slices of a CPU worker would each need their own binding.
+        let session = &mut self.encoder.sessions[0];
+        let input = ort::value::Tensor::from_array(pixels.as_standard_layout().into_owned())
+            .map_err(|e| fail(e.to_string()))?;
+        let mut binding = session.create_binding().map_err(|e| fail(e.to_string()))?;
+        binding
+            .bind_input(names::PIXELS, &input)
+            .map_err(|e| fail(e.to_string()))?;
+        binding
+            .bind_output(names::IMAGE_KV, output)
+            .map_err(|e| fail(e.to_string()))?;
+        session
+            .run_binding(&binding)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(handles)
     }
 
     /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv[i]`.
@@ -841,6 +885,12 @@ impl Denoiser for Models {
             let a = match src {
                 KvRef::Image(a) => a.as_ref(),
                 KvRef::Null => &self.null_kv,
+                KvRef::Resident(_) => {
+                    return Err(RuntimeError::Inference {
+                        graph: "denoiser",
+                        reason: "resident K/V without a resident pool".into(),
+                    });
+                }
             };
             if a.dim() != dim {
                 return Err(RuntimeError::Inference {

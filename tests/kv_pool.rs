@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ladic_serve::bundle::Bundle;
 use ladic_serve::kv_pool::IDLE_CALLS;
 use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
-use ladic_serve::sampler::{Denoiser, KvRef};
+use ladic_serve::sampler::{Denoiser, ImageKv, KvRef};
 use ndarray::{Array3, Axis};
 
 fn load(bundle: &Bundle, kv_pool: bool, row_parallelism: usize) -> Models {
@@ -97,4 +97,127 @@ fn resident_pool_matches_sending_the_kv_with_every_call() {
         stats.uploads < 1 + per_call,
         "{stats:?}, per call {per_call}"
     );
+}
+
+/// Pixels of test image `i` (distinct per `i`).
+fn pixels(first: usize, count: usize, size: usize) -> ndarray::Array4<f32> {
+    ndarray::Array4::from_shape_fn((count, 3, size, size), |(b, c, y, x)| {
+        ((((first + b) * 7 + c * 13 + y * 3 + x) % 23) as f32) / 11.0 - 1.0
+    })
+}
+
+fn slot_of(kv: &ImageKv) -> usize {
+    match kv {
+        ImageKv::Resident(r) => r.slot(),
+        ImageKv::Host(_) => panic!("expected K/V resident in the pool"),
+    }
+}
+
+#[test]
+fn encoder_writes_straight_into_the_pool_and_slots_come_back_when_released() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    let bundle = Bundle::load(&dir).expect("parity bundle loads");
+    let m = &bundle.manifest;
+    let (l, d) = (m.text.max_len, m.text.latent_dim);
+    let size = m.image.size as usize;
+
+    let mut pooled = load(&bundle, true, 2);
+    let mut plain = load(&bundle, false, 1);
+    let host = |plain: &mut Models, first: usize, count: usize| -> Vec<Arc<Array3<f32>>> {
+        let kv = plain
+            .encode(pixels(first, count, size).view())
+            .expect("encoder runs");
+        kv.outer_iter().map(|k| Arc::new(k.to_owned())).collect()
+    };
+    // Denoises one row per image (plus a null row) with the resident K/V and with the
+    // host K/V of the same images; the two must agree.
+    let check = |pooled: &mut Models,
+                 plain: &mut Models,
+                 resident: &[&ImageKv],
+                 host: &[&Arc<Array3<f32>>],
+                 what: &str| {
+        let b = resident.len() + 1;
+        let x = Array3::from_shape_fn((b, l, d), |(r, i, j)| {
+            (((r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
+        });
+        let sc = Array3::from_shape_fn((b, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
+        let t: Vec<i64> = (0..b).map(|r| (r * 131 % 1000) as i64).collect();
+        let mut with_pool: Vec<KvRef<'_>> = resident.iter().map(|k| k.as_kv_ref()).collect();
+        let mut with_host: Vec<KvRef<'_>> = host.iter().map(|a| KvRef::Image(a)).collect();
+        with_pool.push(KvRef::Null);
+        with_host.push(KvRef::Null);
+        let got = Denoiser::denoise(pooled, x.view(), sc.view(), &t, &with_pool).expect("pooled");
+        let want = Denoiser::denoise(plain, x.view(), sc.view(), &t, &with_host).expect("plain");
+        let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+        assert!(diff <= 1e-5, "{what}: x0 differs by {diff}");
+    };
+
+    // Three images in one encoder call: a run of three slots after the null K/V's.
+    let first = pooled
+        .encode_images(pixels(0, 3, size).view())
+        .expect("encodes");
+    assert_eq!(first.iter().map(slot_of).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let host_first = host(&mut plain, 0, 3);
+    check(
+        &mut pooled,
+        &mut plain,
+        &first.iter().collect::<Vec<_>>(),
+        &host_first.iter().collect::<Vec<_>>(),
+        "three images",
+    );
+    let stats = pooled.kv_pool_stats().expect("a pool");
+    assert_eq!(
+        (stats.uploads, stats.resident),
+        (1, 3),
+        "only the null K/V was copied in"
+    );
+
+    // Its request done, the middle image's slot is free again, but a run of two needs
+    // two free slots side by side: slots 4 and 5.
+    let [a, b, c]: [ImageKv; 3] = first.try_into().expect("three");
+    drop(b);
+    let second = pooled
+        .encode_images(pixels(3, 2, size).view())
+        .expect("encodes");
+    assert_eq!(second.iter().map(slot_of).collect::<Vec<_>>(), vec![4, 5]);
+    let single = pooled
+        .encode_images(pixels(5, 1, size).view())
+        .expect("encodes");
+    assert_eq!(slot_of(&single[0]), 2, "the freed slot is reused");
+
+    // More images than the pool has slots: it grows, and what it held survives.
+    let many = pooled
+        .encode_images(pixels(6, 70, size).view())
+        .expect("encodes");
+    let stats = pooled.kv_pool_stats().expect("a pool");
+    assert!(stats.grows >= 1 && stats.capacity >= 76, "{stats:?}");
+    assert_eq!(stats.resident, 2 + 2 + 1 + 70);
+    let host_second = host(&mut plain, 3, 2);
+    let host_single = host(&mut plain, 5, 1);
+    let host_many = host(&mut plain, 6, 70);
+    check(
+        &mut pooled,
+        &mut plain,
+        &[
+            &a, &c, &second[0], &second[1], &single[0], &many[0], &many[69],
+        ],
+        &[
+            &host_first[0],
+            &host_first[2],
+            &host_second[0],
+            &host_second[1],
+            &host_single[0],
+            &host_many[0],
+            &host_many[69],
+        ],
+        "after growing",
+    );
+
+    // Every request done: every slot but the null K/V's is free.
+    drop((a, c, second, single, many));
+    let again = pooled
+        .encode_images(pixels(0, 1, size).view())
+        .expect("encodes");
+    assert_eq!(slot_of(&again[0]), 1);
+    assert_eq!(pooled.kv_pool_stats().expect("a pool").resident, 1);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ladic_serve::bundle::{BackRefineSpec, Bundle};
 use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
 use ladic_serve::sampler::{
-    self, ActiveRow, Need, RecordedNoise, Row, SamplerParams, Schedule, mbr,
+    self, ActiveRow, KvRef, Need, RecordedNoise, Row, SamplerParams, Schedule, mbr,
 };
 use ladic_serve::text::TextDecoder;
 use ndarray::{Array2, Array4, Axis};
@@ -178,7 +178,10 @@ fn replay(
             let mut active: Vec<ActiveRow<'_>> = rows
                 .iter_mut()
                 .filter(|r| r.need() != Need::Done)
-                .map(|row| ActiveRow { row, kv: &kv })
+                .map(|row| ActiveRow {
+                    row,
+                    kv: KvRef::Image(&kv),
+                })
                 .collect();
             sampler::step(models, &mut active, 64).expect("step runs");
         }

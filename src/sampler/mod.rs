@@ -21,6 +21,7 @@ pub use row::{Need, Row, RowOutput};
 pub use schedule::Schedule;
 
 use crate::bundle::{BackRefineSpec, Manifest};
+use crate::kv_pool::ResidentKv;
 
 /// Back&Refine settings; `rounds = 0` or `enabled = false` turns it off.
 pub type BackRefine = BackRefineSpec;
@@ -75,9 +76,31 @@ pub struct TraceStep {
 /// K/V the denoiser implementation computed once at load.
 #[derive(Debug, Clone, Copy)]
 pub enum KvRef<'a> {
-    /// An image's K/V, shared by its rows (the `Arc` identifies it across calls).
+    /// An image's K/V in host memory, shared by its rows (the `Arc` identifies it
+    /// across calls).
     Image(&'a Arc<Array3<f32>>),
+    /// An image's K/V that the encoder wrote into the denoiser's resident pool.
+    Resident(&'a ResidentKv),
     Null,
+}
+
+/// One image's encoded K/V, as a request holds it while its rows run.
+#[derive(Debug, Clone)]
+pub enum ImageKv {
+    /// In host memory.
+    Host(Arc<Array3<f32>>),
+    /// Only in a slot of the worker's resident K/V pool (on the GPU with CUDA); the slot
+    /// is freed when the last clone is dropped.
+    Resident(Arc<ResidentKv>),
+}
+
+impl ImageKv {
+    pub fn as_kv_ref(&self) -> KvRef<'_> {
+        match self {
+            ImageKv::Host(a) => KvRef::Image(a),
+            ImageKv::Resident(r) => KvRef::Resident(r),
+        }
+    }
 }
 
 /// The two model calls the loop needs, batched over rows.
@@ -111,7 +134,7 @@ pub enum StepError<E> {
 /// A row together with the image K/V its conditional pass uses.
 pub struct ActiveRow<'a> {
     pub row: &'a mut Row,
-    pub kv: &'a Arc<Array3<f32>>,
+    pub kv: KvRef<'a>,
 }
 
 /// What one [`step`] ran, for metrics.
@@ -187,13 +210,11 @@ pub fn step_observed<D: Denoiser>(
             let t: Vec<i64> = chunk.iter().map(|&(_, _, t)| t).collect();
             let kv: Vec<KvRef<'_>> = chunk
                 .iter()
-                .map(|&(i, uncond, _)| {
-                    if uncond {
-                        KvRef::Null
-                    } else {
-                        KvRef::Image(rows[i].kv)
-                    }
-                })
+                .map(
+                    |&(i, uncond, _)| {
+                        if uncond { KvRef::Null } else { rows[i].kv }
+                    },
+                )
                 .collect();
             let x0 = denoiser
                 .denoise(x.view(), sc.view(), &t, &kv)
@@ -293,7 +314,10 @@ pub fn run_to_completion<D: Denoiser>(
         let mut active: Vec<ActiveRow<'_>> = rows
             .iter_mut()
             .filter(|r| r.need() != Need::Done)
-            .map(|row| ActiveRow { row, kv })
+            .map(|row| ActiveRow {
+                row,
+                kv: KvRef::Image(kv),
+            })
             .collect();
         if active.is_empty() {
             return Ok(());

@@ -75,6 +75,7 @@ impl Denoiser for FakeDenoiser {
             let k = match kv[b] {
                 KvRef::Image(k) => k.as_ref(),
                 KvRef::Null => &self.null_kv,
+                KvRef::Resident(_) => unreachable!("the fake model has no resident pool"),
             };
             out.index_axis_mut(Axis(0), b).assign(&fake_x0(
                 x.index_axis(Axis(0), b),
@@ -284,7 +285,10 @@ fn batching_and_staggered_rows_do_not_change_results() {
                 .zip(&kvs)
                 .enumerate()
                 .filter(|(i, (r, _))| r.need() != Need::Done && (*i < 2 || ticks >= 2))
-                .map(|(_, (row, kv))| ActiveRow { row, kv })
+                .map(|(_, (row, kv))| ActiveRow {
+                    row,
+                    kv: KvRef::Image(kv),
+                })
                 .collect();
             let stats = step(&mut den, &mut active, max_rows).unwrap();
             assert!(stats.denoiser_calls.iter().all(|&n| n <= max_rows));
@@ -303,14 +307,14 @@ fn guidance_zero_skips_the_unconditional_pass() {
     let mut rows = [new_row(&params(5, 0.0, false), 3)];
     let mut active = vec![ActiveRow {
         row: &mut rows[0],
-        kv: &kv,
+        kv: KvRef::Image(&kv),
     }];
     let stats = step(&mut den, &mut active, 8).unwrap();
     assert_eq!(stats.denoiser_calls, vec![1]);
     let mut rows = [new_row(&params(5, 1.0, false), 3)];
     let mut active = vec![ActiveRow {
         row: &mut rows[0],
-        kv: &kv,
+        kv: KvRef::Image(&kv),
     }];
     let stats = step(&mut den, &mut active, 8).unwrap();
     assert_eq!(stats.denoiser_calls, vec![2]);
@@ -382,7 +386,10 @@ fn observed_steps_snapshot_every_iteration_without_changing_results() {
     while rows.iter().any(|r| r.need() != Need::Done) {
         let mut active: Vec<ActiveRow<'_>> = rows
             .iter_mut()
-            .map(|row| ActiveRow { row, kv: &kv })
+            .map(|row| ActiveRow {
+                row,
+                kv: KvRef::Image(&kv),
+            })
             .collect();
         let (stats, snaps) = step_observed(&mut den, &mut active, 8, &[false, true]).unwrap();
         decode_calls += stats.decoder_calls.len();

@@ -23,7 +23,7 @@ use super::{
 use crate::bundle::Bundle;
 use crate::metrics::Metrics;
 use crate::runtime::{Models, OrtRuntime, RuntimeError};
-use crate::sampler::{self, ActiveRow, Denoiser, KvRef, Need, Row, SeededNoise, Snapshot};
+use crate::sampler::{self, ActiveRow, Denoiser, ImageKv, KvRef, Need, Row, SeededNoise, Snapshot};
 use crate::sampler::{Schedule, mbr};
 use crate::text::TextDecoder;
 
@@ -41,7 +41,7 @@ struct ActiveJob {
     job: CaptionJob,
     admitted: Instant,
     /// The image K/V, once encoded.
-    kv: Option<Arc<Array3<f32>>>,
+    kv: Option<ImageKv>,
     rows: Vec<Row>,
     /// Step events of a streaming request.
     progress: Option<StepSender>,
@@ -62,13 +62,13 @@ impl ActiveJob {
 /// What a worker runs its batches on: the bundle's sessions ([`Models`]), or a fake in
 /// tests.
 pub(super) trait Backend: Denoiser<Error = RuntimeError> {
-    /// `pixels [B,3,H,W]` -> `image_kv [B, 2*layers, tokens, hidden]`.
-    fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError>;
+    /// `pixels [B,3,H,W]` -> each image's K/V (`[2*layers, tokens, hidden]`).
+    fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError>;
 }
 
 impl Backend for Models {
-    fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError> {
-        Models::encode(self, pixels)
+    fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError> {
+        Models::encode_images(self, pixels)
     }
 }
 
@@ -101,7 +101,12 @@ impl<B: Backend> Denoiser for Instrumented<'_, B> {
         &mut self,
         x0: ArrayView3<f32>,
     ) -> Result<(ndarray::Array2<i64>, ndarray::Array2<f32>), RuntimeError> {
-        Denoiser::decode(self.models, x0)
+        let start = Instant::now();
+        let out = Denoiser::decode(self.models, x0);
+        self.metrics
+            .decoder_call_duration_seconds
+            .observe(start.elapsed().as_secs_f64());
+        out
     }
 }
 
@@ -180,7 +185,13 @@ impl<B: Backend> Worker<B> {
                 }
                 continue;
             }
-            if let Err(e) = self.tick() {
+            let start = Instant::now();
+            let result = self.tick();
+            self.ctx
+                .metrics
+                .worker_tick_duration_seconds
+                .observe(start.elapsed().as_secs_f64());
+            if let Err(e) = result {
                 let reason = e.to_string();
                 tracing::error!(worker = self.ctx.index, %reason, "batch failed; failing its requests");
                 self.fail_active(&reason);
@@ -353,10 +364,21 @@ impl<B: Backend> Worker<B> {
                     graph: "encoder",
                     reason: format!("images of different sizes in one batch: {e}"),
                 })?;
-            let kv = self.models.encode(pixels.view())?;
-            for (b, &i) in chunk.iter().enumerate() {
+            let start = Instant::now();
+            let kv = self.models.encode_images(pixels.view())?;
+            self.ctx
+                .metrics
+                .encoder_call_duration_seconds
+                .observe(start.elapsed().as_secs_f64());
+            if kv.len() != chunk.len() {
+                return Err(RuntimeError::Inference {
+                    graph: "encoder",
+                    reason: format!("{} K/V for {} images", kv.len(), chunk.len()),
+                });
+            }
+            for (kv, &i) in kv.into_iter().zip(chunk) {
                 let job = &mut self.active[i];
-                job.kv = Some(Arc::new(kv.index_axis(Axis(0), b).to_owned()));
+                job.kv = Some(kv);
                 for c in 0..job.job.params.candidates {
                     let noise = SeededNoise::new(job.job.seed, c as u64);
                     let row = Row::new(
@@ -391,7 +413,10 @@ impl<B: Backend> Worker<B> {
                 let streaming = job.progress.as_ref().is_some_and(|p| !p.is_closed());
                 for (c, row) in job.rows.iter_mut().enumerate() {
                     if row.need() != Need::Done {
-                        rows.push(ActiveRow { row, kv });
+                        rows.push(ActiveRow {
+                            row,
+                            kv: kv.as_kv_ref(),
+                        });
                         observe.push(streaming);
                         owners.push((j, c));
                     }
@@ -557,9 +582,11 @@ mod tests {
     }
 
     impl Backend for Fake {
-        fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError> {
+        fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError> {
             let (a, b, c) = self.kv_shape;
-            Ok(Array4::zeros((pixels.dim().0, a, b, c)))
+            Ok((0..pixels.dim().0)
+                .map(|_| ImageKv::Host(Arc::new(Array3::zeros((a, b, c)))))
+                .collect())
         }
     }
 
