@@ -9,7 +9,9 @@
 //! - `caption/direct`: one caption with the bundle's defaults (encode, every denoising
 //!   iteration, decode) on one thread, no queue;
 //! - `caption/scheduler`: the same through the worker pool the server uses (queue,
-//!   worker thread, continuous batching, text), without HTTP.
+//!   worker thread, continuous batching, text), without HTTP;
+//! - `host_step/{serial,parallel}/64`: the sampler's host work in one step of 64 guided
+//!   full-size captions, with a model that costs nothing (see [`host_step`]).
 //!
 //! Sessions use ONNX Runtime's default thread count, as `serve` does; set
 //! `LADIC_INTRA_OP_THREADS` to change it.
@@ -219,12 +221,94 @@ fn caption(c: &mut Criterion) {
     scheduler.stop();
 }
 
+/// A model that costs nothing: what is left of a step is the sampler's own host work.
+struct FreeModel;
+
+impl Denoiser for FreeModel {
+    type Error = std::convert::Infallible;
+
+    fn denoise(
+        &mut self,
+        x: ndarray::ArrayView3<f32>,
+        _self_cond: ndarray::ArrayView3<f32>,
+        _t: &[i64],
+        _kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, Self::Error> {
+        Ok(x.to_owned())
+    }
+
+    fn decode(
+        &mut self,
+        x0: ndarray::ArrayView3<f32>,
+    ) -> Result<(ndarray::Array2<i64>, ndarray::Array2<f32>), Self::Error> {
+        let (b, l, _) = x0.dim();
+        Ok((
+            ndarray::Array2::zeros((b, l)),
+            ndarray::Array2::zeros((b, l)),
+        ))
+    }
+}
+
+/// `host_step/{serial,parallel}/64`: one sampler step of 64 guided captions (128
+/// denoiser rows) with the full-size latent (24 x 768) and a free model, so only the
+/// host's work is timed (stacking the inputs, the x0 updates, the noise draws), with the
+/// rows' updates on one thread and on all cores.
+fn host_step(c: &mut Criterion) {
+    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
+    let mut params = SamplerParams::defaults(&bundle.manifest);
+    params.guidance = 1.0;
+    params.self_conditioning = true;
+    params.steps = 34;
+    let schedule = Arc::new(Schedule::from_spec(&bundle.manifest.schedule));
+    let kv = Arc::new(Array3::<f32>::zeros((1, 1, 1)));
+    let captions = 64;
+    let mut group = c.benchmark_group("host_step");
+    group.throughput(Throughput::Elements(captions as u64));
+    for (name, threshold) in [
+        ("serial", usize::MAX),
+        ("parallel", sampler::PARALLEL_HOST_ELEMENTS),
+    ] {
+        group.bench_function(BenchmarkId::new(name, captions), |b| {
+            sampler::set_parallel_host_threshold(threshold);
+            b.iter_batched_ref(
+                || {
+                    (0..captions)
+                        .map(|i| {
+                            Row::new(
+                                params.clone(),
+                                schedule.clone(),
+                                (24, 768),
+                                Box::new(SeededNoise::new(i as u64, 0)),
+                                false,
+                            )
+                            .expect("noise")
+                        })
+                        .collect::<Vec<Row>>()
+                },
+                |rows| {
+                    let mut active: Vec<sampler::ActiveRow<'_>> = rows
+                        .iter_mut()
+                        .map(|row| sampler::ActiveRow {
+                            row,
+                            kv: KvRef::Image(&kv),
+                        })
+                        .collect();
+                    sampler::step(&mut FreeModel, &mut active, 256).expect("steps")
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    sampler::set_parallel_host_threshold(sampler::PARALLEL_HOST_ELEMENTS);
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = denoiser, preprocessing, caption
+    targets = denoiser, preprocessing, caption, host_step
 }
 criterion_main!(benches);

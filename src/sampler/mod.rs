@@ -131,6 +131,26 @@ pub enum StepError<E> {
     Shape,
 }
 
+/// Latent elements (rows x tokens x dims) of one denoiser step from which the rows'
+/// updates run on all cores (rayon): about 8 full-size rows, or 50 of the tiny model's.
+/// Below it a thread hand-off costs more than it saves.
+pub const PARALLEL_HOST_ELEMENTS: usize = 1 << 17;
+
+thread_local! {
+    /// x_t and self_cond of the denoiser call being assembled, reused across steps.
+    static INPUT_BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+static PARALLEL_HOST_THRESHOLD: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(PARALLEL_HOST_ELEMENTS);
+
+/// Changes [`PARALLEL_HOST_ELEMENTS`] for the whole process (`usize::MAX`: never in
+/// parallel); for benchmarks that compare the two.
+pub fn set_parallel_host_threshold(elements: usize) {
+    PARALLEL_HOST_THRESHOLD.store(elements, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A row together with the image K/V its conditional pass uses.
 pub struct ActiveRow<'a> {
     pub row: &'a mut Row,
@@ -198,15 +218,31 @@ pub fn step_observed<D: Denoiser>(
         }
     }
     if !entries.is_empty() {
-        let mut results: Vec<Array2<f32>> = Vec::with_capacity(entries.len());
+        // Each call's x0, and where entry k's row of it is: (call, row in the call).
+        let mut outputs: Vec<Array3<f32>> = Vec::new();
+        let mut at: Vec<(usize, usize)> = Vec::with_capacity(entries.len());
+        let (l, d) = rows[entries[0].0].row.x().dim();
         for chunk in entries.chunks(max_rows) {
-            let views: Vec<_> = chunk.iter().map(|&(i, _, _)| rows[i].row.x()).collect();
-            let x = ndarray::stack(Axis(0), &views).map_err(|_| StepError::Shape)?;
-            let views: Vec<_> = chunk
-                .iter()
-                .map(|&(i, _, _)| rows[i].row.self_cond())
-                .collect();
-            let sc = ndarray::stack(Axis(0), &views).map_err(|_| StepError::Shape)?;
+            let shape = (chunk.len(), l, d);
+            // The batch's x_t and self_cond, gathered into buffers kept from the last
+            // step: fresh multi-megabyte allocations cost more than the copies.
+            let (x, sc) = INPUT_BUFFERS.with_borrow_mut(|(xb, sb)| {
+                xb.clear();
+                sb.clear();
+                for &(i, _, _) in chunk {
+                    let row = &rows[i].row;
+                    if row.x().dim() != (l, d) || row.self_cond().dim() != (l, d) {
+                        return Err(StepError::Shape);
+                    }
+                    for (buffer, part) in [(&mut *xb, row.x()), (&mut *sb, row.self_cond())] {
+                        match part.as_slice() {
+                            Some(slice) => buffer.extend_from_slice(slice),
+                            None => buffer.extend(part.iter()),
+                        }
+                    }
+                }
+                Ok((std::mem::take(xb), std::mem::take(sb)))
+            })?;
             let t: Vec<i64> = chunk.iter().map(|&(_, _, t)| t).collect();
             let kv: Vec<KvRef<'_>> = chunk
                 .iter()
@@ -216,31 +252,51 @@ pub fn step_observed<D: Denoiser>(
                     },
                 )
                 .collect();
-            let x0 = denoiser
-                .denoise(x.view(), sc.view(), &t, &kv)
-                .map_err(StepError::Model)?;
+            let x_view = ArrayView3::from_shape(shape, &x).map_err(|_| StepError::Shape)?;
+            let sc_view = ArrayView3::from_shape(shape, &sc).map_err(|_| StepError::Shape)?;
+            let x0 = denoiser.denoise(x_view, sc_view, &t, &kv);
+            INPUT_BUFFERS.with_borrow_mut(|buffers| *buffers = (x, sc));
+            let x0 = x0.map_err(StepError::Model)?;
             stats.denoiser_calls.push(chunk.len());
-            results.extend(x0.outer_iter().map(|v| v.to_owned()));
+            at.extend((0..chunk.len()).map(|r| (outputs.len(), r)));
+            outputs.push(x0);
         }
+        let x0_of = |k: usize| outputs[at[k].0].index_axis(Axis(0), at[k].1);
+        // Per row: its conditional entry and its unconditional one, if guided.
+        let mut pairs: Vec<Option<(usize, Option<usize>)>> = vec![None; rows.len()];
         let mut k = 0;
         while k < entries.len() {
             let (i, _, _) = entries[k];
-            let cond = results[k].view();
             let uncond = match entries.get(k + 1) {
-                Some(&(j, true, _)) if j == i => {
-                    k += 1;
-                    Some(results[k].view())
-                }
+                Some(&(j, true, _)) if j == i => Some(k + 1),
                 _ => None,
             };
-            let t = rows[i].row.t();
-            rows[i].row.apply_denoised(cond, uncond)?;
-            if observe.get(i).copied().unwrap_or(false) {
+            pairs[i] = Some((k, uncond));
+            k += if uncond.is_some() { 2 } else { 1 };
+        }
+        let t_before: Vec<usize> = rows.iter().map(|r| r.row.t()).collect();
+        // The x0 update and the next noise draw, row by row: independent (each row has
+        // its own noise stream), so large batches spread them over the cores.
+        let apply = |(r, pair): (&mut ActiveRow<'_>, &Option<(usize, Option<usize>)>)| match pair {
+            Some((cond, uncond)) => r.row.apply_denoised(x0_of(*cond), uncond.map(x0_of)),
+            None => Ok(()),
+        };
+        let latent = rows.first().map_or(0, |r| r.row.x().len());
+        let threshold = PARALLEL_HOST_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
+        if entries.len().saturating_mul(latent) >= threshold {
+            use rayon::prelude::*;
+            rows.par_iter_mut()
+                .zip(pairs.par_iter())
+                .try_for_each(apply)?;
+        } else {
+            rows.iter_mut().zip(pairs.iter()).try_for_each(apply)?;
+        }
+        for (i, pair) in pairs.iter().enumerate() {
+            if pair.is_some() && observe.get(i).copied().unwrap_or(false) {
                 let row = &rows[i].row;
                 let refine = row.need() == Need::Confidence;
-                observed[i] = Some((row.iterations().saturating_sub(1), t, refine));
+                observed[i] = Some((row.iterations().saturating_sub(1), t_before[i], refine));
             }
-            k += 1;
         }
     }
 

@@ -410,3 +410,37 @@ fn observed_steps_snapshot_every_iteration_without_changing_results() {
     assert_eq!(rows[0].output(), plain[0].output());
     assert_eq!(rows[1].output(), plain[0].output());
 }
+
+#[test]
+fn large_batches_update_rows_in_parallel_with_the_same_results() {
+    // Enough rows that one step's updates run on the rayon pool.
+    let n = PARALLEL_HOST_ELEMENTS / (L * D) + 40;
+    let kvs = [image_kv(0.1), image_kv(-0.3)];
+    let p = |i: usize| {
+        params(
+            5,
+            if i.is_multiple_of(3) { 0.0 } else { 1.0 },
+            i.is_multiple_of(7),
+        )
+    };
+    let mut rows: Vec<Row> = (0..n).map(|i| new_row(&p(i), i as u64)).collect();
+    let mut den = FakeDenoiser::new();
+    while rows.iter().any(|r| r.need() != Need::Done) {
+        let mut active: Vec<ActiveRow<'_>> = rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.need() != Need::Done)
+            .map(|(i, row)| ActiveRow {
+                row,
+                kv: KvRef::Image(&kvs[i % 2]),
+            })
+            .collect();
+        step(&mut den, &mut active, usize::MAX).unwrap();
+    }
+    for i in (0..n).step_by(97).chain([n - 1]) {
+        let mut den = FakeDenoiser::new();
+        let mut solo = vec![new_row(&p(i), i as u64)];
+        run_to_completion(&mut den, &mut solo, &kvs[i % 2], 1).unwrap();
+        assert_eq!(rows[i].output(), solo[0].output(), "row {i}");
+    }
+}
