@@ -105,7 +105,7 @@ impl KvPool {
         capacity: usize,
     ) -> Result<Self, String> {
         let (a, b, c) = null_kv.dim();
-        let capacity = capacity.max(2);
+        let capacity = capacity.clamp(2, max_slots([a, b, c]));
         let storage = Tensor::<f32>::new(&allocator, [capacity, a, b, c]).map_err(err)?;
         let mut pool = KvPool {
             allocator,
@@ -289,10 +289,18 @@ impl KvPool {
             .ok_or_else(|| err("no free slot after growing"))
     }
 
-    /// Doubles the pool, copying the old slots over on the device.
+    /// Doubles the pool (at most to [`max_slots`]), copying the old slots over on the
+    /// device.
     fn grow(&mut self) -> Result<(), String> {
         let [a, b, c] = self.item;
-        let capacity = self.capacity * 2;
+        let capacity = (self.capacity * 2).min(max_slots(self.item));
+        if capacity <= self.capacity {
+            return Err(err(format!(
+                "full at {} images of K/V (ONNX Runtime's CUDA Gather indexes with 32-bit \
+                 offsets); lower --max-batch-rows",
+                self.capacity
+            )));
+        }
         let mut storage = Tensor::<f32>::new(&self.allocator, [capacity, a, b, c]).map_err(err)?;
         let head = slots_view(&mut storage, self.item, 0, self.capacity)?;
         self.storage.copy_into(head).map_err(err)?;
@@ -315,6 +323,13 @@ impl KvPool {
         self.stats.uploads += 1;
         Ok(())
     }
+}
+
+/// The most slots a pool of K/V shaped `item` may have: its tensor must stay under
+/// 2^31 elements, since ONNX Runtime's CUDA Gather (the denoiser's `kv_index` lookup)
+/// computes offsets in 32-bit integers. 295 for the full-size model.
+pub fn max_slots(item: [usize; 3]) -> usize {
+    (i32::MAX as usize / item.iter().product::<usize>().max(1)).max(2)
 }
 
 /// `count` slots from `first` of `storage` (slots of shape `item`), as a tensor of
@@ -342,4 +357,19 @@ fn slots_view(
 
 fn key(a: &Arc<Array3<f32>>) -> usize {
     Arc::as_ptr(a) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_stays_under_two_to_the_31_elements() {
+        // The full-size model: 24 K/V layers x 197 tokens x 1536.
+        assert_eq!(max_slots([24, 197, 1536]), 295);
+        assert!(295 * 24 * 197 * 1536 <= i32::MAX as usize);
+        assert!(296 * 24 * 197 * 1536 > i32::MAX as usize);
+        // Small models are bounded far above any batch.
+        assert!(max_slots([6, 65, 128]) > 40_000);
+    }
 }
