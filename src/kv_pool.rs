@@ -85,6 +85,8 @@ pub struct KvPool {
     entries: HashMap<usize, Entry>,
     /// Free slots (lowest first, so that runs of free slots stay together).
     free: BTreeSet<usize>,
+    /// The most slots the pool may grow to.
+    limit: usize,
     /// Slots of resident K/V whose last handle was dropped since the last look.
     released: Arc<Mutex<Vec<usize>>>,
     id: u64,
@@ -114,6 +116,7 @@ impl KvPool {
             item: [a, b, c],
             entries: HashMap::new(),
             free: (1..capacity).collect(),
+            limit: max_slots([a, b, c]),
             released: Arc::new(Mutex::new(Vec::new())),
             id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             calls: 0,
@@ -209,43 +212,76 @@ impl KvPool {
         self.free.extend(released);
     }
 
-    /// `count` consecutive free slots for resident K/V, the first returned; the pool
-    /// grows (keeping its slots) until it has such a run. Write the K/V into
-    /// [`run_view`](Self::run_view)`(first, count)`, then take a handle per slot with
+    /// Up to `count` consecutive free slots for resident K/V: `(first, got)`. The pool
+    /// grows (keeping its slots) until it has a run of `count`; at its size limit
+    /// ([`max_slots`]) it gives the longest free run instead (`got < count`), and fails
+    /// only when no slot is free. Write the K/V into
+    /// [`run_view`](Self::run_view)`(first, got)`, then take a handle per slot with
     /// [`resident`](Self::resident); a slot with no handle taken stays reserved.
-    pub fn reserve_run(&mut self, count: usize) -> Result<usize, String> {
+    pub fn reserve_run(&mut self, count: usize) -> Result<(usize, usize), String> {
         self.reclaim();
         if count == 0 {
             return Err(err("a run of no slots"));
         }
-        loop {
+        let (first, got) = loop {
             if let Some(first) = self.find_run(count) {
-                for slot in first..first + count {
-                    self.free.remove(&slot);
-                }
-                self.stats.resident += count;
-                return Ok(first);
+                break (first, count);
             }
-            self.grow()?;
+            if self.grow().is_err() {
+                match self.longest_run() {
+                    Some(run) => break run,
+                    None => return Err(self.full()),
+                }
+            }
+        };
+        for slot in first..first + got {
+            self.free.remove(&slot);
         }
+        self.stats.resident += got;
+        Ok((first, got))
+    }
+
+    /// Free slots as runs of consecutive slots: (first, length), lowest first.
+    fn runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &slot in &self.free {
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len == slot => *len += 1,
+                _ => runs.push((slot, 1)),
+            }
+        }
+        runs
     }
 
     /// The lowest run of `count` free slots.
     fn find_run(&self, count: usize) -> Option<usize> {
-        let mut start = None;
-        let mut previous = None;
-        for &slot in &self.free {
-            if previous.is_none_or(|p| p + 1 != slot) {
-                start = Some(slot);
-            }
-            previous = Some(slot);
-            if let Some(first) = start
-                && slot + 1 - first >= count
-            {
-                return Some(first);
-            }
-        }
-        None
+        self.runs()
+            .into_iter()
+            .find(|&(_, len)| len >= count)
+            .map(|(first, _)| first)
+    }
+
+    /// The longest run of free slots (the lowest of equals).
+    fn longest_run(&self) -> Option<(usize, usize)> {
+        self.runs().into_iter().rev().max_by_key(|&(_, len)| len)
+    }
+
+    fn full(&self) -> String {
+        err(format!(
+            "full at {} images of K/V (ONNX Runtime's CUDA Gather indexes with 32-bit \
+             offsets); lower --max-batch-rows",
+            self.capacity
+        ))
+    }
+
+    /// The most images whose K/V the pool can hold at once (slot 0 is the null K/V's).
+    pub fn max_images(&self) -> usize {
+        self.limit - 1
+    }
+
+    /// Lowers the size limit below [`max_slots`] (a smaller memory budget; tests).
+    pub fn limit_slots(&mut self, slots: usize) {
+        self.limit = slots.clamp(self.capacity, max_slots(self.item));
     }
 
     /// The slots `first..first + count`, to write K/V into (the encoder's output).
@@ -293,13 +329,9 @@ impl KvPool {
     /// device.
     fn grow(&mut self) -> Result<(), String> {
         let [a, b, c] = self.item;
-        let capacity = (self.capacity * 2).min(max_slots(self.item));
+        let capacity = (self.capacity * 2).min(self.limit);
         if capacity <= self.capacity {
-            return Err(err(format!(
-                "full at {} images of K/V (ONNX Runtime's CUDA Gather indexes with 32-bit \
-                 offsets); lower --max-batch-rows",
-                self.capacity
-            )));
+            return Err(self.full());
         }
         let mut storage = Tensor::<f32>::new(&self.allocator, [capacity, a, b, c]).map_err(err)?;
         let head = slots_view(&mut storage, self.item, 0, self.capacity)?;

@@ -659,28 +659,41 @@ impl Models {
             graph: "encoder",
             reason,
         };
-        let pool = self.kv_pool.as_mut().expect("checked above");
-        let first = pool.reserve_run(images).map_err(fail)?;
-        // Handles first: if the encoder fails, dropping them frees the run.
-        let handles: Vec<ImageKv> = (first..first + images)
-            .map(|slot| ImageKv::Resident(std::sync::Arc::new(pool.resident(slot))))
-            .collect();
-        let output = pool.run_view(first, images).map_err(fail)?;
-        // One session: the slices of a CPU worker would each need their own binding.
-        let session = &mut self.encoder.sessions[0];
-        let input = ort::value::Tensor::from_array(pixels.as_standard_layout().into_owned())
-            .map_err(|e| fail(e.to_string()))?;
-        let mut binding = session.create_binding().map_err(|e| fail(e.to_string()))?;
-        binding
-            .bind_input(names::PIXELS, &input)
-            .map_err(|e| fail(e.to_string()))?;
-        binding
-            .bind_output(names::IMAGE_KV, output)
-            .map_err(|e| fail(e.to_string()))?;
-        session
-            .run_binding(&binding)
-            .map_err(|e| fail(e.to_string()))?;
+        let pixels = pixels.as_standard_layout();
+        let mut handles: Vec<ImageKv> = Vec::with_capacity(images);
+        // Usually one encoder call; at the pool's size limit, one per free run of slots.
+        while handles.len() < images {
+            let done = handles.len();
+            let pool = self.kv_pool.as_mut().expect("checked above");
+            let (first, count) = pool.reserve_run(images - done).map_err(fail)?;
+            // Handles first: if the encoder fails, dropping them frees the run.
+            handles.extend(
+                (first..first + count)
+                    .map(|slot| ImageKv::Resident(std::sync::Arc::new(pool.resident(slot)))),
+            );
+            let output = pool.run_view(first, count).map_err(fail)?;
+            // One session: the slices of a CPU worker would each need their own binding.
+            let session = &mut self.encoder.sessions[0];
+            let part = pixels.slice(s![done..done + count, .., .., ..]).to_owned();
+            let input = ort::value::Tensor::from_array(part).map_err(|e| fail(e.to_string()))?;
+            let mut binding = session.create_binding().map_err(|e| fail(e.to_string()))?;
+            binding
+                .bind_input(names::PIXELS, &input)
+                .map_err(|e| fail(e.to_string()))?;
+            binding
+                .bind_output(names::IMAGE_KV, output)
+                .map_err(|e| fail(e.to_string()))?;
+            session
+                .run_binding(&binding)
+                .map_err(|e| fail(e.to_string()))?;
+        }
         Ok(handles)
+    }
+
+    /// The most images whose K/V a worker can hold at once: the resident pool's limit,
+    /// else none.
+    pub fn max_images_in_flight(&self) -> usize {
+        self.kv_pool.as_ref().map_or(usize::MAX, KvPool::max_images)
     }
 
     /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv[i]`.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ladic_serve::bundle::Bundle;
-use ladic_serve::kv_pool::IDLE_CALLS;
+use ladic_serve::kv_pool::{IDLE_CALLS, KvPool, ResidentKv};
 use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
 use ladic_serve::sampler::{Denoiser, ImageKv, KvRef};
 use ndarray::{Array3, Axis};
@@ -220,4 +220,41 @@ fn encoder_writes_straight_into_the_pool_and_slots_come_back_when_released() {
         .expect("encodes");
     assert_eq!(slot_of(&again[0]), 1);
     assert_eq!(pooled.kv_pool_stats().expect("a pool").resident, 1);
+}
+
+#[test]
+fn a_pool_at_its_size_limit_hands_out_shorter_runs_then_refuses() {
+    runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let null = Array3::<f32>::zeros((2, 3, 4));
+    let mut pool = KvPool::new(ort::memory::Allocator::default(), &null, 4).expect("pool");
+    pool.limit_slots(6);
+    assert_eq!(pool.max_images(), 5);
+    let take = |pool: &mut KvPool, count| -> Vec<ResidentKv> {
+        let (first, got) = pool.reserve_run(count).expect("slots");
+        (first..first + got)
+            .map(|slot| pool.resident(slot))
+            .collect()
+    };
+    let a = take(&mut pool, 3);
+    assert_eq!(
+        a.iter().map(ResidentKv::slot).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    // Needs a run of two: grows, but only to the limit of six slots.
+    let b = take(&mut pool, 2);
+    assert_eq!(b.iter().map(ResidentKv::slot).collect::<Vec<_>>(), [4, 5]);
+    assert_eq!(pool.stats.capacity, 6);
+    // Slots 1 and 3 freed: no run of two left and no room to grow, so the longest
+    // run it has (one slot, the lowest) instead of an error.
+    let [one, two, three]: [ResidentKv; 3] = a.try_into().expect("three");
+    drop((one, three));
+    let c = take(&mut pool, 2);
+    assert_eq!(c.iter().map(ResidentKv::slot).collect::<Vec<_>>(), [1]);
+    let d = take(&mut pool, 2);
+    assert_eq!(d.iter().map(ResidentKv::slot).collect::<Vec<_>>(), [3]);
+    // Nothing free: a clear error.
+    let full = pool.reserve_run(1).expect_err("full");
+    assert!(full.contains("--max-batch-rows"), "{full}");
+    drop((two, b, c, d));
+    assert_eq!(pool.reserve_run(5).expect("all free again"), (1, 5));
 }

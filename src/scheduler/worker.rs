@@ -64,11 +64,20 @@ impl ActiveJob {
 pub(super) trait Backend: Denoiser<Error = RuntimeError> {
     /// `pixels [B,3,H,W]` -> each image's K/V (`[2*layers, tokens, hidden]`).
     fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError>;
+
+    /// The most images the backend can hold K/V for at once.
+    fn max_images_in_flight(&self) -> usize {
+        usize::MAX
+    }
 }
 
 impl Backend for Models {
     fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError> {
         Models::encode_images(self, pixels)
+    }
+
+    fn max_images_in_flight(&self) -> usize {
+        Models::max_images_in_flight(self)
     }
 }
 
@@ -233,6 +242,7 @@ impl<B: Backend> Worker<B> {
             return;
         }
         let one_job_only = self.ctx.config.batching == BatchingMode::Off;
+        let max_images = self.models.max_images_in_flight().max(1);
         loop {
             let idle = self.active.is_empty();
             let queued = if let Some(queued) = self.held.pop_front() {
@@ -290,7 +300,10 @@ impl<B: Backend> Worker<B> {
                 rows: Vec::new(),
                 progress,
             };
-            if !idle && self.rows_in_batch() + candidate.denoiser_rows() > max_rows {
+            if !idle
+                && (self.rows_in_batch() + candidate.denoiser_rows() > max_rows
+                    || self.active.len() >= max_images)
+            {
                 self.held.push_front(Queued {
                     job: candidate.job,
                     progress: candidate.progress,
@@ -307,7 +320,7 @@ impl<B: Backend> Worker<B> {
                 .add(candidate.job.params.candidates as i64);
             candidate.rows.reserve(candidate.job.params.candidates);
             self.active.push(candidate);
-            if one_job_only || self.rows_in_batch() >= max_rows {
+            if one_job_only || self.rows_in_batch() >= max_rows || self.active.len() >= max_images {
                 break;
             }
         }
@@ -553,6 +566,56 @@ mod tests {
         kv_shape: (usize, usize, usize),
         ids: Vec<i64>,
         panic_next: Arc<AtomicBool>,
+        /// What `max_images_in_flight` says.
+        max_images: usize,
+        /// The most distinct images one denoiser call has seen.
+        most_images: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Fake {
+        fn new(m: &crate::bundle::Manifest, max_images: usize) -> Fake {
+            let d = &m.diffuser;
+            Fake {
+                kv_shape: (2 * d.layers, d.image_tokens, d.hidden),
+                // [CLS] <first word> [SEP]: a one-word caption.
+                ids: vec![m.text.cls_id, 6, m.text.sep_id],
+                panic_next: Arc::new(AtomicBool::new(false)),
+                max_images,
+                most_images: Arc::default(),
+            }
+        }
+    }
+
+    fn worker_context(
+        bundle: &Arc<Bundle>,
+        metrics: &Arc<Metrics>,
+        rx: crossbeam_channel::Receiver<Queued>,
+    ) -> WorkerContext {
+        let text = TextDecoder::load(&bundle.tokenizer_path, &bundle.manifest.text).unwrap();
+        WorkerContext {
+            index: 0,
+            rx,
+            bundle: bundle.clone(),
+            text: Arc::new(text),
+            metrics: metrics.clone(),
+            config: SchedulerConfig {
+                workers: 1,
+                batching: BatchingMode::Continuous,
+                max_batch_rows: 32,
+                queue_size: 8,
+                session: SessionOptions {
+                    device: DeviceChoice::Cpu,
+                    intra_op_threads: 1,
+                    row_parallelism: 1,
+                    kv_pool: true,
+                },
+            },
+        }
+    }
+
+    fn parity_bundle() -> Arc<Bundle> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+        Arc::new(Bundle::load(&dir).unwrap())
     }
 
     impl Denoiser for Fake {
@@ -563,11 +626,21 @@ mod tests {
             x: ArrayView3<f32>,
             _self_cond: ArrayView3<f32>,
             _t: &[i64],
-            _kv: &[KvRef<'_>],
+            kv: &[KvRef<'_>],
         ) -> Result<Array3<f32>, RuntimeError> {
             if self.panic_next.swap(false, Ordering::SeqCst) {
                 panic!("injected fault in the fake denoiser");
             }
+            let mut images: Vec<*const Array3<f32>> = kv
+                .iter()
+                .filter_map(|k| match k {
+                    KvRef::Image(a) => Some(Arc::as_ptr(a)),
+                    _ => None,
+                })
+                .collect();
+            images.sort_unstable();
+            images.dedup();
+            self.most_images.fetch_max(images.len(), Ordering::SeqCst);
             Ok(Array3::zeros(x.dim()))
         }
 
@@ -587,6 +660,10 @@ mod tests {
             Ok((0..pixels.dim().0)
                 .map(|_| ImageKv::Host(Arc::new(Array3::zeros((a, b, c)))))
                 .collect())
+        }
+
+        fn max_images_in_flight(&self) -> usize {
+            self.max_images
         }
     }
 
@@ -611,40 +688,14 @@ mod tests {
 
     #[test]
     fn a_panic_fails_the_batch_and_the_worker_keeps_serving() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
-        let bundle = Arc::new(Bundle::load(&dir).unwrap());
+        let bundle = parity_bundle();
         let m = &bundle.manifest;
-        let text = Arc::new(TextDecoder::load(&bundle.tokenizer_path, &m.text).unwrap());
         let metrics = Arc::new(Metrics::new().unwrap());
         let (tx, rx) = crossbeam_channel::bounded(8);
-        let ctx = WorkerContext {
-            index: 0,
-            rx,
-            bundle: bundle.clone(),
-            text,
-            metrics: metrics.clone(),
-            config: SchedulerConfig {
-                workers: 1,
-                batching: BatchingMode::Continuous,
-                max_batch_rows: 32,
-                queue_size: 8,
-                session: SessionOptions {
-                    device: DeviceChoice::Cpu,
-                    intra_op_threads: 1,
-                    row_parallelism: 1,
-                    kv_pool: true,
-                },
-            },
-        };
-        let panic_next = Arc::new(AtomicBool::new(true));
-        let d = &m.diffuser;
-        // [CLS] <first word> [SEP]: a one-word caption.
-        let ids = vec![m.text.cls_id, 6, m.text.sep_id];
-        let fake = Fake {
-            kv_shape: (2 * d.layers, d.image_tokens, d.hidden),
-            ids,
-            panic_next: panic_next.clone(),
-        };
+        let ctx = worker_context(&bundle, &metrics, rx);
+        let fake = Fake::new(m, usize::MAX);
+        let panic_next = fake.panic_next.clone();
+        panic_next.store(true, Ordering::SeqCst);
         let worker = std::thread::spawn(move || Worker::new(ctx, fake).run());
         let mut params = SamplerParams::defaults(m);
         params.steps = 3;
@@ -679,5 +730,32 @@ mod tests {
         worker
             .join()
             .expect("the worker exits cleanly once the queue closes");
+    }
+
+    #[test]
+    fn no_more_images_in_flight_than_the_backend_holds() {
+        let bundle = parity_bundle();
+        let m = &bundle.manifest;
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let ctx = worker_context(&bundle, &metrics, rx);
+        let fake = Fake::new(m, 2);
+        let most = fake.most_images.clone();
+        let mut params = SamplerParams::defaults(m);
+        params.steps = 4;
+        let size = m.image.size as usize;
+        // Queued before the worker starts, so that it could take all six at once.
+        let replies: Vec<_> = (0..6).map(|_| submit(&tx, &params, size)).collect();
+        let worker = std::thread::spawn(move || Worker::new(ctx, fake).run());
+        for reply in replies {
+            assert!(reply.blocking_recv().unwrap().is_ok());
+        }
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "batched, but two images at most"
+        );
+        drop(tx);
+        worker.join().unwrap();
     }
 }
