@@ -8,6 +8,8 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/lib/libonnxruntime.so}"
 
 echo "== cargo fmt";    cargo fmt --all -- --check
 echo "== cargo clippy"; cargo clippy --all-targets --locked -- -D warnings
+# The GPU build compiles here too (ONNX Runtime is loaded at run time, no CUDA needed).
+echo "== cargo clippy (cuda)"; cargo clippy --all-targets --locked --features cuda -- -D warnings
 echo "== cargo test";   cargo test --locked
 echo "== api contract"; scripts/api-contract.sh
 echo "== soak (short)"; LADIC_BIN="${LADIC_BIN:-target/debug/ladic-serve}" scripts/soak.sh --ci
