@@ -690,8 +690,8 @@ impl Models {
         Ok(handles)
     }
 
-    /// The most images whose K/V a worker can hold at once: the resident pool's limit,
-    /// else none.
+    /// The most images whose K/V a worker can hold at once: the resident pool's limit;
+    /// without a pool, no limit.
     pub fn max_images_in_flight(&self) -> usize {
         self.kv_pool.as_ref().map_or(usize::MAX, KvPool::max_images)
     }
