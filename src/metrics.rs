@@ -76,25 +76,22 @@ impl Metrics {
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
         )?;
-        let seconds_histogram = |name: &str, help: &str| {
-            Histogram::with_opts(
-                HistogramOpts::new(name, help)
-                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
-            )
+        let seconds_histogram = |opts: HistogramOpts| {
+            Histogram::with_opts(opts.buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?))
         };
-        let encoder_call_duration_seconds = seconds_histogram(
+        let encoder_call_duration_seconds = seconds_histogram(HistogramOpts::new(
             "encoder_call_duration_seconds",
             "Wall time of one encoder call over the images a worker took in.",
-        )?;
-        let decoder_call_duration_seconds = seconds_histogram(
+        ))?;
+        let decoder_call_duration_seconds = seconds_histogram(HistogramOpts::new(
             "decoder_call_duration_seconds",
             "Wall time of one decoder call over a batch of rows.",
-        )?;
-        let worker_tick_duration_seconds = seconds_histogram(
+        ))?;
+        let worker_tick_duration_seconds = seconds_histogram(HistogramOpts::new(
             "worker_tick_duration_seconds",
             "Wall time of one pass of a worker's loop: encoder, denoiser and decoder calls \
              and the sampler's own work on the host.",
-        )?;
+        ))?;
         let queue_depth = IntGauge::new("queue_depth", "Images waiting for a worker.")?;
         let rows_in_flight = IntGauge::new(
             "rows_in_flight",
