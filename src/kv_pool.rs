@@ -16,8 +16,7 @@
 //! - *resident* K/V ([`ResidentKv`]): the encoder wrote it straight into a run of slots
 //!   ([`KvPool::reserve_run`] and [`KvPool::run_view`]), so it never went through host
 //!   memory; there is no other copy, so it is never let go early: its slot is freed
-//!   when the last clone of its [`ResidentKv`] is dropped (its request finished or
-//!   failed).
+//!   when its [`ResidentKv`] is dropped (its request finished or failed).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -51,8 +50,8 @@ pub struct PoolStats {
     pub resident: usize,
 }
 
-/// One image's K/V in a slot of a [`KvPool`], written there by the encoder. Clones
-/// share the slot; dropping the last one hands the slot back to the pool.
+/// One image's K/V in a slot of a [`KvPool`], written there by the encoder. Dropping
+/// it hands the slot back to the pool (a request shares it through an `Arc`).
 #[derive(Debug)]
 pub struct ResidentKv {
     slot: usize,

@@ -281,9 +281,8 @@ pub fn step_observed<D: Denoiser>(
             Some((cond, uncond)) => r.row.apply_denoised(x0_of(*cond), uncond.map(x0_of)),
             None => Ok(()),
         };
-        let latent = rows.first().map_or(0, |r| r.row.x().len());
         let threshold = PARALLEL_HOST_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
-        if entries.len().saturating_mul(latent) >= threshold {
+        if entries.len().saturating_mul(l * d) >= threshold {
             use rayon::prelude::*;
             rows.par_iter_mut()
                 .zip(pairs.par_iter())
