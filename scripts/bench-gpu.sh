@@ -4,7 +4,7 @@
 #
 #   scripts/bench-gpu.sh --binary PATH [--out DIR] [--device cuda|cpu]
 #                        [--config base|tiny|micro] [--quick] [--check-export]
-#                        [--budget SECONDS] [--no-reference]
+#                        [--budget SECONDS] [--no-reference] [--attention fused|unfused]
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
@@ -20,6 +20,8 @@
 #                   (default 480; 0: never skip)
 #   --no-reference  measure the service only (a second run on another bundle or with
 #                   other server flags, next to a full run)
+#   --attention A   export attention unfused (standard ONNX ops; default) or fused (one
+#                   ONNX Runtime MultiHeadAttention node each; bundle-CONFIG-fused)
 #
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
@@ -45,12 +47,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 SECONDS=0
 
-usage() { sed -n '5,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '5,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { printf '[%4ds] ERROR: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench DEVICE=cuda CONFIG="" QUICK=0 CHECK_EXPORT=0 BUDGET=480
-REFERENCE=1
+REFERENCE=1 ATTENTION=unfused
 while [[ $# -gt 0 ]]; do
   case $1 in
     --binary) BINARY=${2:?}; shift 2 ;;
@@ -61,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --check-export) CHECK_EXPORT=1; shift ;;
     --budget) BUDGET=${2:?}; shift 2 ;;
     --no-reference) REFERENCE=0; shift ;;
+    --attention) ATTENTION=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -70,6 +73,7 @@ done
 [[ -n $CONFIG ]] || { [[ $DEVICE == cuda ]] && CONFIG=base || CONFIG=tiny; }
 [[ $CONFIG =~ ^(base|tiny|micro)$ ]] || die "--config must be base, tiny or micro"
 [[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget takes whole seconds"
+[[ $ATTENTION =~ ^(fused|unfused)$ ]] || die "--attention must be fused or unfused"
 
 PY=${PYTHON:-python3}
 # Relative paths are the caller's, not the repository root's (where this runs).
@@ -82,7 +86,9 @@ if [[ -n ${OUT:-} && $WORK/ == "$RES"/* ]]; then
   die "--out $WORK is inside \$OUT ($RES): give a scratch directory outside it"
 fi
 mkdir -p "$WORK" "$RES"
-BUNDLE=$WORK/bundle-$CONFIG
+NAME=$CONFIG
+[[ $ATTENTION == fused ]] && NAME=$CONFIG-fused
+BUNDLE=$WORK/bundle-$NAME
 # Results of an earlier run in the same folder would mix with this one's.
 (cd "$RES" && rm -f bench.log env.json nvidia-smi.csv export.log server.log server.json \
   providers.txt info.json latency-steps*.json loadgen-c*.json metrics.txt reference.jsonl \
@@ -166,18 +172,19 @@ if [[ $CHECK_EXPORT == 1 && -z $(pyinfo onnxruntime) ]]; then
   CHECK_EXPORT=0
 fi
 [[ $CHECK_EXPORT == 1 ]] || EXPORT_FLAGS+=(--no-check)
+EXPORT_FLAGS+=(--attention "$ATTENTION")
 [[ -n $(pyinfo tokenizers) ]] \
   || log "fallback: the tokenizers package is missing -> the exporter writes tokenizer.json as plain JSON"
 
 # ----------------------------------------------------------------- (b) the bundle
-log "== (b) bundle: random-weight $CONFIG in $BUNDLE"
-if [[ -f $BUNDLE/manifest.json ]] && grep -q "\"name\": \"$CONFIG\"" "$BUNDLE/manifest.json"; then
+log "== (b) bundle: random-weight $CONFIG ($ATTENTION attention) in $BUNDLE"
+if [[ -f $BUNDLE/manifest.json ]] && grep -q "\"name\": \"$NAME\"" "$BUNDLE/manifest.json"; then
   log "reusing the bundle exported earlier (delete $BUNDLE to export again)"
 else
   rm -rf "$BUNDLE"
-  log "exporting: python -m ladic.export --random-init $CONFIG --name $CONFIG --out $BUNDLE ${EXPORT_FLAGS[*]}"
+  log "exporting: python -m ladic.export --random-init $CONFIG --name $NAME --out $BUNDLE ${EXPORT_FLAGS[*]}"
   (cd models && PYTHONPATH="$ROOT/models${PYTHONPATH:+:$PYTHONPATH}" timeout 900 \
-    "$PY" -W ignore -m ladic.export --random-init "$CONFIG" --name "$CONFIG" --out "$BUNDLE" "${EXPORT_FLAGS[@]}") \
+    "$PY" -W ignore -m ladic.export --random-init "$CONFIG" --name "$NAME" --out "$BUNDLE" "${EXPORT_FLAGS[@]}") \
     >"$RES/export.log" 2>&1 || { tail -20 "$RES/export.log"; die "export failed (log: $RES/export.log)"; }
   tail -3 "$RES/export.log"
 fi
@@ -217,7 +224,7 @@ cleanup() {
 trap cleanup EXIT
 
 summary() {
-  "$PY" - "$RES" "$DEVICE" "$CONFIG" "$QUICK" "$GPU_NAME" "$CONCURRENCY" "$REF_BATCH" \
+  "$PY" - "$RES" "$DEVICE" "$NAME" "$QUICK" "$GPU_NAME" "$CONCURRENCY" "$REF_BATCH" \
     "$BUNDLE/manifest.json" <<'EOF'
 import datetime, glob, json, os, re, sys
 res, device, config, quick, gpu, conc, ref_batch, manifest = sys.argv[1:9]

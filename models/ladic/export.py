@@ -23,6 +23,7 @@ random-weight bundle is written as plain JSON (`word_level_tokenizer_json`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LadicConfig, base_config, micro_config, tiny_config
-from .model import Ladic
+from .model import Ladic, fused_attention_export
 
 FORMAT = "ladic-bundle"
 FORMAT_VERSION = 1
@@ -161,7 +162,11 @@ def denoise_reference(model: Ladic, inputs: dict[str, Tensor]) -> Tensor:
     return model.denoise(inputs["x_t"], inputs["self_cond"], inputs["t"], kv)
 
 
-def export_graphs(model: Ladic, out: Path, gather_kv: bool = True) -> None:
+def export_graphs(
+    model: Ladic, out: Path, gather_kv: bool = True, fused_attention: bool = False
+) -> None:
+    """Write the three graphs. `fused_attention`: every attention as one ONNX Runtime
+    MultiHeadAttention node (contrib domain com.microsoft; CPU and CUDA run it)."""
     model.eval()
     specs = graph_specs(model.cfg, gather_kv)
     wrappers = {
@@ -176,7 +181,8 @@ def export_graphs(model: Ladic, out: Path, gather_kv: bool = True) -> None:
         outputs = [o["name"] for o in spec["outputs"]]
         # Axis 0 is dynamic everywhere, named as in the manifest (batch or kv_slots).
         dynamic = {io["name"]: {0: io["shape"][0]} for io in spec["inputs"] + spec["outputs"]}
-        with torch.no_grad():
+        fused = fused_attention_export() if fused_attention else contextlib.nullcontext()
+        with torch.no_grad(), fused:
             torch.onnx.export(
                 wrapper,
                 tuple(examples[name][n] for n in inputs),
@@ -185,6 +191,7 @@ def export_graphs(model: Ladic, out: Path, gather_kv: bool = True) -> None:
                 output_names=outputs,
                 dynamic_axes=dynamic,
                 opset_version=OPSET,
+                custom_opsets={"com.microsoft": 1} if fused_attention else None,
                 dynamo=False,
             )
 
@@ -265,9 +272,10 @@ def write_bundle(
     name: str,
     description: str,
     check: bool = True,
+    fused_attention: bool = False,
 ) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
-    export_graphs(model, out)
+    export_graphs(model, out, fused_attention=fused_attention)
     if tokenizer_json.resolve() != (out / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_json, out / "tokenizer.json")
     diffs: dict[str, float] = {}
@@ -468,6 +476,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(allow_export_without_onnx; fp32 only)",
     )
     p.add_argument(
+        "--attention",
+        choices=["fused", "unfused"],
+        default="unfused",
+        help="fused: each attention as one ONNX Runtime MultiHeadAttention node\n"
+        "(fewer kernels; flash attention on CUDA); unfused: standard ONNX ops only",
+    )
+    p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "mixed"],
         default="fp32",
@@ -511,7 +526,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.self_conditioning is not None:
         model.cfg.sampler.self_conditioning = args.self_conditioning == "on"
     diffs = write_bundle(
-        model, tok, out, args.name or out.name, description, check=not args.no_check
+        model,
+        tok,
+        out,
+        args.name or out.name,
+        description,
+        check=not args.no_check,
+        fused_attention=args.attention == "fused",
     )
     for k, v in sorted(diffs.items()):
         print(f"{k}: max |onnx - torch| = {v:.2e}")

@@ -7,7 +7,9 @@ so the service computes them once per image instead of once per denoising step.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +30,45 @@ def merge_heads(x: Tensor) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Unmasked multi-head attention over [B, N, D] tensors (LaDiC uses no masks)."""
+    if _export_fused_attention and torch.onnx.is_in_onnx_export():
+        return _FusedAttention.apply(q, k, v, heads)
+    return _attend(q, k, v, heads)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     scale = 1.0 / math.sqrt(int(q.shape[-1]))
     scores = (q @ k.transpose(-1, -2)) * scale
     return merge_heads(scores.softmax(dim=-1) @ v)
+
+
+# Set by `fused_attention_export()`: export every `attend` as one ONNX Runtime
+# MultiHeadAttention node instead of about ten MatMul/Softmax/Reshape/Transpose nodes.
+_export_fused_attention = False
+
+
+@contextlib.contextmanager
+def fused_attention_export() -> Iterator[None]:
+    """Within this context, ONNX export writes attention as com.microsoft.MultiHeadAttention
+    (same result; one kernel, and flash/memory-efficient attention on CUDA)."""
+    global _export_fused_attention
+    before, _export_fused_attention = _export_fused_attention, True
+    try:
+        yield
+    finally:
+        _export_fused_attention = before
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:  # type: ignore[override]
+        return _attend(q, k, v, heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads):  # type: ignore[no-untyped-def]
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+        out.setType(q.type())
+        return out
 
 
 # ---------------------------------------------------------------------------- image

@@ -74,6 +74,37 @@ def test_graphs_match_pytorch(micro, batch: int) -> None:  # type: ignore[no-unt
     assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
 
 
+def test_fused_attention_export_matches_pytorch(tmp_path: Path) -> None:
+    import onnx
+
+    model = random_model("micro", seed=3)
+    tokenizer = placeholder_tokenizer(model.cfg, tmp_path / "tokenizer.json")
+    write_bundle(model, tokenizer, tmp_path, "f", "f", fused_attention=True)
+    ops = {
+        name: [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+        for name in ("encoder", "denoiser", "decoder")
+    }
+    # One node per attention: encoder 1 layer; denoiser self + cross per layer; decoder 1.
+    assert ops["encoder"].count("MultiHeadAttention") == model.cfg.image.layers
+    assert ops["denoiser"].count("MultiHeadAttention") == 2 * model.cfg.diffuser.layers
+    assert "MultiHeadAttention" in ops["decoder"]
+    assert all("Softmax" not in o for o in (ops["encoder"], ops["denoiser"]))
+    for batch in (1, 3):
+        diffs = max_graph_difference(model, tmp_path, batch)
+        assert diffs["decoder.token_ids"] == 0.0
+        assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
+
+
+def test_bench_graphs_times_two_bundles(micro, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ladic import bench_graphs
+
+    _, out = micro
+    bench_graphs.main([str(out), str(out), "--batch", "1,2", "--seconds", "0.05"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == ["batch    1", "batch    2"]
+    assert all("max |A-B| of the first output 0.0e+00" in line for line in lines[1:])
+
+
 PARAMS = {
     "plain": dict(steps=5),
     "guidance_off": dict(steps=8, guidance=0.0),
