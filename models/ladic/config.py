@@ -64,6 +64,11 @@ class DiffuserConfig:
     max_positions: int = 512
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
+    # Divide x_t by its standard deviation under the training forward process,
+    # 1 / sqrt(ab_t + s^2 (1 - ab_t)), before the embeddings. Off in the released LaDiC,
+    # where x_t (std up to the noise scale 4) swamps the position and time embeddings
+    # (std 1) at most timesteps; on, a small model trained from scratch learns much faster.
+    scale_input: bool = False
 
 
 @dataclass
@@ -160,7 +165,9 @@ def tiny_config(vocab_size: int, special_ids: dict[str, int]) -> LadicConfig:
             max_positions=40,
             **special_ids,
         ),
-        diffuser=DiffuserConfig(layers=3, heads=4, ffn=384, max_positions=40, dropout=0.0),
+        diffuser=DiffuserConfig(
+            layers=3, heads=4, ffn=384, max_positions=40, dropout=0.0, scale_input=True
+        ),
         sampler=SamplerConfig(steps=10),
     )
 

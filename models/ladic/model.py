@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DiffuserConfig, ImageEncoderConfig, LadicConfig, TextLatentConfig
+from .config import (
+    DiffuserConfig,
+    ImageEncoderConfig,
+    LadicConfig,
+    ScheduleConfig,
+    TextLatentConfig,
+)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -259,16 +265,29 @@ def timestep_table(dim: int, steps: int) -> Tensor:
     return pe
 
 
+def input_scale_table(schedule: ScheduleConfig) -> Tensor:
+    """1 / std(x_t) per timestep under the training forward process (unit-variance x0)."""
+    from .diffusion import alpha_bar  # diffusion imports this module
+
+    ab = torch.tensor(alpha_bar(schedule), dtype=torch.float64)
+    s = schedule.train_noise_scale
+    return (ab + s * s * (1 - ab)).rsqrt().float()
+
+
 class Diffuser(nn.Module):
     """The denoiser: a post-LN BERT over concat(x_t, self_cond) with cross-attention to
     the image; predicts x0 as the first D channels of its last hidden state."""
 
-    def __init__(self, cfg: DiffuserConfig, latent_dim: int, image_width: int, steps: int):
+    def __init__(
+        self, cfg: DiffuserConfig, latent_dim: int, image_width: int, schedule: ScheduleConfig
+    ):
         super().__init__()
         self.cfg = cfg
         self.latent_dim = latent_dim
         h = 2 * latent_dim
-        self.register_buffer("time_table", timestep_table(h, steps))
+        self.register_buffer("time_table", timestep_table(h, schedule.num_timesteps))
+        if cfg.scale_input:
+            self.register_buffer("input_scale", input_scale_table(schedule))
         self.time_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.position_embeddings = nn.Embedding(cfg.max_positions, h)
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
@@ -287,6 +306,8 @@ class Diffuser(nn.Module):
         return torch.stack(kvs, dim=1)
 
     def forward(self, x_t: Tensor, self_cond: Tensor, t: Tensor, image_kv: Tensor) -> Tensor:
+        if self.cfg.scale_input:
+            x_t = x_t * self.input_scale[t][:, None, None]
         h = torch.cat([x_t, self_cond], dim=-1)
         h = h + self.time_norm(self.time_table[t])[:, None, :]
         pos = torch.arange(h.shape[1], device=h.device)
@@ -303,7 +324,7 @@ class Ladic(nn.Module):
         self.image_encoder = ImageEncoder(cfg.image)
         self.text = TextLatent(cfg.text)
         self.diffuser = Diffuser(
-            cfg.diffuser, cfg.latent_dim, cfg.image.width, cfg.schedule.num_timesteps
+            cfg.diffuser, cfg.latent_dim, cfg.image.width, cfg.schedule
         )
 
     def encode_image(self, pixels: Tensor) -> Tensor:

@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--token-weight", type=float, default=0.2, help="weight of the token cross-entropy"
     )
+    p.add_argument(
+        "--scale-input",
+        choices=["on", "off"],
+        default="on",
+        help="divide x_t by its training std before the diffuser's embeddings (off: as LaDiC)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--eval-images", type=int, default=200)
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(tok_path, 40)
     cfg = tiny_config(tokenizer.get_vocab_size(), special_ids(tokenizer))
     cfg.schedule.train_noise_scale = args.train_noise_scale
+    cfg.diffuser.scale_input = args.scale_input == "on"
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     model = Ladic(cfg).to(device)
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ladic.export import (
     random_model,
     write_bundle,
 )
+from ladic.model import Ladic
 from ladic.sampler import (
     OnnxBackend,
     SampleParams,
@@ -71,6 +73,29 @@ def test_graphs_match_pytorch(micro, batch: int) -> None:  # type: ignore[no-unt
     model, out = micro
     diffs = max_graph_difference(model, out, batch)
     assert diffs["decoder.token_ids"] == 0.0
+    assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
+
+
+def test_scaled_input_divides_x_t_by_its_training_std(tmp_path: Path) -> None:
+    plain = random_model("micro", seed=4)
+    cfg = copy.deepcopy(plain.cfg)
+    cfg.diffuser.scale_input = True
+    scaled = Ladic(cfg).eval()
+    scaled.load_state_dict(plain.state_dict(), strict=False)  # the table is the only new buffer
+    inputs = example_inputs(cfg, batch=3, seed=6)["denoiser"]
+    kv = inputs["image_kv"][inputs["kv_index"]]
+    t = torch.tensor([1, 500, 999])
+    ab = torch.tensor(alpha_bar(cfg.schedule), dtype=torch.float32)[t]
+    s = cfg.schedule.train_noise_scale
+    std = (ab + s * s * (1 - ab)).sqrt()[:, None, None]
+    with torch.no_grad():
+        want = plain.denoise(inputs["x_t"] / std, inputs["self_cond"], t, kv)
+        got = scaled.denoise(inputs["x_t"], inputs["self_cond"], t, kv)
+    assert torch.allclose(got, want, atol=1e-5)
+    # The table travels inside the exported graph; the bundle contract is unchanged.
+    tokenizer = placeholder_tokenizer(cfg, tmp_path / "tokenizer.json")
+    write_bundle(scaled, tokenizer, tmp_path, "s", "s")
+    diffs = max_graph_difference(scaled, tmp_path, 3)
     assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
 
 
