@@ -23,15 +23,19 @@ from .config import (
     TextLatentConfig,
 )
 
+# Every sequence length in the bundle's graphs is fixed (latent length, image tokens), so
+# the reshapes below take it as a Python int and leave the batch axis as -1: the exported
+# graph then holds constant shapes and computes none on the host.
+
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
-    b, n, d = x.shape
-    return x.view(b, n, heads, d // heads).transpose(1, 2)
+    _, n, d = x.shape
+    return x.reshape(-1, int(n), heads, int(d) // heads).transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+    _, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(-1, int(n), int(h) * int(d))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
@@ -310,8 +314,10 @@ class Diffuser(nn.Module):
             x_t = x_t * self.input_scale[t][:, None, None]
         h = torch.cat([x_t, self_cond], dim=-1)
         h = h + self.time_norm(self.time_table[t])[:, None, :]
-        pos = torch.arange(h.shape[1], device=h.device)
-        h = self.dropout(self.embed_norm(h + self.position_embeddings(pos)))
+        # A slice of the table by a Python int: the exported graph holds the latent length
+        # (fixed by the bundle) as a constant, so no shape computation runs on the host.
+        pos = self.position_embeddings.weight[: int(h.shape[1])]
+        h = self.dropout(self.embed_norm(h + pos))
         for i, layer in enumerate(self.layers):
             h = layer(h, (image_kv[:, 2 * i], image_kv[:, 2 * i + 1]))
         return h[..., : self.latent_dim]
