@@ -2,15 +2,20 @@
 unfused attention, or fp16 vs fp32:
 
     python -m ladic.bench_graphs BUNDLE_A BUNDLE_B --graph denoiser --batch 1,64
+    python -m ladic.bench_graphs BUNDLE_A BUNDLE_B --nodes
 
 Both bundles get the same random inputs; runs alternate A, B, A, B... so that drift in
 the machine's load hits both alike. Prints the median per call and the ratio A/B.
+`--nodes` prints instead how many nodes each graph has as exported and after ONNX
+Runtime's own optimizations (what a session runs per call: on a GPU each is a kernel
+launch plus the executor's overhead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +40,22 @@ def random_feed(bundle: Path, graph: str, batch: int, seed: int = 0) -> dict[str
     return feed
 
 
+def node_counts(graph_file: Path) -> tuple[int, int]:
+    """(nodes as exported, nodes after ONNX Runtime's ORT_ENABLE_ALL optimizations on
+    the CPU provider)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3  # the "hardware specific" note on saving is expected
+        ort.InferenceSession(str(graph_file), opts, providers=["CPUExecutionProvider"])
+        optimized = len(onnx.load(opts.optimized_model_filepath).graph.node)
+    return len(onnx.load(str(graph_file)).graph.node), optimized
+
+
 def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
@@ -45,7 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0, help="time per batch size")
+    p.add_argument("--nodes", action="store_true", help="count the graphs' nodes, no timing")
     args = p.parse_args(argv)
+
+    if args.nodes:
+        for bundle in (args.a, args.b):
+            graphs = json.loads((bundle / "manifest.json").read_text())["graphs"]
+            counts = {name: node_counts(bundle / g["file"]) for name, g in graphs.items()}
+            each = (f"{n} {e} nodes ({o} after optimization)" for n, (e, o) in counts.items())
+            print(f"{bundle}: " + ", ".join(each))
+        return
 
     def session(bundle: Path) -> ort.InferenceSession:
         opts = ort.SessionOptions()

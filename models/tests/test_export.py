@@ -138,6 +138,10 @@ def test_bench_graphs_times_two_bundles(micro, capsys) -> None:  # type: ignore[
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[1:]] == ["batch    1", "batch    2"]
     assert all("max |A-B| of the first output 0.0e+00" in line for line in lines[1:])
+    bench_graphs.main([str(out), str(out), "--nodes"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert all("denoiser" in line and "after optimization" in line for line in lines)
 
 
 PARAMS = {
