@@ -83,12 +83,15 @@ fn rust_sampler_matches_the_python_reference() {
     // One session per graph, then three whose row slices run at once (uneven slices
     // included): both must replay the reference. The bundle's denoiser takes a K/V
     // pool and `kv_index`; the same bundle with the denoiser as it was exported before
-    // `kv_index` (one K/V row per row) must replay it too.
+    // `kv_index` (one K/V row per row) must replay it too, and so must the same weights
+    // exported with fused attention (ONNX Runtime's MultiHeadAttention nodes).
     assert!(m.denoiser_gathers_kv(), "the parity bundle is current");
     let legacy_dir = tempfile::tempdir().expect("temp dir");
     let legacy = legacy_bundle(&dir, legacy_dir.path());
     assert!(!legacy.manifest.denoiser_gathers_kv());
-    for (bundle, row_parallelism) in [(&bundle, 1), (&bundle, 3), (&legacy, 2)] {
+    let fused_dir = tempfile::tempdir().expect("temp dir");
+    let fused = fused_bundle(&dir, fused_dir.path());
+    for (bundle, row_parallelism) in [(&bundle, 1), (&bundle, 3), (&legacy, 2), (&fused, 2)] {
         let opts = SessionOptions {
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
@@ -103,14 +106,35 @@ fn rust_sampler_matches_the_python_reference() {
     }
 }
 
+/// The parity bundle with its three graphs replaced by tests/fixtures/parity/fused/
+/// (the same weights, every attention one MultiHeadAttention node), written to `out`.
+fn fused_bundle(fixtures: &Path, out: &Path) -> Bundle {
+    copy_files(&fixtures.join("bundle"), out);
+    let fused = fixtures.join("fused");
+    for graph in ["encoder.onnx", "denoiser.onnx", "decoder.onnx"] {
+        let bytes =
+            std::fs::read(fused.join(graph)).expect("fused graph (python -m ladic.fixtures)");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains("MultiHeadAttention"),
+            "{graph} is exported fused"
+        );
+        std::fs::write(out.join(graph), bytes).expect("write graph");
+    }
+    Bundle::load(out).expect("fused bundle loads")
+}
+
+fn copy_files(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("parity bundle") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
 /// The parity bundle with tests/fixtures/parity/legacy-denoiser.onnx (no `kv_index`)
 /// and its manifest changed to match, written to `out`.
 fn legacy_bundle(fixtures: &Path, out: &Path) -> Bundle {
-    let src = fixtures.join("bundle");
-    for entry in std::fs::read_dir(&src).expect("parity bundle") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), out.join(entry.file_name())).expect("copy");
-    }
+    copy_files(&fixtures.join("bundle"), out);
     std::fs::copy(
         fixtures.join("legacy-denoiser.onnx"),
         out.join("denoiser.onnx"),
