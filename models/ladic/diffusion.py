@@ -44,7 +44,7 @@ def training_loss(
     ab: Tensor,
     uncond_prob: float = 0.1,
     self_cond_prob: float = 0.5,
-    token_weight: float = 0.2,
+    token_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """One LaDiC training step's loss.
 
