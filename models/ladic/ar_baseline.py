@@ -54,7 +54,7 @@ from .metrics import exact_match
 from .model import ImageEncoder, attend, count_parameters, merge_heads, split_heads
 from .sampler import ids_to_text
 from .tokenizer import build_word_tokenizer, load_tokenizer, special_ids
-from .train import lr_at, save_atomic
+from .train import lr_at, open_log, save_atomic
 
 # ---------------------------------------------------------------------------- config
 
@@ -408,12 +408,8 @@ def train(args: argparse.Namespace) -> Path:
         torch.manual_seed(args.seed + step)
         print(f"resumed at step {step}")
 
-    log_path = out / "train_log.csv"
-    new_log = not log_path.exists() or step == 0
-    log_file = open(log_path, "w" if new_log else "a", newline="")
+    log_file = open_log(out / "train_log.csv", ["step", "loss", "lr", "seconds", "val_exact"], step)
     writer = csv.writer(log_file)
-    if new_log:
-        writer.writerow(["step", "loss", "lr", "seconds", "val_exact"])
     model.train()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ar baseline")
     t_last = time.time()

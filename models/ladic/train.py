@@ -81,6 +81,25 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def open_log(path: Path, header: list[str], step: int):  # type: ignore[no-untyped-def]
+    """The CSV training log, open for appending rows from `step` on. A run that starts
+    at step 0 gets a new log with `header`. A resumed run first drops the rows after
+    `step`: they were written after the checkpoint it resumes from, and those steps are
+    about to be trained again (a log without them shows each step once)."""
+    if step == 0 or not path.exists():
+        f = open(path, "w", newline="")
+        csv.writer(f).writerow(header)
+        return f
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+    return open(path, "a", newline="")
+
+
 def save_atomic(obj: object, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -281,12 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed + step)
         print(f"resumed at step {step}")
 
-    log_path = out / "train_log.csv"
-    new_log = not log_path.exists() or step == 0
-    log_file = open(log_path, "w" if new_log else "a", newline="")
+    header = ["step", "loss", "latent", "token", "lr", "seconds", "val_exact"]
+    log_file = open_log(out / "train_log.csv", header, step)
     writer = csv.writer(log_file)
-    if new_log:
-        writer.writerow(["step", "loss", "latent", "token", "lr", "seconds", "val_exact"])
     model.train()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="diffusion")
     t_last = time.time()
