@@ -21,23 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import LadicConfig
+from .export import example_inputs
 
-def random_feed(bundle: Path, graph: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for `graph` from the manifest's shapes: `batch` on axis 0 (4 K/V pool
-    slots for the denoiser's image_kv), t = 500, kv_index cycling over the slots."""
-    spec = json.loads((bundle / "manifest.json").read_text())["graphs"][graph]
-    rng = np.random.default_rng(seed)
-    feed: dict[str, np.ndarray] = {}
-    for io in spec["inputs"]:
-        rows = 4 if io["shape"][0] == "kv_slots" else batch
-        if io["name"] == "t":
-            feed["t"] = np.full(rows, 500, np.int64)
-        elif io["name"] == "kv_index":
-            feed["kv_index"] = (np.arange(rows) % 4).astype(np.int64)
-        else:
-            shape = [rows] + [int(d) for d in io["shape"][1:]]
-            feed[io["name"]] = rng.standard_normal(shape).astype(np.float32)
-    return feed
+
+def random_feed(bundle: Path, graph: str, batch: int) -> dict[str, np.ndarray]:
+    """The exporter's random inputs for `graph` (`export.example_inputs`), built from the
+    model config the bundle's manifest carries."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    cfg = LadicConfig.from_dict(manifest["model_config"])
+    names = [io["name"] for io in manifest["graphs"][graph]["inputs"]]
+    inputs = example_inputs(cfg, batch, gather_kv="kv_index" in names)[graph]
+    return {name: inputs[name].numpy() for name in names}
 
 
 def node_counts(graph_file: Path) -> tuple[int, int]:
