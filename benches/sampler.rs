@@ -49,6 +49,7 @@ fn session_options() -> SessionOptions {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1),
         kv_pool: true,
+        cuda_graph: false,
     }
 }
 

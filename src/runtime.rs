@@ -18,12 +18,17 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, DType, GraphSpec, names};
+use crate::fixed_shapes::{FixedShapeCalls, FixedShapeStats};
 use crate::kv_pool::KvPool;
 use crate::sampler::{Denoiser, ImageKv, KvRef};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 
 /// Slots the K/V pool starts with (it doubles when full).
 const KV_POOL_SLOTS: usize = 64;
+/// Slots of the K/V pool with CUDA graphs, which cannot grow (a captured graph reads
+/// it at a fixed address); capped by [`crate::kv_pool::max_slots`] (295 for the
+/// full-size model, whose 256 slots take 7.4 GB).
+pub const FIXED_KV_POOL_SLOTS: usize = 256;
 
 /// Where the setup script puts the library, relative to the working directory.
 pub const LOCAL_LIBRARY: &str = ".ort/lib/libonnxruntime.so";
@@ -174,6 +179,11 @@ pub struct SessionOptions {
     /// are in flight (`kv_pool`), with a denoiser that takes `kv_index`; else copy the
     /// call's K/V at every step.
     pub kv_pool: bool,
+    /// Denoiser calls at fixed shapes in bound buffers ([`crate::fixed_shapes`]), each
+    /// shape captured as a CUDA graph with the CUDA provider (on the CPU the same calls
+    /// run without capture). Needs `kv_pool` and a denoiser that takes `kv_index`; the
+    /// pool is then allocated at its final size ([`FIXED_KV_POOL_SLOTS`]).
+    pub cuda_graph: bool,
 }
 
 impl SessionOptions {
@@ -200,6 +210,7 @@ impl SessionOptions {
             intra_op_threads,
             row_parallelism,
             kv_pool: self.kv_pool,
+            cuda_graph: self.cuda_graph,
         }
     }
 }
@@ -385,6 +396,9 @@ pub struct Models {
     gathers_kv: bool,
     /// The images' K/V where the denoiser runs (with `gathers_kv` and the option on).
     kv_pool: Option<KvPool>,
+    /// With `--cuda-graph`: the denoiser's fixed-shape calls, which then run every
+    /// denoiser call of [`Denoiser::denoise`].
+    fixed_calls: Option<FixedShapeCalls>,
     image_size: usize,
     pub device: ActiveDevice,
     /// Sessions per graph (row slices that run at once); 1 on CUDA.
@@ -421,14 +435,16 @@ fn base_builder(rt: &OrtRuntime, opts: &SessionOptions) -> Result<SessionBuilder
     b.with_intra_op_spinning(false).map_err(|e| e.to_string())
 }
 
+/// Adds the CUDA provider; `cuda_graph`: with CUDA graph capture enabled.
 #[cfg(feature = "cuda")]
-fn with_cuda(b: SessionBuilder) -> Result<SessionBuilder, String> {
-    b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+fn with_cuda(b: SessionBuilder, cuda_graph: bool) -> Result<SessionBuilder, String> {
+    let cuda = ort::ep::CUDA::default().with_cuda_graph(cuda_graph);
+    b.with_execution_providers([cuda.build().error_on_failure()])
         .map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn with_cuda(_b: SessionBuilder) -> Result<SessionBuilder, String> {
+fn with_cuda(_b: SessionBuilder, _cuda_graph: bool) -> Result<SessionBuilder, String> {
     Err("this binary was built without the `cuda` feature".into())
 }
 
@@ -455,6 +471,15 @@ impl Models {
         opts: &SessionOptions,
     ) -> Result<Models, RuntimeError> {
         let start = Instant::now();
+        if opts.cuda_graph && !(opts.kv_pool && bundle.manifest.denoiser_gathers_kv()) {
+            return Err(RuntimeError::Session {
+                graph: "denoiser",
+                path: bundle.denoiser_path.clone(),
+                reason: "CUDA graphs need the resident K/V pool (--kv-pool true) and a \
+                         denoiser that takes kv_index (re-export the bundle)"
+                    .into(),
+            });
+        }
         let graphs = &bundle.manifest.graphs;
         let mut device = ActiveDevice::Cpu;
         let mut loaded = Vec::with_capacity(3);
@@ -478,8 +503,10 @@ impl Models {
             };
             let mut sessions = Vec::new();
             if want_cuda {
+                // Only the denoiser runs often enough at one shape to be worth capturing.
+                let capture = opts.cuda_graph && name == "denoiser";
                 let attempt = base_builder(rt, opts)
-                    .and_then(with_cuda)
+                    .and_then(|b| with_cuda(b, capture))
                     .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()));
                 match attempt {
                     Ok(s) => {
@@ -538,6 +565,7 @@ impl Models {
             kv_batch: Vec::new(),
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
             kv_pool: None,
+            fixed_calls: None,
             image_size: size,
             device,
             row_parallelism,
@@ -549,16 +577,27 @@ impl Models {
         let null = models.encode(zeros.view())?;
         models.null_kv = null.index_axis_move(Axis(0), 0);
         if models.gathers_kv && opts.kv_pool {
-            models.kv_pool =
-                Some(
-                    models
-                        .new_kv_pool()
-                        .map_err(|reason| RuntimeError::Session {
-                            graph: "denoiser",
-                            path: bundle.denoiser_path.clone(),
-                            reason,
-                        })?,
+            let pool_err = |reason| RuntimeError::Session {
+                graph: "denoiser",
+                path: bundle.denoiser_path.clone(),
+                reason,
+            };
+            models.kv_pool = Some(models.new_kv_pool(opts.cuda_graph).map_err(pool_err)?);
+            if opts.cuda_graph {
+                let latent = (
+                    bundle.manifest.text.max_len,
+                    bundle.manifest.text.latent_dim,
                 );
+                let capture = device == ActiveDevice::Cuda;
+                let allocator = models.device_allocator().map_err(pool_err)?;
+                models.fixed_calls = Some(FixedShapeCalls::new(allocator, latent, capture));
+                if !capture {
+                    tracing::warn!(
+                        "--cuda-graph on the CPU: denoiser calls are padded to fixed shapes, \
+                         nothing is captured"
+                    );
+                }
+            }
         }
         tracing::info!(
             kv_index = models.gathers_kv,
@@ -588,9 +627,10 @@ impl Models {
         self.image_size
     }
 
-    /// A K/V pool in the memory the denoiser reads its inputs from: the GPU's with CUDA.
-    fn new_kv_pool(&self) -> Result<KvPool, String> {
-        let allocator = match self.device {
+    /// An allocator of the memory the denoiser reads its inputs from: the GPU's with
+    /// CUDA.
+    fn device_allocator(&self) -> Result<Allocator, String> {
+        Ok(match self.device {
             ActiveDevice::Cpu => Allocator::default(),
             ActiveDevice::Cuda => {
                 let info = MemoryInfo::new(
@@ -602,8 +642,25 @@ impl Models {
                 .map_err(|e| e.to_string())?;
                 Allocator::new(&self.denoiser.sessions[0], info).map_err(|e| e.to_string())?
             }
-        };
-        KvPool::new(allocator, &self.null_kv, KV_POOL_SLOTS)
+        })
+    }
+
+    /// A K/V pool in the denoiser's memory; `fixed`: at its final size, never growing
+    /// (for CUDA graphs).
+    fn new_kv_pool(&self, fixed: bool) -> Result<KvPool, String> {
+        let allocator = self.device_allocator()?;
+        if !fixed {
+            return KvPool::new(allocator, &self.null_kv, KV_POOL_SLOTS);
+        }
+        let mut pool = KvPool::new(allocator, &self.null_kv, FIXED_KV_POOL_SLOTS)?;
+        let capacity = pool.stats.capacity;
+        pool.limit_slots(capacity);
+        Ok(pool)
+    }
+
+    /// The fixed-shape calls' counters, with `--cuda-graph`.
+    pub fn fixed_shape_stats(&self) -> Option<FixedShapeStats> {
+        self.fixed_calls.as_ref().map(|c| c.stats)
     }
 
     /// The K/V pool's counters, when there is one.
@@ -749,6 +806,12 @@ impl Models {
         kv: KvInput<'_>,
         kv_index: &[i64],
     ) -> Result<Array3<f32>, RuntimeError> {
+        if self.fixed_calls.is_some() {
+            // A CUDA-graph session would capture this call's shapes as its default graph.
+            return Err(self.denoiser.fail(
+                "with --cuda-graph the denoiser runs only fixed-shape calls on the K/V pool",
+            ));
+        }
         let x = x.as_standard_layout();
         let sc = self_cond.as_standard_layout();
         let rows = x.dim().0;
@@ -880,8 +943,21 @@ impl Denoiser for Models {
                 reason,
             })?;
             let pool = self.kv_pool.take().expect("the pool was just used");
-            let result =
-                self.run_denoiser(x, self_cond, t, KvInput::Resident(pool.tensor()), &kv_index);
+            let result = match self.fixed_calls.as_mut() {
+                Some(calls) => calls
+                    .run(
+                        &mut self.denoiser.sessions[0],
+                        pool.tensor(),
+                        x,
+                        self_cond,
+                        t,
+                        &kv_index,
+                    )
+                    .map_err(|reason| self.denoiser.fail(reason)),
+                None => {
+                    self.run_denoiser(x, self_cond, t, KvInput::Resident(pool.tensor()), &kv_index)
+                }
+            };
             self.kv_pool = Some(pool);
             return result;
         }
@@ -959,6 +1035,7 @@ mod tests {
             intra_op_threads,
             row_parallelism,
             kv_pool: true,
+            cuda_graph: false,
         };
         let plan = |o: SessionOptions, workers, cores| {
             let r = o.for_workers(workers, cores);

@@ -19,6 +19,7 @@ fn load(bundle: &Bundle, kv_pool: bool, row_parallelism: usize) -> Models {
         intra_op_threads: 1,
         row_parallelism,
         kv_pool,
+        cuda_graph: false,
     };
     Models::load(&rt, bundle, &opts).expect("sessions load")
 }
@@ -257,4 +258,90 @@ fn a_pool_at_its_size_limit_hands_out_shorter_runs_then_refuses() {
     assert!(full.contains("--max-batch-rows"), "{full}");
     drop((two, b, c, d));
     assert_eq!(pool.reserve_run(5).expect("all free again"), (1, 5));
+}
+
+/// `--cuda-graph`'s denoiser calls (padded to the next power-of-two row count, in
+/// buffers bound once; nothing is captured on the CPU) against the plain path: the same
+/// x0 at every row count, with host and encoder-written K/V, and a pool allocated at
+/// its final size that refuses to grow instead of moving.
+#[test]
+fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    let bundle = Bundle::load(&dir).expect("parity bundle loads");
+    let m = &bundle.manifest;
+    let (l, d) = (m.text.max_len, m.text.latent_dim);
+    let size = m.image.size as usize;
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let opts = |kv_pool, cuda_graph| SessionOptions {
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        row_parallelism: 1,
+        kv_pool,
+        cuda_graph,
+    };
+    let err = Models::load(&rt, &bundle, &opts(false, true)).expect_err("needs the pool");
+    assert!(err.to_string().contains("--kv-pool"), "{err}");
+
+    let mut fixed = Models::load(&rt, &bundle, &opts(true, true)).expect("sessions load");
+    let mut plain = load(&bundle, false, 1);
+    let slots = fixed.kv_pool_stats().expect("a pool").capacity;
+    assert_eq!(slots, runtime::FIXED_KV_POOL_SLOTS);
+    assert_eq!(fixed.max_images_in_flight(), slots - 1);
+
+    let host: Vec<Arc<Array3<f32>>> = plain
+        .encode(pixels(0, 6, size).view())
+        .expect("encoder runs")
+        .outer_iter()
+        .map(|k| Arc::new(k.to_owned()))
+        .collect();
+    let resident = fixed
+        .encode_images(pixels(0, 6, size).view())
+        .expect("encoder writes into the pool");
+    let mut padding = 0;
+    for (n, rows) in [1usize, 2, 3, 5, 8, 9, 17, 3, 1].into_iter().enumerate() {
+        let x = Array3::from_shape_fn((rows, l, d), |(r, i, j)| {
+            (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
+        });
+        let sc = Array3::from_shape_fn((rows, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
+        let t: Vec<i64> = (0..rows)
+            .map(|r| ((n * 97 + r * 31) % 1000) as i64)
+            .collect();
+        // Every third row unconditional; odd calls read the encoder-written K/V.
+        let image = |r: usize| (r % 3 != 2).then_some((r + n) % host.len());
+        let want_kv: Vec<KvRef<'_>> = (0..rows)
+            .map(|r| image(r).map_or(KvRef::Null, |i| KvRef::Image(&host[i])))
+            .collect();
+        let got_kv: Vec<KvRef<'_>> = if n % 2 == 1 {
+            (0..rows)
+                .map(|r| image(r).map_or(KvRef::Null, |i| resident[i].as_kv_ref()))
+                .collect()
+        } else {
+            want_kv.clone()
+        };
+        let got = Denoiser::denoise(&mut fixed, x.view(), sc.view(), &t, &got_kv).expect("fixed");
+        let want = Denoiser::denoise(&mut plain, x.view(), sc.view(), &t, &want_kv).expect("plain");
+        assert_eq!(got.dim(), want.dim());
+        let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+        assert!(diff <= 1e-5, "{rows} rows: x0 differs by {diff}");
+        padding += rows.next_power_of_two() - rows;
+    }
+    let stats = fixed.fixed_shape_stats().expect("fixed-shape calls");
+    assert_eq!(stats.calls, 9);
+    assert_eq!(stats.buckets, 6, "1, 2, 4, 8, 16 and 32 rows: {stats:?}");
+    assert_eq!(stats.padding_rows, padding as u64);
+
+    // More distinct images in one call than the pool has slots: a clear error, no
+    // growth (a captured graph would read the old address), and the next call works.
+    let many: Vec<Arc<Array3<f32>>> = (0..slots).map(|_| Arc::new((*host[0]).clone())).collect();
+    let kv: Vec<KvRef<'_>> = many.iter().map(KvRef::Image).collect();
+    let x = Array3::<f32>::zeros((slots, l, d));
+    let t = vec![10i64; slots];
+    let err = Denoiser::denoise(&mut fixed, x.view(), x.view(), &t, &kv).expect_err("pool full");
+    assert!(err.to_string().contains("full"), "{err}");
+    let pool = fixed.kv_pool_stats().expect("a pool");
+    assert_eq!((pool.capacity, pool.grows), (slots, 0));
+    drop(many);
+    let kv = [resident[0].as_kv_ref()];
+    let x = Array3::<f32>::zeros((1, l, d));
+    Denoiser::denoise(&mut fixed, x.view(), x.view(), &[5], &kv).expect("serves on");
 }

@@ -91,17 +91,31 @@ fn rust_sampler_matches_the_python_reference() {
     assert!(!legacy.manifest.denoiser_gathers_kv());
     let fused_dir = tempfile::tempdir().expect("temp dir");
     let fused = fused_bundle(&dir, fused_dir.path());
-    for (bundle, row_parallelism) in [(&bundle, 1), (&bundle, 3), (&legacy, 2), (&fused, 2)] {
+    // Last, the denoiser calls of `--cuda-graph` (padded to fixed shapes, in bound
+    // buffers; nothing is captured on the CPU).
+    for (bundle, row_parallelism, cuda_graph) in [
+        (&bundle, 1, false),
+        (&bundle, 3, false),
+        (&legacy, 2, false),
+        (&fused, 2, false),
+        (&bundle, 1, true),
+    ] {
         let opts = SessionOptions {
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
             row_parallelism,
             kv_pool: true,
+            cuda_graph,
         };
         let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
         assert_eq!(models.row_parallelism, row_parallelism);
         for case in &cases {
             replay(case, &mut models, &text, &schedule, (l, d), size);
+        }
+        if cuda_graph {
+            let stats = models.fixed_shape_stats().expect("fixed-shape calls");
+            // Padding rows are checked against the plain path in tests/kv_pool.rs.
+            assert!(stats.calls > 0, "{stats:?}");
         }
     }
 }

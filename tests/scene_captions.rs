@@ -64,6 +64,20 @@ fn default_bundle_captions_rendered_scenes() {
         "only {exact} of {} exact:\n{stdout}",
         entries.len()
     );
+
+    // `--cuda-graph`'s padded, bound denoiser calls (not captured on the CPU) caption
+    // the same images the same way.
+    let padded = Command::new(env!("CARGO_BIN_EXE_ladic-serve"))
+        .current_dir(root)
+        .args(["caption", "--seed", "0", "--intra-op-threads", "1"])
+        .args(["--cuda-graph", "true"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&padded.stderr);
+    assert!(padded.status.success(), "{stderr}");
+    assert!(stderr.contains("denoiser bucket set up"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&padded.stdout), stdout);
 }
 
 const SCENES_WORDS: &[&str] = &[

@@ -31,6 +31,7 @@ fn scheduler(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Schedule
             intra_op_threads: 1,
             row_parallelism: 2,
             kv_pool: true,
+            cuda_graph: false,
         },
     };
     (

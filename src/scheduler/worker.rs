@@ -608,6 +608,7 @@ mod tests {
                     intra_op_threads: 1,
                     row_parallelism: 1,
                     kv_pool: true,
+                    cuda_graph: false,
                 },
             },
         }
