@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Several service-only passes of scripts/bench-gpu.sh back to back on one GPU host, one
+# per server or bundle variant, within one time budget, and one table comparing them:
+# the variants are measured side by side on the same card in the same run.
+#
+#   scripts/bench-gpu-matrix.sh --binary PATH [--out DIR] [--budget SECONDS]
+#                               [--passes "graph plain ..."] [--device cuda|cpu]
+#                               [--config base|tiny|micro] [--quick]
+#
+#   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
+#   --out DIR       scratch directory for the bundles, shared by the passes (default
+#                   /tmp/ladic-gpu-bench); results go to $OUT when it is set, else to
+#                   DIR/matrix, one folder per pass plus matrix.md and matrix.json
+#   --budget S      whole run, in seconds (default 540); a pass starts only when at least
+#                   PASS_MIN seconds (default 75) are left, and gets what is left
+#   --passes LIST   in this order (default "graph plain fused-graph fused workers2"):
+#                     plain        the default server
+#                     graph        --cuda-graph true
+#                     fused        bundle exported with --attention fused
+#                     fused-graph  both
+#                     workers2     --workers 2 (two batches in flight, one per worker)
+#   --device, --config, --quick   passed to every pass (see scripts/bench-gpu.sh)
+#
+# Every pass runs with --no-reference: the PyTorch reference needs a full pass of
+# scripts/bench-gpu.sh. Environment: BENCH_TP_SECONDS (default 10 here) and
+# BENCH_CONCURRENCY (default "64 128" here) are passed on; so are the others that
+# scripts/bench-gpu.sh reads.
+set -euo pipefail
+CALLER=$PWD
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+SECONDS=0
+
+usage() { sed -n '6,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
+
+BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540 PASSES="graph plain fused-graph fused workers2"
+COMMON=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --binary) BINARY=${2:?}; shift 2 ;;
+    --out) WORK=${2:?}; shift 2 ;;
+    --budget) BUDGET=${2:?}; shift 2 ;;
+    --passes) PASSES=${2:?}; shift 2 ;;
+    --device|--config) COMMON+=("$1" "${2:?}"); shift 2 ;;
+    --quick) COMMON+=(--quick); shift ;;
+    -h|--help) usage ;;
+    *) echo "unknown argument: $1" >&2; usage ;;
+  esac
+done
+[[ -n $BINARY ]] || { echo "--binary is required" >&2; usage; }
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "--budget takes whole seconds" >&2; exit 2; }
+[[ $BINARY == /* ]] || BINARY=$CALLER/$BINARY
+[[ $WORK == /* ]] || WORK=$CALLER/$WORK
+WORK=$(realpath -m "$WORK")
+RES=$(cd "$CALLER" && realpath -m "${OUT:-$WORK/matrix}")
+mkdir -p "$WORK" "$RES"
+PASS_MIN=${PASS_MIN:-75}
+export BENCH_TP_SECONDS=${BENCH_TP_SECONDS:-10}
+export BENCH_CONCURRENCY=${BENCH_CONCURRENCY:-"64 128"}
+
+# The flags of each pass: bench-gpu.sh arguments, then extra `serve` flags.
+pass_flags() {
+  case $1 in
+    plain) echo "--attention unfused|" ;;
+    graph) echo "--attention unfused|--cuda-graph true" ;;
+    fused) echo "--attention fused|" ;;
+    fused-graph) echo "--attention fused|--cuda-graph true" ;;
+    workers2) echo "--attention unfused|--workers 2" ;;
+    *) return 1 ;;
+  esac
+}
+for pass in $PASSES; do
+  pass_flags "$pass" >/dev/null || { echo "unknown pass: $pass" >&2; usage; }
+done
+
+DONE=()
+for pass in $PASSES; do
+  left=$((BUDGET - SECONDS))
+  if (( BUDGET > 0 && left < PASS_MIN )); then
+    log "== $pass: skipped, $left s left of the budget"
+    continue
+  fi
+  IFS='|' read -r bench_args server_args <<<"$(pass_flags "$pass")"
+  log "== $pass: bench-gpu.sh $bench_args, serve $server_args ($left s left)"
+  mkdir -p "$RES/$pass"
+  # shellcheck disable=SC2086  # the flags are words
+  if OUT=$RES/$pass BENCH_SERVER_ARGS="${BENCH_SERVER_ARGS:-} $server_args" \
+      scripts/bench-gpu.sh --binary "$BINARY" --out "$WORK" --no-reference \
+      --budget "$((BUDGET > 0 ? left - 15 : 0))" ${COMMON[@]+"${COMMON[@]}"} $bench_args \
+      >"$RES/$pass/matrix-pass.log" 2>&1; then
+    log "   $pass done"
+  else
+    log "   $pass failed (exit $?): the end of its log:"
+    tail -n 15 "$RES/$pass/matrix-pass.log" | sed 's/^/     /'
+  fi
+  DONE+=("$pass")
+done
+
+python3 - "$RES" "${DONE[@]}" <<'PY'
+import json, pathlib, sys
+
+res = pathlib.Path(sys.argv[1])
+rows, table = [], {}
+for name in sys.argv[2:]:
+    path = res / name / "results.json"
+    if not path.is_file():
+        rows.append(f"| {name} | failed (see {name}/matrix-pass.log) | | | | |")
+        continue
+    r = json.loads(path.read_text())
+    lat = r.get("latency", {})
+    tp = r.get("throughput", {})
+    ms = lambda k: f"{lat[k]['p50_s'] * 1000:.1f} ms" if k in lat else "n/a"
+    best = max(tp.items(), key=lambda kv: kv[1]["captions_per_second"], default=None)
+    tput = f"{best[1]['captions_per_second']:.1f}/s (c {best[0]})" if best else "n/a"
+    table[name] = {
+        "card": r.get("card"), "server_args": r.get("server", {}).get("args"),
+        "providers": r.get("server", {}).get("providers"),
+        "latency_p50_ms": {k: v["p50_s"] * 1000 for k, v in lat.items()},
+        "throughput": {k: v["captions_per_second"] for k, v in tp.items()},
+    }
+    rows.append(f"| {name} | {ms('5')} | {ms('34')} | {tput} | "
+                f"{r.get('server', {}).get('providers', '')} | `{r.get('server', {}).get('args', '')}` |")
+card = next((v["card"] for v in table.values() if v.get("card")), "unknown card")
+text = "\n".join([
+    f"### Variants side by side on {card}",
+    "",
+    "| pass | batch-1 p50, 5 steps | batch-1 p50, 34 steps | best throughput, 34 steps | providers | serve flags |",
+    "|---|---|---|---|---|---|",
+    *rows,
+    "",
+    "Each pass: scripts/bench-gpu.sh --no-reference (its own summary.md in the pass's folder).",
+])
+(res / "matrix.md").write_text(text + "\n")
+(res / "matrix.json").write_text(json.dumps(table, indent=1) + "\n")
+print(text)
+PY
+log "results in $RES"
