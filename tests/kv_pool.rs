@@ -330,6 +330,24 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
     assert_eq!(stats.buckets, 6, "1, 2, 4, 8, 16 and 32 rows: {stats:?}");
     assert_eq!(stats.padding_rows, padding as u64);
 
+    // The device keeps what it was sent: the same call twice copies its inputs once,
+    // and a call that changes only x_t and t copies those two.
+    let copies = |m: &Models| m.fixed_shape_stats().expect("fixed").input_copies;
+    let kv = [KvRef::Image(&host[0]), KvRef::Null];
+    let x = Array3::from_shape_fn((2, l, d), |(r, i, j)| ((r + i * j) % 7) as f32 / 7.0);
+    let zeros = Array3::<f32>::zeros((2, l, d));
+    let first = Denoiser::denoise(&mut fixed, x.view(), zeros.view(), &[7, 7], &kv).expect("runs");
+    let before = copies(&fixed);
+    let again = Denoiser::denoise(&mut fixed, x.view(), zeros.view(), &[7, 7], &kv).expect("runs");
+    assert_eq!(copies(&fixed), before, "nothing changed");
+    assert_eq!(first, again);
+    let x2 = x.mapv(|v| v * 0.5);
+    let got = Denoiser::denoise(&mut fixed, x2.view(), zeros.view(), &[9, 9], &kv).expect("runs");
+    assert_eq!(copies(&fixed), before + 2, "x_t and t");
+    let want = Denoiser::denoise(&mut plain, x2.view(), zeros.view(), &[9, 9], &kv).expect("runs");
+    let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+    assert!(diff <= 1e-5, "after a partial copy: x0 differs by {diff}");
+
     // More distinct images in one call than the pool has slots: a clear error, no
     // growth (a captured graph would read the old address), and the next call works.
     let many: Vec<Arc<Array3<f32>>> = (0..slots).map(|_| Arc::new((*host[0]).clone())).collect();
