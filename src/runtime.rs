@@ -507,7 +507,16 @@ impl Models {
                 let capture = opts.cuda_graph && name == "denoiser";
                 let attempt = base_builder(rt, opts)
                     .and_then(|b| with_cuda(b, capture))
-                    .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()));
+                    .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
+                    .map_err(|reason| {
+                        // ONNX Runtime refuses capture when a node would run on the CPU
+                        // with a copy in between (or the graph has control flow).
+                        if capture {
+                            format!("{reason} (with CUDA graph capture on, --cuda-graph)")
+                        } else {
+                            reason
+                        }
+                    });
                 match attempt {
                     Ok(s) => {
                         device = ActiveDevice::Cuda;
