@@ -13,7 +13,7 @@
 #                   DIR/matrix, one folder per pass plus matrix.md and matrix.json
 #   --budget S      whole run, in seconds (default 540); a pass starts only when at least
 #                   PASS_MIN seconds (default 75) are left, and gets what is left
-#   --passes LIST   in this order (default "graph plain fused-graph fused workers2"):
+#   --passes LIST   in this order (default "graph plain fused-graph workers2 fused"):
 #                     plain        the default server
 #                     graph        --cuda-graph true
 #                     fused        bundle exported with --attention fused
@@ -28,13 +28,12 @@
 set -euo pipefail
 CALLER=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ROOT=$PWD
 SECONDS=0
 
 usage() { sed -n '6,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
-BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540 PASSES="graph plain fused-graph fused workers2"
+BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540 PASSES="graph plain fused-graph workers2 fused"
 COMMON=()
 while [[ $# -gt 0 ]]; do
   case $1 in
