@@ -23,6 +23,7 @@ pub struct Metrics {
     pub requests_dropped_total: IntCounterVec,
     pub stream_events_dropped_total: IntCounter,
     pub worker_restarts_total: IntCounter,
+    pub denoiser_padding_rows_total: IntCounter,
     pub model_load_seconds: Gauge,
     pub build_info: GaugeVec,
 }
@@ -112,6 +113,10 @@ impl Metrics {
             "stream_events_dropped_total",
             "Streaming step events dropped because the client read them too slowly.",
         )?;
+        let denoiser_padding_rows_total = IntCounter::new(
+            "denoiser_padding_rows_total",
+            "Rows run only to pad a denoiser call to its fixed row count (--cuda-graph).",
+        )?;
         let model_load_seconds = Gauge::new(
             "model_load_seconds",
             "Seconds the first worker took to load the bundle into ONNX Runtime.",
@@ -136,6 +141,7 @@ impl Metrics {
         registry.register(Box::new(requests_dropped_total.clone()))?;
         registry.register(Box::new(stream_events_dropped_total.clone()))?;
         registry.register(Box::new(worker_restarts_total.clone()))?;
+        registry.register(Box::new(denoiser_padding_rows_total.clone()))?;
         registry.register(Box::new(model_load_seconds.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
         Ok(Metrics {
@@ -153,6 +159,7 @@ impl Metrics {
             requests_dropped_total,
             stream_events_dropped_total,
             worker_restarts_total,
+            denoiser_padding_rows_total,
             model_load_seconds,
             build_info,
         })
@@ -208,6 +215,7 @@ mod tests {
             "images_dropped_total",
             "stream_events_dropped_total",
             "worker_restarts_total",
+            "denoiser_padding_rows_total",
             "model_load_seconds",
             "build_info",
         ] {

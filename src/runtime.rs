@@ -667,6 +667,15 @@ impl Models {
         Ok(pool)
     }
 
+    /// The rows a denoiser call of `rows` rows runs at: the next power of two with
+    /// `--cuda-graph`, else `rows`.
+    pub fn padded_rows(&self, rows: usize) -> usize {
+        match self.fixed_calls {
+            Some(_) => crate::fixed_shapes::bucket_rows(rows),
+            None => rows,
+        }
+    }
+
     /// The fixed-shape calls' counters, with `--cuda-graph`.
     pub fn fixed_shape_stats(&self) -> Option<FixedShapeStats> {
         self.fixed_calls.as_ref().map(|c| c.stats)

@@ -493,3 +493,38 @@ async fn shutdown_lets_in_flight_requests_finish() {
     assert_eq!(r.status(), 200);
     assert!(!state.is_ready());
 }
+
+/// `--cuda-graph` on the CPU: the denoiser calls are padded to fixed row counts in
+/// bound buffers (nothing is captured without CUDA). The server answers as without
+/// the flag, and the padding shows in `/metrics`.
+#[tokio::test]
+async fn cuda_graph_flag_serves_the_same_captions() {
+    let mut args = common::test_args();
+    args.model.cuda_graph = true;
+    let padded = TestServer::start(args).await;
+    let plain = TestServer::default().await;
+    // Three candidates without guidance: three rows, run as four.
+    let path = "/caption?steps=4&seed=11&guidance=0&candidates=3";
+    for variant in [0u8, 3] {
+        let png = scene_png(variant);
+        let (status, got) = padded.post_png_json(path, png.clone()).await;
+        assert_eq!(status, 200, "{got}");
+        let (_, want) = plain.post_png_json(path, png).await;
+        assert_eq!(got["caption"], want["caption"], "scene {variant}");
+    }
+    let metrics = padded.metrics_text().await;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("ladic_denoiser_padding_rows_total "))
+        .expect("the padding counter");
+    let rows: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(rows >= 2, "{line}");
+    assert!(
+        plain
+            .metrics_text()
+            .await
+            .contains("ladic_denoiser_padding_rows_total 0")
+    );
+    padded.stop().await;
+    plain.stop().await;
+}

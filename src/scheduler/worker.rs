@@ -69,6 +69,11 @@ pub(super) trait Backend: Denoiser<Error = RuntimeError> {
     fn max_images_in_flight(&self) -> usize {
         usize::MAX
     }
+
+    /// The rows a denoiser call of `rows` rows runs at (more with fixed shapes).
+    fn padded_rows(&self, rows: usize) -> usize {
+        rows
+    }
 }
 
 impl Backend for Models {
@@ -78,6 +83,10 @@ impl Backend for Models {
 
     fn max_images_in_flight(&self) -> usize {
         Models::max_images_in_flight(self)
+    }
+
+    fn padded_rows(&self, rows: usize) -> usize {
+        Models::padded_rows(self, rows)
     }
 }
 
@@ -103,6 +112,10 @@ impl<B: Backend> Denoiser for Instrumented<'_, B> {
             .denoiser_step_duration_seconds
             .observe(start.elapsed().as_secs_f64());
         self.metrics.batch_rows.observe(t.len() as f64);
+        let padding = self.models.padded_rows(t.len()).saturating_sub(t.len());
+        self.metrics
+            .denoiser_padding_rows_total
+            .inc_by(padding as u64);
         out
     }
 
