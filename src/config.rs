@@ -64,9 +64,10 @@ pub struct ModelArgs {
     #[arg(long, env = "LADIC_KV_POOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub kv_pool: bool,
 
-    /// Capture the denoiser as CUDA graphs, one per power-of-two row count (calls are
-    /// padded to the next one), and replay them: a step launches its kernels at once
-    /// instead of one by one. Meant for --device cuda (on the CPU the padded calls run
+    /// Capture the denoiser as CUDA graphs, one per power-of-two row count up to
+    /// --max-batch-rows (calls are padded to the next one), while the workers load (one
+    /// at a time), and replay them: a step launches its kernels at once instead of one
+    /// by one. Meant for --device cuda (on the CPU the padded calls run
     /// without capture); needs the K/V pool, which is then allocated at its final size
     /// (256 slots: 255 images in flight per worker, 7.4 GB for the full-size model)
     /// instead of growing.
@@ -87,6 +88,7 @@ impl ModelArgs {
             row_parallelism: usize::from(self.row_parallelism),
             kv_pool: self.kv_pool,
             cuda_graph: self.cuda_graph,
+            max_batch_rows: 0,
         }
     }
 }

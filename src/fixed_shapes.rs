@@ -3,20 +3,30 @@
 //! and replay it (`--cuda-graph`).
 //!
 //! At batch 1 a full-size denoiser step is a few hundred small kernels, each launched
-//! from the host; replaying a captured graph launches them all at once. A graph holds
-//! the shapes and addresses it was captured with, so:
+//! from the host; replaying a captured graph launches them as one. A graph holds the
+//! shapes and addresses it was captured with, so:
 //! - a call of `n` rows runs at the next power of two (a *bucket*); the padding rows
 //!   read the null K/V (slot 0) at t = 0 and their outputs are dropped. Rows do not
-//!   mix in the denoiser, so padding changes nothing in the real rows;
+//!   mix in the denoiser, so the real rows get the same values (up to the rounding of
+//!   kernels chosen for another row count);
 //! - each bucket owns device buffers for `x_t`, `self_cond`, `t`, `kv_index` and `x0`
 //!   and one binding that names them and the K/V pool; a call copies its inputs into
-//!   them and `x0` out of them (through host buffers of the same shape);
-//! - each bucket is its own graph (`gpu_graph_id` = log2 of its rows), captured by
-//!   ONNX Runtime on the bucket's first call and replayed after;
+//!   them (only those that changed since the bucket's last call) and `x0` out of them,
+//!   through host buffers of the same shape;
+//! - each bucket is its own graph (`gpu_graph_id` = log2 of its rows);
 //! - the K/V pool must not move: it is allocated at its final size and never grows.
 //!
-//! On the CPU nothing is captured; the same buffers and bindings are used, so that
-//! this path is tested without a GPU.
+//! Every bucket up to the largest call is set up and run once when the worker loads,
+//! which is when ONNX Runtime captures the graphs, for two reasons. Buffers that live
+//! across calls must be allocated before any capture: ONNX Runtime may hand the memory
+//! a captured graph uses for its intermediate tensors back to the session's arena after
+//! the capture, while the graph writes there at every replay, so a buffer allocated
+//! later could be overwritten. And a capture must not overlap other CUDA work of the process (ONNX
+//! Runtime captures in CUDA's global mode), so the workers load and capture one at a
+//! time, before any request is served ([`CAPTURE_LOCK`]).
+//!
+//! On the CPU nothing is captured; the same buffers, bindings and warm-up are used, so
+//! that this path is tested without a GPU.
 
 use std::collections::BTreeMap;
 
@@ -27,7 +37,11 @@ use ort::value::Tensor;
 
 use crate::bundle::names;
 
-/// The largest bucket: calls are split to `--max-batch-rows` (at most 4096) anyway.
+/// Held by a worker while it loads with `--cuda-graph`, so that no other worker's
+/// CUDA work overlaps its captures.
+pub static CAPTURE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The largest bucket (`--max-batch-rows` goes up to 4096).
 pub const MAX_BUCKET_ROWS: usize = 4096;
 
 /// The row count a call of `rows` rows runs at.
@@ -118,15 +132,13 @@ struct Bucket {
     x0: Buffer<f32>,
     binding: IoBinding,
     options: RunOptions,
-    /// The K/V pool's address when it was bound: a captured graph reads it there.
-    pool_address: usize,
 }
 
 /// The fixed-shape denoiser calls of one worker (see the module docs).
 pub struct FixedShapeCalls {
-    device: Allocator,
     latent: (usize, usize),
     capture: bool,
+    /// By row count: 1, 2, 4, ... up to the largest call.
     buckets: BTreeMap<usize, Bucket>,
     pub stats: FixedShapeStats,
 }
@@ -142,88 +154,109 @@ impl std::fmt::Debug for FixedShapeCalls {
 }
 
 impl FixedShapeCalls {
-    /// Calls whose buffers live in `device`'s memory, for latents of `latent` = (L, D);
-    /// `capture`: ask ONNX Runtime to capture each bucket as a CUDA graph (the
-    /// denoiser's session must have been created with CUDA graphs enabled).
-    pub fn new(device: Allocator, latent: (usize, usize), capture: bool) -> FixedShapeCalls {
-        FixedShapeCalls {
-            device,
+    /// Sets up every bucket for calls of up to `max_rows` rows of latents `latent` =
+    /// (L, D): buffers in `device`'s memory, bound with `pool` (the K/V pool, which
+    /// must never move) to `session`, the denoiser's. Then runs each bucket once,
+    /// which is when ONNX Runtime captures it when `capture` is set (the session must
+    /// have been created with CUDA graphs enabled). Call it before the session has run.
+    pub fn new(
+        session: &mut Session,
+        device: &Allocator,
+        pool: &Tensor<f32>,
+        latent: (usize, usize),
+        max_rows: usize,
+        capture: bool,
+    ) -> Result<FixedShapeCalls, String> {
+        if max_rows == 0 || max_rows > MAX_BUCKET_ROWS {
+            return Err(format!(
+                "fixed-shape calls need a largest call of 1 to {MAX_BUCKET_ROWS} rows, not {max_rows}"
+            ));
+        }
+        let mut calls = FixedShapeCalls {
             latent,
             capture,
             buckets: BTreeMap::new(),
             stats: FixedShapeStats::default(),
+        };
+        let sizes: Vec<usize> = (0..=bucket_rows(max_rows).trailing_zeros())
+            .map(|k| 1usize << k)
+            .collect();
+        // All buffers first, then the first runs (see the module docs).
+        for &rows in &sizes {
+            let bucket = calls.new_bucket(session, device, pool, rows)?;
+            calls.buckets.insert(rows, bucket);
         }
+        let start = std::time::Instant::now();
+        for &rows in &sizes {
+            let (l, d) = latent;
+            let zeros = Array3::<f32>::zeros((rows, l, d));
+            let index = vec![0i64; rows];
+            calls.run(session, zeros.view(), zeros.view(), &index, &index)?;
+        }
+        calls.stats = FixedShapeStats {
+            buckets: sizes.len(),
+            ..FixedShapeStats::default()
+        };
+        tracing::info!(
+            buckets = ?sizes,
+            capture,
+            seconds = start.elapsed().as_secs_f64(),
+            "denoiser buckets set up and run once{}",
+            if capture { " (CUDA graphs captured)" } else { "" }
+        );
+        Ok(calls)
     }
 
-    fn bucket(
-        &mut self,
+    fn new_bucket(
+        &self,
         session: &Session,
+        device: &Allocator,
         pool: &Tensor<f32>,
         rows: usize,
-    ) -> Result<&mut Bucket, String> {
-        let pool_address = pool.data_ptr() as usize;
-        if let Some(b) = self.buckets.get(&rows)
-            && b.pool_address != pool_address
-        {
-            // The pool is allocated once at its final size; a move would leave every
-            // captured graph reading freed memory.
-            return Err("the K/V pool moved after a denoiser graph was captured".into());
+    ) -> Result<Bucket, String> {
+        let (l, d) = self.latent;
+        let fail = |e: ort::Error| e.to_string();
+        let mut b = Bucket {
+            rows,
+            x_t: Buffer::new(device, &[rows, l, d])?,
+            self_cond: Buffer::new(device, &[rows, l, d])?,
+            t: Buffer::new(device, &[rows])?,
+            kv_index: Buffer::new(device, &[rows])?,
+            x0: Buffer::new(device, &[rows, l, d])?,
+            binding: session.create_binding().map_err(fail)?,
+            options: RunOptions::new().map_err(fail)?,
+        };
+        b.binding
+            .bind_input(names::X_T, &b.x_t.device)
+            .map_err(fail)?;
+        b.binding
+            .bind_input(names::SELF_COND, &b.self_cond.device)
+            .map_err(fail)?;
+        b.binding.bind_input(names::T, &b.t.device).map_err(fail)?;
+        b.binding
+            .bind_input(names::KV_INDEX, &b.kv_index.device)
+            .map_err(fail)?;
+        b.binding.bind_input(names::IMAGE_KV, pool).map_err(fail)?;
+        b.binding
+            .bind_output(names::X0, &mut b.x0.device)
+            .map_err(fail)?;
+        if self.capture {
+            let graph_id = rows.trailing_zeros().to_string();
+            b.options.set("gpu_graph_id", graph_id).map_err(fail)?;
         }
-        if !self.buckets.contains_key(&rows) {
-            let (l, d) = self.latent;
-            let fail = |e: ort::Error| e.to_string();
-            let mut bucket = Bucket {
-                rows,
-                x_t: Buffer::new(&self.device, &[rows, l, d])?,
-                self_cond: Buffer::new(&self.device, &[rows, l, d])?,
-                t: Buffer::new(&self.device, &[rows])?,
-                kv_index: Buffer::new(&self.device, &[rows])?,
-                x0: Buffer::new(&self.device, &[rows, l, d])?,
-                binding: session.create_binding().map_err(fail)?,
-                options: RunOptions::new().map_err(fail)?,
-                pool_address,
-            };
-            let b = &mut bucket;
-            b.binding
-                .bind_input(names::X_T, &b.x_t.device)
-                .map_err(fail)?;
-            b.binding
-                .bind_input(names::SELF_COND, &b.self_cond.device)
-                .map_err(fail)?;
-            b.binding.bind_input(names::T, &b.t.device).map_err(fail)?;
-            b.binding
-                .bind_input(names::KV_INDEX, &b.kv_index.device)
-                .map_err(fail)?;
-            b.binding.bind_input(names::IMAGE_KV, pool).map_err(fail)?;
-            b.binding
-                .bind_output(names::X0, &mut b.x0.device)
-                .map_err(fail)?;
-            if self.capture {
-                let graph_id = rows.trailing_zeros().to_string();
-                b.options.set("gpu_graph_id", graph_id).map_err(fail)?;
-            }
-            tracing::info!(
-                rows,
-                capture = self.capture,
-                "denoiser bucket set up{}",
-                if self.capture {
-                    ": its CUDA graph is captured on this call"
-                } else {
-                    ""
-                }
-            );
-            self.buckets.insert(rows, bucket);
-            self.stats.buckets = self.buckets.len();
-        }
-        Ok(self.buckets.get_mut(&rows).expect("inserted above"))
+        Ok(b)
+    }
+
+    /// The largest call these buckets take.
+    pub fn max_rows(&self) -> usize {
+        self.buckets.keys().next_back().copied().unwrap_or(0)
     }
 
     /// One denoiser pass over `x [n,L,D]`, `self_cond [n,L,D]`, `t [n]` and
-    /// `kv_index [n]` (slots of `pool`), run at [`bucket_rows`]`(n)` rows.
+    /// `kv_index [n]` (slots of the K/V pool), run at [`bucket_rows`]`(n)` rows.
     pub fn run(
         &mut self,
         session: &mut Session,
-        pool: &Tensor<f32>,
         x: ArrayView3<f32>,
         self_cond: ArrayView3<f32>,
         t: &[i64],
@@ -246,10 +279,12 @@ impl FixedShapeCalls {
             ));
         }
         let rows = bucket_rows(n);
-        if rows > MAX_BUCKET_ROWS {
-            return Err(format!("{n} rows in one call; at most {MAX_BUCKET_ROWS}"));
-        }
-        let bucket = self.bucket(session, pool, rows)?;
+        let largest = self.max_rows();
+        let Some(bucket) = self.buckets.get_mut(&rows) else {
+            return Err(format!(
+                "{n} rows in one denoiser call; the fixed shapes go up to {largest}"
+            ));
+        };
         let copied = [
             bucket.x_t.upload(x.iter().copied(), 0.0)?,
             bucket.self_cond.upload(self_cond.iter().copied(), 0.0)?,

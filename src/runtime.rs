@@ -184,6 +184,9 @@ pub struct SessionOptions {
     /// run without capture). Needs `kv_pool` and a denoiser that takes `kv_index`; the
     /// pool is then allocated at its final size ([`FIXED_KV_POOL_SLOTS`]).
     pub cuda_graph: bool,
+    /// The most rows of one denoiser call (`--max-batch-rows`); with `cuda_graph` every
+    /// fixed shape up to it is set up, and captured, when the sessions load.
+    pub max_batch_rows: usize,
 }
 
 impl SessionOptions {
@@ -211,6 +214,7 @@ impl SessionOptions {
             row_parallelism,
             kv_pool: self.kv_pool,
             cuda_graph: self.cuda_graph,
+            max_batch_rows: self.max_batch_rows,
         }
     }
 }
@@ -470,6 +474,12 @@ impl Models {
         bundle: &Bundle,
         opts: &SessionOptions,
     ) -> Result<Models, RuntimeError> {
+        // With CUDA graphs, one worker loads (and captures) at a time.
+        let _capturing = opts.cuda_graph.then(|| {
+            crate::fixed_shapes::CAPTURE_LOCK
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        });
         let start = Instant::now();
         if opts.cuda_graph && !(opts.kv_pool && bundle.manifest.denoiser_gathers_kv()) {
             return Err(RuntimeError::Session {
@@ -591,7 +601,7 @@ impl Models {
                 path: bundle.denoiser_path.clone(),
                 reason,
             };
-            models.kv_pool = Some(models.new_kv_pool(opts.cuda_graph).map_err(pool_err)?);
+            let pool = models.new_kv_pool(opts.cuda_graph).map_err(pool_err)?;
             if opts.cuda_graph {
                 let latent = (
                     bundle.manifest.text.max_len,
@@ -599,7 +609,16 @@ impl Models {
                 );
                 let capture = device == ActiveDevice::Cuda;
                 let allocator = models.device_allocator().map_err(pool_err)?;
-                models.fixed_calls = Some(FixedShapeCalls::new(allocator, latent, capture));
+                let calls = FixedShapeCalls::new(
+                    &mut models.denoiser.sessions[0],
+                    &allocator,
+                    pool.tensor(),
+                    latent,
+                    opts.max_batch_rows,
+                    capture,
+                )
+                .map_err(pool_err)?;
+                models.fixed_calls = Some(calls);
                 if !capture {
                     tracing::warn!(
                         "--cuda-graph on the CPU: denoiser calls are padded to fixed shapes, \
@@ -607,6 +626,7 @@ impl Models {
                     );
                 }
             }
+            models.kv_pool = Some(pool);
         }
         tracing::info!(
             kv_index = models.gathers_kv,
@@ -963,14 +983,7 @@ impl Denoiser for Models {
             let pool = self.kv_pool.take().expect("the pool was just used");
             let result = match self.fixed_calls.as_mut() {
                 Some(calls) => calls
-                    .run(
-                        &mut self.denoiser.sessions[0],
-                        pool.tensor(),
-                        x,
-                        self_cond,
-                        t,
-                        &kv_index,
-                    )
+                    .run(&mut self.denoiser.sessions[0], x, self_cond, t, &kv_index)
                     .map_err(|reason| self.denoiser.fail(reason)),
                 None => {
                     self.run_denoiser(x, self_cond, t, KvInput::Resident(pool.tensor()), &kv_index)
@@ -1054,6 +1067,7 @@ mod tests {
             row_parallelism,
             kv_pool: true,
             cuda_graph: false,
+            max_batch_rows: 64,
         };
         let plan = |o: SessionOptions, workers, cores| {
             let r = o.for_workers(workers, cores);

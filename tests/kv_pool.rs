@@ -20,6 +20,7 @@ fn load(bundle: &Bundle, kv_pool: bool, row_parallelism: usize) -> Models {
         row_parallelism,
         kv_pool,
         cuda_graph: false,
+        max_batch_rows: 64,
     };
     Models::load(&rt, bundle, &opts).expect("sessions load")
 }
@@ -278,9 +279,16 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
         row_parallelism: 1,
         kv_pool,
         cuda_graph,
+        max_batch_rows: 64,
     };
     let err = Models::load(&rt, &bundle, &opts(false, true)).expect_err("needs the pool");
     assert!(err.to_string().contains("--kv-pool"), "{err}");
+    let unsized_calls = SessionOptions {
+        max_batch_rows: 0,
+        ..opts(true, true)
+    };
+    let err = Models::load(&rt, &bundle, &unsized_calls).expect_err("needs the largest call");
+    assert!(err.to_string().contains("largest call"), "{err}");
 
     let mut fixed = Models::load(&rt, &bundle, &opts(true, true)).expect("sessions load");
     let mut plain = load(&bundle, false, 1);
@@ -327,7 +335,10 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
     }
     let stats = fixed.fixed_shape_stats().expect("fixed-shape calls");
     assert_eq!(stats.calls, 9);
-    assert_eq!(stats.buckets, 6, "1, 2, 4, 8, 16 and 32 rows: {stats:?}");
+    assert_eq!(
+        stats.buckets, 7,
+        "1, 2, 4, ... 64 rows, set up at load: {stats:?}"
+    );
     assert_eq!(stats.padding_rows, padding as u64);
 
     // The device keeps what it was sent: the same call twice copies its inputs once,
@@ -362,4 +373,13 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
     let kv = [resident[0].as_kv_ref()];
     let x = Array3::<f32>::zeros((1, l, d));
     Denoiser::denoise(&mut fixed, x.view(), x.view(), &[5], &kv).expect("serves on");
+
+    // A call above the largest fixed shape (the scheduler never makes one) is refused,
+    // not set up on the fly after the captures.
+    let x = Array3::<f32>::zeros((65, l, d));
+    let kv = vec![KvRef::Null; 65];
+    let err = Denoiser::denoise(&mut fixed, x.view(), x.view(), &[5; 65], &kv).expect_err("65");
+    assert!(err.to_string().contains("go up to 64"), "{err}");
+    Denoiser::denoise(&mut fixed, x.view(), x.view(), &[5; 65][..64], &kv[..64])
+        .expect_err("x has 65 rows, t 64");
 }

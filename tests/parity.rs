@@ -106,6 +106,7 @@ fn rust_sampler_matches_the_python_reference() {
             row_parallelism,
             kv_pool: true,
             cuda_graph,
+            max_batch_rows: 64,
         };
         let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
         assert_eq!(models.row_parallelism, row_parallelism);

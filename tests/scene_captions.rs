@@ -76,7 +76,7 @@ fn default_bundle_captions_rendered_scenes() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&padded.stderr);
     assert!(padded.status.success(), "{stderr}");
-    assert!(stderr.contains("denoiser bucket set up"), "{stderr}");
+    assert!(stderr.contains("denoiser buckets set up"), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&padded.stdout), stdout);
 }
 

@@ -194,6 +194,7 @@ impl Scheduler {
         config.session = config
             .session
             .for_workers(config.workers.max(1), crate::runtime::available_cores());
+        config.session.max_batch_rows = config.max_batch_rows;
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {

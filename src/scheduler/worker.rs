@@ -112,10 +112,12 @@ impl<B: Backend> Denoiser for Instrumented<'_, B> {
             .denoiser_step_duration_seconds
             .observe(start.elapsed().as_secs_f64());
         self.metrics.batch_rows.observe(t.len() as f64);
-        let padding = self.models.padded_rows(t.len()).saturating_sub(t.len());
-        self.metrics
-            .denoiser_padding_rows_total
-            .inc_by(padding as u64);
+        if out.is_ok() {
+            let padding = self.models.padded_rows(t.len()).saturating_sub(t.len());
+            self.metrics
+                .denoiser_padding_rows_total
+                .inc_by(padding as u64);
+        }
         out
     }
 
@@ -622,6 +624,7 @@ mod tests {
                     row_parallelism: 1,
                     kv_pool: true,
                     cuda_graph: false,
+                    max_batch_rows: 32,
                 },
             },
         }
