@@ -123,8 +123,8 @@ where
     }
 }
 
+/// The buffers and binding of one row count (the key it is stored under).
 struct Bucket {
-    rows: usize,
     x_t: Buffer<f32>,
     self_cond: Buffer<f32>,
     t: Buffer<i64>,
@@ -217,7 +217,6 @@ impl FixedShapeCalls {
         let (l, d) = self.latent;
         let fail = |e: ort::Error| e.to_string();
         let mut b = Bucket {
-            rows,
             x_t: Buffer::new(device, &[rows, l, d])?,
             self_cond: Buffer::new(device, &[rows, l, d])?,
             t: Buffer::new(device, &[rows])?,
@@ -296,7 +295,7 @@ impl FixedShapeCalls {
             .run_binding_with_options(&bucket.binding, &bucket.options)
             .map_err(|e| e.to_string())?;
         let x0 = bucket.x0.download()?;
-        let out = ArrayView3::from_shape((bucket.rows, l, d), x0)
+        let out = ArrayView3::from_shape((rows, l, d), x0)
             .map_err(|e| e.to_string())?
             .slice_axis(Axis(0), ndarray::Slice::from(0..n))
             .to_owned();
