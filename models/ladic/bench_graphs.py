@@ -3,12 +3,16 @@ unfused attention, or fp16 vs fp32:
 
     python -m ladic.bench_graphs BUNDLE_A BUNDLE_B --graph denoiser --batch 1,64
     python -m ladic.bench_graphs BUNDLE_A BUNDLE_B --nodes
+    python -m ladic.bench_graphs BUNDLE_A BUNDLE_B --graph denoiser --batch 8 --ops
 
 Both bundles get the same random inputs; runs alternate A, B, A, B... so that drift in
 the machine's load hits both alike. Prints the median per call and the ratio A/B.
 `--nodes` prints instead how many nodes each graph has as exported and after ONNX
 Runtime's own optimizations (what a session runs per call: on a GPU each is a kernel
-launch plus the executor's overhead).
+launch plus the executor's overhead). `--ops` prints, per operator type, the time
+ONNX Runtime's profiler gives its nodes per call in A and in B (the warm-up call left out;
+the profiler's own overhead makes the sums larger than the call's time), to see where a
+change moved the time.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +57,33 @@ def node_counts(graph_file: Path) -> tuple[int, int]:
     return len(onnx.load(str(graph_file)).graph.node), optimized
 
 
+def op_times(
+    session_for_profiling: Callable[[], Any], feed: dict[str, np.ndarray], runs: int
+) -> dict[str, float]:
+    """Milliseconds per call that the profiler gives each operator type's nodes, over
+    `runs` calls after one warm-up call (which is profiled too, and left out)."""
+    sess = session_for_profiling()
+    sess.run(None, feed)
+    for _ in range(runs):
+        sess.run(None, feed)
+    profile = Path(sess.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    runs_after_warm_up = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "Session" and e["name"] == "model_run"
+    )[1:]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if any(start <= e["ts"] <= end for start, end in runs_after_warm_up):
+            op = e["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3
+    return {op: ms / len(runs_after_warm_up) for op, ms in totals.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
@@ -62,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0, help="time per batch size")
     p.add_argument("--nodes", action="store_true", help="count the graphs' nodes, no timing")
+    p.add_argument(
+        "--ops", action="store_true", help="profiled time per operator type, A vs B, no timing"
+    )
+    p.add_argument("--runs", type=int, default=4, help="profiled calls per bundle (--ops)")
     args = p.parse_args(argv)
 
     if args.nodes:
@@ -72,12 +109,30 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{bundle}: " + ", ".join(each))
         return
 
-    def session(bundle: Path) -> ort.InferenceSession:
+    def session(bundle: Path, profile: bool = False) -> ort.InferenceSession:
         opts = ort.SessionOptions()
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "bench-graphs")
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1
         file = json.loads((bundle / "manifest.json").read_text())["graphs"][args.graph]["file"]
         return ort.InferenceSession(str(bundle / file), opts, providers=["CPUExecutionProvider"])
+
+    if args.ops:
+        for batch in (int(b) for b in args.batch.split(",")):
+            feed = random_feed(args.a, args.graph, batch)
+            ta = op_times(lambda: session(args.a, profile=True), feed, args.runs)
+            tb = op_times(lambda: session(args.b, profile=True), feed, args.runs)
+            print(
+                f"{args.graph}, batch {batch}, {args.threads} thread(s), ms per call "
+                f"({args.runs} profiled calls each): A = {args.a}, B = {args.b}"
+            )
+            print(f"  {'operator':<24}{'A':>10}{'B':>10}")
+            for op in sorted(ta.keys() | tb.keys(), key=lambda o: -max(ta.get(o, 0), tb.get(o, 0))):
+                print(f"  {op:<24}{ta.get(op, 0.0):10.2f}{tb.get(op, 0.0):10.2f}")
+            print(f"  {'all nodes':<24}{sum(ta.values()):10.2f}{sum(tb.values()):10.2f}")
+        return
 
     sa, sb = session(args.a), session(args.b)
     print(f"{args.graph}, {args.threads} thread(s): A = {args.a}, B = {args.b}")

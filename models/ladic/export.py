@@ -62,7 +62,7 @@ class DenoiserGraph(nn.Module):
     def forward(
         self, x_t: Tensor, self_cond: Tensor, t: Tensor, image_kv: Tensor, kv_index: Tensor
     ) -> Tensor:
-        return self.model.denoise(x_t, self_cond, t, image_kv.index_select(0, kv_index))
+        return self.model.denoise(x_t, self_cond, t, image_kv, kv_index)
 
 
 class LegacyDenoiserGraph(nn.Module):

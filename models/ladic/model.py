@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -278,6 +278,22 @@ def input_scale_table(schedule: ScheduleConfig) -> Tensor:
     return (ab + s * s * (1 - ab)).rsqrt().float()
 
 
+def pooled_layer_kv(pool: Tensor, kv_index: Tensor, layers: int) -> Callable[[int], Tensor]:
+    """`j -> [B, N, H]`: entry j (K of layer j/2 when j is even, V when odd) of each row's
+    slot of `pool [S, 2*layers, N, H]`.
+
+    Each entry is gathered straight from the pool seen as `[S*2*layers, N, H]` (a
+    reshape, no copy), so the rows' K/V are copied once, right where each layer needs
+    them. Gathering whole slots first (`pool.index_select(0, kv_index)`) and then taking
+    each layer's entry copies them twice, and the K/V are the largest tensors a
+    batched call moves (29 MB per row for the full-size model in fp32).
+    """
+    entries, tokens, width = 2 * layers, int(pool.shape[2]), int(pool.shape[3])
+    flat = pool.reshape(-1, tokens, width)
+    first = kv_index * entries
+    return lambda j: flat.index_select(0, first + j)
+
+
 class Diffuser(nn.Module):
     """The denoiser: a post-LN BERT over concat(x_t, self_cond) with cross-attention to
     the image; predicts x0 as the first D channels of its last hidden state."""
@@ -309,7 +325,21 @@ class Diffuser(nn.Module):
             kvs += [k, v]
         return torch.stack(kvs, dim=1)
 
-    def forward(self, x_t: Tensor, self_cond: Tensor, t: Tensor, image_kv: Tensor) -> Tensor:
+    def forward(
+        self,
+        x_t: Tensor,
+        self_cond: Tensor,
+        t: Tensor,
+        image_kv: Tensor,
+        kv_index: Tensor | None = None,
+    ) -> Tensor:
+        """`image_kv [B, 2*layers, N, H]` holds each row's K/V; with `kv_index [B]` it is
+        a pool `[S, 2*layers, N, H]` and row b attends to slot `kv_index[b]`."""
+        layer_kv = (
+            pooled_layer_kv(image_kv, kv_index, len(self.layers))
+            if kv_index is not None
+            else lambda j: image_kv[:, j]
+        )
         if self.cfg.scale_input:
             x_t = x_t * self.input_scale[t][:, None, None]
         h = torch.cat([x_t, self_cond], dim=-1)
@@ -319,7 +349,7 @@ class Diffuser(nn.Module):
         pos = self.position_embeddings.weight[: int(h.shape[1])]
         h = self.dropout(self.embed_norm(h + pos))
         for i, layer in enumerate(self.layers):
-            h = layer(h, (image_kv[:, 2 * i], image_kv[:, 2 * i + 1]))
+            h = layer(h, (layer_kv(2 * i), layer_kv(2 * i + 1)))
         return h[..., : self.latent_dim]
 
 
@@ -337,8 +367,16 @@ class Ladic(nn.Module):
         """Pixels -> the per-layer cross-attention K/V the denoiser reads."""
         return self.diffuser.image_kv(self.image_encoder(pixels))
 
-    def denoise(self, x_t: Tensor, self_cond: Tensor, t: Tensor, image_kv: Tensor) -> Tensor:
-        return self.diffuser(x_t, self_cond, t, image_kv)
+    def denoise(
+        self,
+        x_t: Tensor,
+        self_cond: Tensor,
+        t: Tensor,
+        image_kv: Tensor,
+        kv_index: Tensor | None = None,
+    ) -> Tensor:
+        """x0 predictions; see `Diffuser.forward` for `image_kv` and `kv_index`."""
+        return self.diffuser(x_t, self_cond, t, image_kv, kv_index)
 
     def decode(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """Latent -> (token ids, confidence = max softmax probability per position)."""

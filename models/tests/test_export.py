@@ -68,6 +68,21 @@ def test_denoiser_gathers_each_rows_kv_from_the_pool(micro) -> None:  # type: ig
     assert np.abs(got - per_row.numpy()).max() <= 1e-4
 
 
+def test_denoiser_copies_each_layers_kv_once(micro) -> None:  # type: ignore[no-untyped-def]
+    """The pool is only reshaped (no copy); each layer's K and each layer's V is gathered
+    from it directly, rather than whole slots first and each layer's part out of those."""
+    import onnx
+
+    model, out = micro
+    graph = onnx.load(str(out / "denoiser.onnx")).graph
+    readers = [n for n in graph.node if "image_kv" in n.input]
+    assert [n.op_type for n in readers] == ["Reshape"]
+    flat = readers[0].output[0]
+    gathers = [n for n in graph.node if flat in n.input]
+    assert [n.op_type for n in gathers] == ["Gather"] * 2 * model.cfg.diffuser.layers
+    assert all(n.input[0] == flat for n in gathers)
+
+
 def test_denoiser_computes_no_shapes(micro) -> None:  # type: ignore[no-untyped-def]
     """Every shape in the denoiser is a constant (only the batch axis varies, as -1), so
     on a GPU no node of it falls back to the host (which would block CUDA graphs)."""
@@ -142,6 +157,11 @@ def test_bench_graphs_times_two_bundles(micro, capsys) -> None:  # type: ignore[
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert all("denoiser" in line and "after optimization" in line for line in lines)
+    bench_graphs.main([str(out), str(out), "--batch", "2", "--ops", "--runs", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert "MatMul" in rows and "Gather" in rows and "all" in rows
+    assert all(float(a) > 0 and float(b) > 0 for a, b in [rows["MatMul"], rows["all"][1:]])
 
 
 PARAMS = {
