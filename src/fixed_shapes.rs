@@ -10,9 +10,10 @@
 //!   mix in the denoiser, so the real rows get the same values (up to the rounding of
 //!   kernels chosen for another row count);
 //! - each bucket owns device buffers for `x_t`, `self_cond`, `t`, `kv_index` and `x0`
-//!   and one binding that names them and the K/V pool; a call copies its inputs into
-//!   them (only those that changed since the bucket's last call) and `x0` out of them,
-//!   through host buffers of the same shape;
+//!   and one binding that names them and the K/V pool; a call writes its inputs into
+//!   them (only those that changed since the bucket's last call) and reads its rows of
+//!   `x0` out of them: on a GPU through page-locked host buffers of the same shape, one
+//!   `cudaMemcpy` each ([`crate::device_copy`]); on the CPU in place;
 //! - each bucket is its own graph (`gpu_graph_id` = log2 of its rows);
 //! - the K/V pool must not move: it is allocated at its final size and never grows.
 //!
@@ -30,12 +31,13 @@
 
 use std::collections::BTreeMap;
 
-use ndarray::{Array3, ArrayView3, Axis};
+use ndarray::{Array3, ArrayView3};
 use ort::memory::Allocator;
 use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::Tensor;
 
 use crate::bundle::names;
+use crate::device_copy::{CudaRuntime, HostBuffer};
 
 /// Held by a worker while it loads with `--cuda-graph`, so that no other worker's
 /// CUDA work overlaps its captures.
@@ -58,27 +60,50 @@ pub struct FixedShapeStats {
     pub padding_rows: u64,
     /// Buckets set up (one captured graph each on a GPU).
     pub buckets: usize,
-    /// Inputs copied to the device: at most 4 per call, none that the device holds
+    /// Inputs written to the device: at most 4 per call, none that the device holds
     /// already.
     pub input_copies: u64,
+    /// Host buffers page-locked for copies to and from a GPU (5 per bucket at best).
+    pub pinned_host_buffers: usize,
 }
 
-/// One tensor of a bucket: where the model reads or writes it, and its host copy.
-struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static> {
+/// How the host reaches the buffers the model reads and writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Transfer {
+    /// The model's memory is host memory (the CPU provider): buffers are written and
+    /// read in place.
+    InPlace,
+    /// GPU memory, reached through host buffers and the CUDA runtime's copies.
+    Cuda(&'static CudaRuntime),
+}
+
+/// One tensor of a bucket: where the model reads or writes it, and, on a GPU, its
+/// host copy.
+struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Copy + 'static> {
     device: Tensor<T>,
-    host: Tensor<T>,
+    /// None when the device buffer is host memory.
+    host: Option<HostBuffer<T>>,
     /// The device buffer holds what the host copy holds.
     in_sync: bool,
 }
 
 impl<T> Buffer<T>
 where
-    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + PartialEq + 'static,
+    T: ort::value::PrimitiveTensorElementType
+        + std::fmt::Debug
+        + Copy
+        + PartialEq
+        + Default
+        + 'static,
 {
-    fn new(device: &Allocator, shape: &[usize]) -> Result<Self, String> {
+    fn new(device: &Allocator, transfer: Transfer, shape: &[usize]) -> Result<Self, String> {
         let device = Tensor::<T>::new(device, shape.to_vec()).map_err(|e| e.to_string())?;
-        let host =
-            Tensor::<T>::new(&Allocator::default(), shape.to_vec()).map_err(|e| e.to_string())?;
+        let host = match transfer {
+            Transfer::InPlace => None,
+            Transfer::Cuda(cuda) => {
+                Some(HostBuffer::new(cuda, shape.iter().product(), T::default())?)
+            }
+        };
         Ok(Buffer {
             device,
             host,
@@ -86,40 +111,80 @@ where
         })
     }
 
-    /// Writes `values` and then `fill` up to the buffer's length into the host copy,
-    /// then copies it to the device, unless the device holds exactly that already (as
-    /// it does for `self_cond`, all zeros at every step without self-conditioning).
-    /// Returns whether it copied.
+    /// Writes `values` and then `fill` up to the buffer's length, into the device
+    /// buffer itself or into the host copy that is then copied to the device, unless
+    /// the device holds exactly that already (as it does for `self_cond`, all zeros at
+    /// every step without self-conditioning). Returns whether the device buffer changed.
     fn upload(&mut self, values: impl Iterator<Item = T>, fill: T) -> Result<bool, String> {
-        let (_, host) = self.host.extract_tensor_mut();
+        let Buffer {
+            device,
+            host,
+            in_sync,
+        } = self;
+        let target: &mut [T] = match host {
+            Some(h) => h.values_mut(),
+            None => device.extract_tensor_mut().1,
+        };
         let mut written = 0;
         let mut changed = false;
-        for (slot, v) in host.iter_mut().zip(values) {
+        for (slot, v) in target.iter_mut().zip(values) {
             changed |= *slot != v;
             *slot = v;
             written += 1;
         }
-        for slot in &mut host[written..] {
+        for slot in &mut target[written..] {
             changed |= *slot != fill;
-            *slot = fill.clone();
+            *slot = fill;
         }
-        if self.in_sync && !changed {
+        if *in_sync && !changed {
             return Ok(false);
         }
-        self.in_sync = false;
-        self.host
-            .copy_into(&mut self.device)
-            .map_err(|e| format!("copy to the model's device: {e}"))?;
-        self.in_sync = true;
+        *in_sync = false;
+        if let Some(h) = host {
+            // SAFETY: `device` is GPU memory of exactly the host copy's length.
+            unsafe { h.cuda().upload(device.data_ptr_mut(), h.values()) }?;
+        }
+        *in_sync = true;
         Ok(true)
     }
 
-    /// Copies the device buffer into the host copy and returns it.
-    fn download(&mut self) -> Result<&[T], String> {
-        self.device
-            .copy_into(&mut self.host)
-            .map_err(|e| format!("copy from the model's device: {e}"))?;
-        Ok(self.host.extract_tensor().1)
+    /// The first `len` values of the device buffer (copied into the host copy on a GPU).
+    fn download(&mut self, len: usize) -> Result<&[T], String> {
+        match &mut self.host {
+            Some(h) => {
+                let cuda = h.cuda();
+                // SAFETY: `device` is GPU memory at least `len` long; run has returned.
+                unsafe { cuda.download(&mut h.values_mut()[..len], self.device.data_ptr()) }?;
+                Ok(&h.values()[..len])
+            }
+            None => Ok(&self.device.extract_tensor().1[..len]),
+        }
+    }
+}
+
+impl Buffer<f32> {
+    /// On a GPU: sends a pattern and reads it back, so that a wrong address or copy
+    /// fails at load, not as wrong captions.
+    fn check_round_trip(&mut self) -> Result<(), String> {
+        let Some(h) = &mut self.host else {
+            return Ok(());
+        };
+        let len = h.values().len();
+        let pattern = |i: usize| (i % 251) as f32 - 125.0;
+        for (i, v) in h.values_mut().iter_mut().enumerate() {
+            *v = pattern(i);
+        }
+        // SAFETY: `device` is GPU memory of exactly the host copy's length.
+        unsafe { h.cuda().upload(self.device.data_ptr_mut(), h.values()) }?;
+        h.values_mut().fill(0.0);
+        self.in_sync = false;
+        let back = self.download(len)?;
+        match (0..len).find(|&i| back[i] != pattern(i)) {
+            None => Ok(()),
+            Some(i) => Err(format!(
+                "a buffer copied to the GPU and back differs at element {i} of {len}"
+            )),
+        }
     }
 }
 
@@ -134,10 +199,26 @@ struct Bucket {
     options: RunOptions,
 }
 
+impl Bucket {
+    fn host_buffers_pinned(&self) -> usize {
+        [
+            self.x_t.host.as_ref().map(HostBuffer::is_pinned),
+            self.self_cond.host.as_ref().map(HostBuffer::is_pinned),
+            self.t.host.as_ref().map(HostBuffer::is_pinned),
+            self.kv_index.host.as_ref().map(HostBuffer::is_pinned),
+            self.x0.host.as_ref().map(HostBuffer::is_pinned),
+        ]
+        .into_iter()
+        .filter(|p| *p == Some(true))
+        .count()
+    }
+}
+
 /// The fixed-shape denoiser calls of one worker (see the module docs).
 pub struct FixedShapeCalls {
     latent: (usize, usize),
     capture: bool,
+    transfer: Transfer,
     /// By row count: 1, 2, 4, ... up to the largest call.
     buckets: BTreeMap<usize, Bucket>,
     pub stats: FixedShapeStats,
@@ -148,6 +229,7 @@ impl std::fmt::Debug for FixedShapeCalls {
         f.debug_struct("FixedShapeCalls")
             .field("latent", &self.latent)
             .field("capture", &self.capture)
+            .field("transfer", &self.transfer)
             .field("stats", &self.stats)
             .finish()
     }
@@ -155,8 +237,9 @@ impl std::fmt::Debug for FixedShapeCalls {
 
 impl FixedShapeCalls {
     /// Sets up every bucket for calls of up to `max_rows` rows of latents `latent` =
-    /// (L, D): buffers in `device`'s memory, bound with `pool` (the K/V pool, which
-    /// must never move) to `session`, the denoiser's. Then runs each bucket once,
+    /// (L, D): buffers in `device`'s memory, reached from the host as `transfer` says,
+    /// bound with `pool` (the K/V pool, which must never move) to `session`, the
+    /// denoiser's. Then runs each bucket once,
     /// which is when ONNX Runtime captures it when `capture` is set (the session must
     /// have been created with CUDA graphs enabled). Call it before the session has run.
     pub fn new(
@@ -166,6 +249,7 @@ impl FixedShapeCalls {
         latent: (usize, usize),
         max_rows: usize,
         capture: bool,
+        transfer: Transfer,
     ) -> Result<FixedShapeCalls, String> {
         if max_rows == 0 || max_rows > MAX_BUCKET_ROWS {
             return Err(format!(
@@ -175,6 +259,7 @@ impl FixedShapeCalls {
         let mut calls = FixedShapeCalls {
             latent,
             capture,
+            transfer,
             buckets: BTreeMap::new(),
             stats: FixedShapeStats::default(),
         };
@@ -183,7 +268,9 @@ impl FixedShapeCalls {
             .collect();
         // All buffers first, then the first runs (see the module docs).
         for &rows in &sizes {
-            let bucket = calls.new_bucket(session, device, pool, rows)?;
+            let mut bucket = calls.new_bucket(session, device, pool, rows)?;
+            bucket.x_t.check_round_trip()?;
+            bucket.x0.check_round_trip()?;
             calls.buckets.insert(rows, bucket);
         }
         let start = std::time::Instant::now();
@@ -193,13 +280,24 @@ impl FixedShapeCalls {
             let index = vec![0i64; rows];
             calls.run(session, zeros.view(), zeros.view(), &index, &index)?;
         }
+        let pinned = calls
+            .buckets
+            .values()
+            .map(|b| b.host_buffers_pinned())
+            .sum::<usize>();
         calls.stats = FixedShapeStats {
             buckets: sizes.len(),
+            pinned_host_buffers: pinned,
             ..FixedShapeStats::default()
         };
         tracing::info!(
             buckets = ?sizes,
             capture,
+            copies = match calls.transfer {
+                Transfer::InPlace => "none (host memory)",
+                Transfer::Cuda(cuda) => cuda.library,
+            },
+            pinned_host_buffers = pinned,
             seconds = start.elapsed().as_secs_f64(),
             "denoiser buckets set up and run once{}",
             if capture { " (CUDA graphs captured)" } else { "" }
@@ -216,12 +314,13 @@ impl FixedShapeCalls {
     ) -> Result<Bucket, String> {
         let (l, d) = self.latent;
         let fail = |e: ort::Error| e.to_string();
+        let transfer = self.transfer;
         let mut b = Bucket {
-            x_t: Buffer::new(device, &[rows, l, d])?,
-            self_cond: Buffer::new(device, &[rows, l, d])?,
-            t: Buffer::new(device, &[rows])?,
-            kv_index: Buffer::new(device, &[rows])?,
-            x0: Buffer::new(device, &[rows, l, d])?,
+            x_t: Buffer::new(device, transfer, &[rows, l, d])?,
+            self_cond: Buffer::new(device, transfer, &[rows, l, d])?,
+            t: Buffer::new(device, transfer, &[rows])?,
+            kv_index: Buffer::new(device, transfer, &[rows])?,
+            x0: Buffer::new(device, transfer, &[rows, l, d])?,
             binding: session.create_binding().map_err(fail)?,
             options: RunOptions::new().map_err(fail)?,
         };
@@ -294,10 +393,10 @@ impl FixedShapeCalls {
         session
             .run_binding_with_options(&bucket.binding, &bucket.options)
             .map_err(|e| e.to_string())?;
-        let x0 = bucket.x0.download()?;
-        let out = ArrayView3::from_shape((rows, l, d), x0)
+        // Only the real rows come back.
+        let x0 = bucket.x0.download(n * l * d)?;
+        let out = ArrayView3::from_shape((n, l, d), x0)
             .map_err(|e| e.to_string())?
-            .slice_axis(Axis(0), ndarray::Slice::from(0..n))
             .to_owned();
         self.stats.calls += 1;
         self.stats.padding_rows += (rows - n) as u64;

@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod device_copy;
 pub mod fixed_shapes;
 pub mod http;
 pub mod kv_pool;

@@ -18,7 +18,8 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, DType, GraphSpec, names};
-use crate::fixed_shapes::{FixedShapeCalls, FixedShapeStats};
+use crate::device_copy::CudaRuntime;
+use crate::fixed_shapes::{FixedShapeCalls, FixedShapeStats, Transfer};
 use crate::kv_pool::KvPool;
 use crate::sampler::{Denoiser, ImageKv, KvRef};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -88,6 +89,13 @@ impl std::fmt::Display for ActiveDevice {
 pub struct OrtRuntime {
     pub library: PathBuf,
     environment: ort::environment::Environment,
+}
+
+impl OrtRuntime {
+    /// The environment sessions are created in.
+    pub fn environment(&self) -> &ort::environment::Environment {
+        &self.environment
+    }
 }
 
 impl std::fmt::Debug for OrtRuntime {
@@ -608,6 +616,10 @@ impl Models {
                     bundle.manifest.text.latent_dim,
                 );
                 let capture = device == ActiveDevice::Cuda;
+                let transfer = match device {
+                    ActiveDevice::Cpu => Transfer::InPlace,
+                    ActiveDevice::Cuda => Transfer::Cuda(CudaRuntime::get().map_err(pool_err)?),
+                };
                 let allocator = models.device_allocator().map_err(pool_err)?;
                 let calls = FixedShapeCalls::new(
                     &mut models.denoiser.sessions[0],
@@ -616,6 +628,7 @@ impl Models {
                     latent,
                     opts.max_batch_rows,
                     capture,
+                    transfer,
                 )
                 .map_err(pool_err)?;
                 models.fixed_calls = Some(calls);

@@ -1,0 +1,161 @@
+//! The GPU copy path of the fixed-shape denoiser calls (src/device_copy.rs), run on the
+//! CPU: a stand-in CUDA runtime library (tests/fixtures/fake-cudart), built here with
+//! the C compiler, copies with memcpy, which is what cudaMemcpy does when both sides
+//! are host memory. The same calls through host buffers and copies must give exactly
+//! what the in-place CPU path gives, copy what changed and only that, and page-lock
+//! every host buffer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ladic_serve::bundle::Bundle;
+use ladic_serve::device_copy::CudaRuntime;
+use ladic_serve::fixed_shapes::{FixedShapeCalls, Transfer};
+use ladic_serve::kv_pool::KvPool;
+use ladic_serve::runtime;
+use ladic_serve::sampler::KvRef;
+use ndarray::Array3;
+use ort::memory::Allocator;
+use ort::session::Session;
+
+fn build_stand_in(out: &Path) -> PathBuf {
+    let source =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-cudart/fake_cudart.c");
+    let library = out.join("libfake_cudart.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .status()
+        .expect("the C compiler runs");
+    assert!(status.success(), "the stand-in CUDA runtime builds");
+    library
+}
+
+/// Host-to-device (1) or device-to-host (2) copies the stand-in has made.
+fn copies(library: &libloading::Library, kind: i32) -> i64 {
+    // SAFETY: the stand-in defines it with this signature.
+    let f = unsafe { library.get::<unsafe extern "C" fn(i32) -> i64>(b"fake_cudart_copies") }
+        .expect("counter");
+    // SAFETY: a plain C function.
+    unsafe { f(kind) }
+}
+
+#[test]
+fn copies_through_host_buffers_match_the_in_place_path() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = build_stand_in(tmp.path());
+    let cuda = CudaRuntime::load_from(&path).expect("stand-in loads");
+    // SAFETY: the same library, loaded again only to read its counters.
+    let counters = unsafe { libloading::Library::new(&path) }.expect("stand-in loads");
+
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    let bundle = Bundle::load(&dir).expect("parity bundle loads");
+    let m = &bundle.manifest;
+    let (l, d) = (m.text.max_len, m.text.latent_dim);
+    let item = [
+        2 * m.diffuser.layers,
+        m.diffuser.image_tokens,
+        m.diffuser.hidden,
+    ];
+    let session = || {
+        Session::builder(rt.environment())
+            .expect("builder")
+            .commit_from_file(dir.join("denoiser.onnx"))
+            .expect("denoiser loads")
+    };
+    let null = Array3::<f32>::zeros((item[0], item[1], item[2]));
+    let mut pool = KvPool::new(Allocator::default(), &null, 8).expect("pool");
+    let images: Vec<Arc<Array3<f32>>> = (0..3)
+        .map(|i| {
+            Arc::new(Array3::from_shape_fn(
+                (item[0], item[1], item[2]),
+                |(a, b, c)| (((i * 5 + a * 3 + b * 2 + c) % 19) as f32) / 9.0 - 1.0,
+            ))
+        })
+        .collect();
+    let refs: Vec<KvRef<'_>> = images.iter().map(KvRef::Image).collect();
+    let slots = pool.assign(&refs).expect("K/V in the pool");
+
+    let (mut s_place, mut s_copy) = (session(), session());
+    let mut in_place = FixedShapeCalls::new(
+        &mut s_place,
+        &Allocator::default(),
+        pool.tensor(),
+        (l, d),
+        16,
+        false,
+        Transfer::InPlace,
+    )
+    .expect("in-place buckets");
+    let ups_before = copies(&counters, 1);
+    let mut copied = FixedShapeCalls::new(
+        &mut s_copy,
+        &Allocator::default(),
+        pool.tensor(),
+        (l, d),
+        16,
+        false,
+        Transfer::Cuda(cuda),
+    )
+    .expect("buckets with copies");
+    assert_eq!(in_place.stats.pinned_host_buffers, 0);
+    assert_eq!(
+        copied.stats.pinned_host_buffers,
+        5 * 5,
+        "1..16 rows, 5 buffers each"
+    );
+    assert!(
+        copies(&counters, 1) > ups_before,
+        "set-up sends through the library"
+    );
+
+    let mut calls = 0;
+    for (n, rows) in [1usize, 3, 16, 5, 2, 9].into_iter().enumerate() {
+        let x = Array3::from_shape_fn((rows, l, d), |(r, i, j)| {
+            (((n * 7 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
+        });
+        // self_cond stays all zeros on odd calls, as without self-conditioning.
+        let sc = Array3::from_shape_fn((rows, l, d), |(r, i, j)| {
+            if n % 2 == 1 {
+                0.0
+            } else {
+                ((r + i + j) % 5) as f32 / 10.0
+            }
+        });
+        let t: Vec<i64> = (0..rows)
+            .map(|r| ((n * 97 + r * 31) % 1000) as i64)
+            .collect();
+        let kv: Vec<i64> = (0..rows).map(|r| slots[(r + n) % 3]).collect();
+        let (ups, downs) = (copies(&counters, 1), copies(&counters, 2));
+        let want = in_place
+            .run(&mut s_place, x.view(), sc.view(), &t, &kv)
+            .expect("in place");
+        let got = copied
+            .run(&mut s_copy, x.view(), sc.view(), &t, &kv)
+            .expect("with copies");
+        calls += 1;
+        assert_eq!(got, want, "{rows} rows");
+        assert_eq!(copies(&counters, 2) - downs, 1, "one download: x0's rows");
+        let sent = copies(&counters, 1) - ups;
+        assert!((2..=4).contains(&sent), "{sent} uploads for {rows} rows");
+    }
+    assert_eq!(copied.stats.calls, calls);
+    assert_eq!(copied.stats.input_copies, in_place.stats.input_copies);
+    assert_eq!(copied.stats.padding_rows, in_place.stats.padding_rows);
+
+    // The same call again sends nothing; a new t alone sends t.
+    let x = Array3::<f32>::ones((2, l, d));
+    let zeros = Array3::<f32>::zeros((2, l, d));
+    let kv = [slots[0], 0];
+    let first = copied.run(&mut s_copy, x.view(), zeros.view(), &[3, 3], &kv);
+    let ups = copies(&counters, 1);
+    let again = copied.run(&mut s_copy, x.view(), zeros.view(), &[3, 3], &kv);
+    assert_eq!(copies(&counters, 1), ups, "nothing changed");
+    assert_eq!(first.expect("runs"), again.expect("runs"));
+    copied
+        .run(&mut s_copy, x.view(), zeros.view(), &[4, 4], &kv)
+        .expect("runs");
+    assert_eq!(copies(&counters, 1), ups + 1, "only t");
+}
