@@ -104,7 +104,7 @@ rows, table = [], {}
 for name in sys.argv[2:]:
     path = res / name / "results.json"
     if not path.is_file():
-        rows.append(f"| {name} | failed (see {name}/matrix-pass.log) | | | | |")
+        rows.append(f"| {name} | failed (see {name}/matrix-pass.log) | | | | | |")
         continue
     r = json.loads(path.read_text())
     lat = r.get("latency", {})
@@ -118,14 +118,35 @@ for name in sys.argv[2:]:
         "latency_p50_ms": {k: v["p50_s"] * 1000 for k, v in lat.items()},
         "throughput": {k: v["captions_per_second"] for k, v in tp.items()},
     }
-    rows.append(f"| {name} | {ms('5')} | {ms('34')} | {tput} | "
+    table[name]["captions"] = {k: v.get("captions", []) for k, v in lat.items()}
+    rows.append(f"| {name} | {ms('5')} | {ms('34')} | {tput} | {{same:{name}}} | "
                 f"{r.get('server', {}).get('providers', '')} | `{r.get('server', {}).get('args', '')}` |")
+
+# The captions of the latency requests (same seeds in every pass) against the pass
+# that differs only in the flag under test: equal captions say the variant computes
+# what its baseline does (random weights: a tiny numerical difference can still flip a
+# word now and then; a broken copy or binding flips nearly all of them).
+BASELINE = {"graph": "plain", "workers2": "plain", "fused-graph": "fused"}
+def same(name):
+    base = BASELINE.get(name)
+    if base not in table or name not in table:
+        return ""
+    parts = []
+    for steps, mine in sorted(table[name]["captions"].items(), key=lambda kv: int(kv[0])):
+        theirs = table[base]["captions"].get(steps, [])
+        n = min(len(mine), len(theirs))
+        if n:
+            equal = sum(a == b for a, b in zip(mine, theirs))
+            parts.append(f"{equal}/{n} at {steps} steps")
+    return f"{base}: " + ", ".join(parts) if parts else ""
+rows = [row.replace("{same:" + name + "}", same(name)) for name, row in
+        ((row.split(" | ")[0][2:], row) for row in rows)]
 card = next((v["card"] for v in table.values() if v.get("card")), "unknown card")
 text = "\n".join([
     f"### Variants side by side on {card}",
     "",
-    "| pass | batch-1 p50, 5 steps | batch-1 p50, 34 steps | best throughput, 34 steps | providers | serve flags |",
-    "|---|---|---|---|---|---|",
+    "| pass | batch-1 p50, 5 steps | batch-1 p50, 34 steps | best throughput, 34 steps | same captions as | providers | serve flags |",
+    "|---|---|---|---|---|---|---|",
     *rows,
     "",
     "Each pass: scripts/bench-gpu.sh --no-reference (its own summary.md in the pass's folder).",

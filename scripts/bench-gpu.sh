@@ -373,18 +373,20 @@ def one(seed):
     return took, json.loads(data)
 for i in range(warmup):
     one(i)
-times, inference, queue = [], [], []
+times, inference, queue, captions = [], [], [], []
 for i in range(n):
     took, answer = one(1000 + i)
     times.append(took)
     inference.append(answer["timings"]["inference_ms"])
     queue.append(answer["timings"]["queue_ms"])
+    captions.append(answer["caption"])
 times.sort()
 out = {"steps": steps, "n": n, "warmup": warmup,
        "p50_s": statistics.median(times), "p90_s": times[min(n - 1, int(0.9 * n))],
        "mean_s": statistics.fmean(times), "min_s": times[0], "max_s": times[-1],
        "inference_ms_p50": statistics.median(inference), "queue_ms_p50": statistics.median(queue),
-       "caption": answer["caption"], "model": answer.get("model")}
+       "caption": answer["caption"], "model": answer.get("model"),
+       "captions": captions}  # request i had seed 1000 + i
 json.dump(out, open(path, "w"), indent=2)
 print(f"  steps={steps}: p50 {1000 * out['p50_s']:.1f} ms, p90 {1000 * out['p90_s']:.1f} ms "
       f"(server inference p50 {out['inference_ms_p50']:.1f} ms) over {n} requests")
