@@ -12,10 +12,14 @@
 //! found by its name (newest major version first), so that both use the same CUDA
 //! context.
 //!
-//! Ordering with the model: ONNX Runtime runs a session on its own CUDA stream and waits
-//! for it before `run` returns. An upload is a `cudaMemcpy` followed by a synchronisation
-//! of the stream it ran on, so it is complete before the next `run` starts; a download
-//! starts after `run` has returned.
+//! Ordering with the model: ONNX Runtime runs a session on its own CUDA stream (created
+//! non-blocking, so the legacy default stream our copies use is not ordered with it on
+//! the device) and, with the default run options, waits for it on the host before
+//! `run` returns, captured graph replays included. An upload is a `cudaMemcpy`
+//! followed by a synchronisation of the stream it ran on, so it is complete before the
+//! next `run` starts; a download starts after `run` has returned. The fixed-shape calls
+//! must therefore keep that waiting on: no `disable_synchronize_execution_providers`,
+//! no asynchronous runs.
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::sync::OnceLock;
@@ -28,6 +32,9 @@ const LIBRARY_NAMES: [&str; 4] = [
     "libcudart.so",
 ];
 
+/// dlopen's flag for "only if loaded already" (glibc and musl).
+const RTLD_NOLOAD: c_int = 4;
+
 const HOST_TO_DEVICE: c_int = 1;
 const DEVICE_TO_HOST: c_int = 2;
 
@@ -37,6 +44,13 @@ type HostRegister = unsafe extern "C" fn(*mut c_void, usize, c_uint) -> c_int;
 type HostUnregister = unsafe extern "C" fn(*mut c_void) -> c_int;
 type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type GetLastError = unsafe extern "C" fn() -> c_int;
+
+/// Plain data: every bit pattern is a valid value, so that a buffer of it can be filled
+/// from a device's bytes (f32 and i64, the element types of the denoiser's inputs and
+/// output).
+pub trait Plain: Copy + PartialEq + Send + Sync + 'static {}
+impl Plain for f32 {}
+impl Plain for i64 {}
 
 /// The few CUDA runtime functions the copies need.
 pub struct CudaRuntime {
@@ -80,6 +94,21 @@ impl CudaRuntime {
     }
 
     fn load() -> Result<CudaRuntime, String> {
+        // First a library the process has loaded already (ONNX Runtime's CUDA provider
+        // has, unless it links the runtime statically), whatever its version; then by
+        // name.
+        for name in LIBRARY_NAMES {
+            // SAFETY: RTLD_NOLOAD only returns a library that is loaded already.
+            let loaded = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(name),
+                    libloading::os::unix::RTLD_NOW | RTLD_NOLOAD,
+                )
+            };
+            if let Ok(library) = loaded {
+                return CudaRuntime::bind(name, library.into());
+            }
+        }
         let mut tried = Vec::new();
         for name in LIBRARY_NAMES {
             // SAFETY: loading the CUDA runtime runs only its own initialisers.
@@ -130,7 +159,7 @@ impl CudaRuntime {
     ///
     /// # Safety
     /// `device` must point to device memory of at least `size_of_val(host)` bytes.
-    pub unsafe fn upload<T>(&self, device: *mut c_void, host: &[T]) -> Result<(), String> {
+    pub unsafe fn upload<T: Plain>(&self, device: *mut c_void, host: &[T]) -> Result<(), String> {
         let bytes = std::mem::size_of_val(host);
         // SAFETY: the caller vouches for `device`; `host` is valid for `bytes`.
         let code = unsafe { (self.memcpy)(device, host.as_ptr().cast(), bytes, HOST_TO_DEVICE) };
@@ -145,7 +174,11 @@ impl CudaRuntime {
     /// # Safety
     /// `device` must point to device memory of at least `size_of_val(host)` bytes that
     /// no running kernel writes.
-    pub unsafe fn download<T>(&self, host: &mut [T], device: *const c_void) -> Result<(), String> {
+    pub unsafe fn download<T: Plain>(
+        &self,
+        host: &mut [T],
+        device: *const c_void,
+    ) -> Result<(), String> {
         let bytes = std::mem::size_of_val(host);
         // SAFETY: the caller vouches for `device`; `host` is valid for `bytes`.
         let code =
@@ -154,14 +187,16 @@ impl CudaRuntime {
     }
 }
 
-/// Host memory is page-locked in whole pages, so each buffer has pages of its own.
-const PAGE: usize = 4096;
+/// Host memory is page-locked in whole pages, so each buffer has pages of its own: 64
+/// KiB, the largest page size of the usual Linux hosts (4 KiB on x86-64, up to 64 KiB
+/// on aarch64).
+const PAGE: usize = 1 << 16;
 
 /// A host buffer for copies to and from the GPU, page-locked when CUDA allows it (a
 /// copy from pageable memory goes through a staging buffer of the driver's, at about
 /// half the speed). It is allocated in whole pages of its own and never reallocates,
 /// so its registration covers it alone and stays valid.
-pub struct HostBuffer<T: Copy> {
+pub struct HostBuffer<T: Plain> {
     ptr: std::ptr::NonNull<T>,
     len: usize,
     layout: std::alloc::Layout,
@@ -170,15 +205,16 @@ pub struct HostBuffer<T: Copy> {
 }
 
 // SAFETY: the buffer owns its memory, like a Box<[T]>.
-unsafe impl<T: Copy + Send> Send for HostBuffer<T> {}
+unsafe impl<T: Plain> Send for HostBuffer<T> {}
 // SAFETY: shared access only reads.
-unsafe impl<T: Copy + Sync> Sync for HostBuffer<T> {}
+unsafe impl<T: Plain> Sync for HostBuffer<T> {}
 
-impl<T: Copy> HostBuffer<T> {
+impl<T: Plain> HostBuffer<T> {
     pub fn new(cuda: &'static CudaRuntime, len: usize, fill: T) -> Result<HostBuffer<T>, String> {
-        let bytes = (len * std::mem::size_of::<T>())
-            .max(1)
-            .next_multiple_of(PAGE);
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.max(1).checked_next_multiple_of(PAGE))
+            .ok_or_else(|| format!("a host buffer of {len} elements is too large"))?;
         let layout =
             std::alloc::Layout::from_size_align(bytes, PAGE.max(std::mem::align_of::<T>()))
                 .map_err(|e| format!("host buffer of {bytes} bytes: {e}"))?;
@@ -232,7 +268,7 @@ impl<T: Copy> HostBuffer<T> {
     }
 }
 
-impl<T: Copy> Drop for HostBuffer<T> {
+impl<T: Plain> Drop for HostBuffer<T> {
     fn drop(&mut self) {
         // SAFETY: registered in `new` with this pointer; allocated there with `layout`.
         unsafe {

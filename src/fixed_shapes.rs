@@ -37,7 +37,7 @@ use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::Tensor;
 
 use crate::bundle::names;
-use crate::device_copy::{CudaRuntime, HostBuffer};
+use crate::device_copy::{CudaRuntime, HostBuffer, Plain};
 
 /// Held by a worker while it loads with `--cuda-graph`, so that no other worker's
 /// CUDA work overlaps its captures.
@@ -79,7 +79,7 @@ pub enum Transfer {
 
 /// One tensor of a bucket: where the model reads or writes it, and, on a GPU, its
 /// host copy.
-struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Copy + 'static> {
+struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Plain> {
     device: Tensor<T>,
     /// None when the device buffer is host memory.
     host: Option<HostBuffer<T>>,
@@ -89,12 +89,7 @@ struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Copy
 
 impl<T> Buffer<T>
 where
-    T: ort::value::PrimitiveTensorElementType
-        + std::fmt::Debug
-        + Copy
-        + PartialEq
-        + Default
-        + 'static,
+    T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Plain + Default,
 {
     fn new(device: &Allocator, transfer: Transfer, shape: &[usize]) -> Result<Self, String> {
         let device = Tensor::<T>::new(device, shape.to_vec()).map_err(|e| e.to_string())?;

@@ -32,13 +32,27 @@ fn build_stand_in(out: &Path) -> PathBuf {
     library
 }
 
+/// Calls `name(arg)` of the stand-in.
+fn call<A, R>(library: &libloading::Library, name: &str, arg: A) -> R {
+    // SAFETY: the stand-in defines these functions with these signatures.
+    let f = unsafe { library.get::<unsafe extern "C" fn(A) -> R>(name.as_bytes()) }
+        .expect("stand-in function");
+    // SAFETY: plain C functions.
+    unsafe { f(arg) }
+}
+
 /// Host-to-device (1) or device-to-host (2) copies the stand-in has made.
 fn copies(library: &libloading::Library, kind: i32) -> i64 {
-    // SAFETY: the stand-in defines it with this signature.
-    let f = unsafe { library.get::<unsafe extern "C" fn(i32) -> i64>(b"fake_cudart_copies") }
-        .expect("counter");
+    call(library, "fake_cudart_copies", kind)
+}
+
+/// Copies from unpinned host memory or to pinned memory as the device side, and
+/// copies made before the previous upload was waited for.
+fn misuse(library: &libloading::Library) -> i64 {
+    let f = unsafe { library.get::<unsafe extern "C" fn() -> i64>(b"fake_cudart_misuse") }
+        .expect("stand-in function");
     // SAFETY: a plain C function.
-    unsafe { f(kind) }
+    unsafe { f() }
 }
 
 #[test]
@@ -158,4 +172,40 @@ fn copies_through_host_buffers_match_the_in_place_path() {
         .run(&mut s_copy, x.view(), zeros.view(), &[4, 4], &kv)
         .expect("runs");
     assert_eq!(copies(&counters, 1), ups + 1, "only t");
+    assert_eq!(
+        misuse(&counters),
+        0,
+        "pinned host side, each upload waited for"
+    );
+
+    // When CUDA refuses to page-lock, the buffers stay pageable, the error is cleared
+    // (ONNX Runtime would otherwise report it at its next check), and calls still work.
+    call::<i32, ()>(&counters, "fake_cudart_refuse_pinning", 1);
+    let mut s_pageable = session();
+    let mut pageable = FixedShapeCalls::new(
+        &mut s_pageable,
+        &Allocator::default(),
+        pool.tensor(),
+        (l, d),
+        4,
+        false,
+        Transfer::Cuda(cuda),
+    )
+    .expect("buckets without page-locking");
+    call::<i32, ()>(&counters, "fake_cudart_refuse_pinning", 0);
+    assert_eq!(pageable.stats.pinned_host_buffers, 0);
+    let pending =
+        unsafe { counters.get::<unsafe extern "C" fn() -> i32>(b"fake_cudart_pending_error") }
+            .expect("stand-in function");
+    // SAFETY: a plain C function.
+    assert_eq!(unsafe { pending() }, 0, "no CUDA error left pending");
+    let x = Array3::from_shape_fn((3, l, d), |(r, i, j)| ((r + 2 * i + j) % 9) as f32 / 4.0);
+    let kv = [slots[1], slots[2], 0];
+    let want = in_place
+        .run(&mut s_place, x.view(), x.view(), &[5, 50, 500], &kv)
+        .expect("in place");
+    let got = pageable
+        .run(&mut s_pageable, x.view(), x.view(), &[5, 50, 500], &kv)
+        .expect("pageable");
+    assert_eq!(got, want);
 }
