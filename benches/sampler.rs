@@ -11,7 +11,9 @@
 //! - `caption/scheduler`: the same through the worker pool the server uses (queue,
 //!   worker thread, continuous batching, text), without HTTP;
 //! - `host_step/{serial,parallel}/64`: the sampler's host work in one step of 64 guided
-//!   full-size captions, with a model that costs nothing (see [`host_step`]).
+//!   full-size captions, with a model that costs nothing (see [`host_step`]);
+//! - `fixed_host_step/64`: the same step through the fixed-shape calls of
+//!   `--cuda-graph` on a graph that returns x_t (see [`fixed_host_step`]).
 //!
 //! Sessions use ONNX Runtime's default thread count, as `serve` does; set
 //! `LADIC_INTRA_OP_THREADS` to change it.
@@ -305,12 +307,124 @@ fn host_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// The fixed-shape denoiser calls (`--cuda-graph`) on a graph whose x0 is x_t
+/// (benches/fixtures/identity-denoiser.onnx), on the CPU, so that a step costs only
+/// its host side: the sampler's stacking and updates, writing the inputs into the
+/// bucket's buffers, reading x0 back.
+struct IdentityFixed {
+    session: ort::session::Session,
+    calls: ladic_serve::fixed_shapes::FixedShapeCalls,
+    pool: ladic_serve::kv_pool::KvPool,
+}
+
+impl IdentityFixed {
+    fn new(rt: &runtime::OrtRuntime, max_rows: usize) -> IdentityFixed {
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fixtures/identity-denoiser.onnx");
+        let mut session = ort::session::Session::builder(rt.environment())
+            .expect("builder")
+            .commit_from_file(file)
+            .expect("identity denoiser loads");
+        let allocator = ort::memory::Allocator::default();
+        let pool = ladic_serve::kv_pool::KvPool::new(allocator, &Array3::zeros((2, 1, 1)), 256)
+            .expect("pool");
+        let calls = ladic_serve::fixed_shapes::FixedShapeCalls::new(
+            &mut session,
+            &ort::memory::Allocator::default(),
+            pool.tensor(),
+            (24, 768),
+            max_rows,
+            false,
+            ladic_serve::fixed_shapes::Transfer::InPlace,
+        )
+        .expect("buckets");
+        IdentityFixed {
+            session,
+            calls,
+            pool,
+        }
+    }
+}
+
+impl Denoiser for IdentityFixed {
+    type Error = String;
+
+    fn denoise(
+        &mut self,
+        x: ndarray::ArrayView3<f32>,
+        self_cond: ndarray::ArrayView3<f32>,
+        t: &[i64],
+        kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, String> {
+        let index = self.pool.assign(kv)?;
+        self.calls.run(&mut self.session, x, self_cond, t, &index)
+    }
+
+    fn decode(
+        &mut self,
+        x0: ndarray::ArrayView3<f32>,
+    ) -> Result<(ndarray::Array2<i64>, ndarray::Array2<f32>), String> {
+        FreeModel.decode(x0).map_err(|e| match e {})
+    }
+}
+
+/// `fixed_host_step/64`: [`host_step`]'s step of 64 guided full-size captions (128
+/// rows) through the fixed-shape calls on [`IdentityFixed`], rows' updates on all
+/// cores: the host's share of a `--cuda-graph` step, less the copies' DMA time.
+fn fixed_host_step(c: &mut Criterion) {
+    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
+    let mut params = SamplerParams::defaults(&bundle.manifest);
+    params.guidance = 1.0;
+    params.self_conditioning = true;
+    params.steps = 34;
+    let schedule = Arc::new(Schedule::from_spec(&bundle.manifest.schedule));
+    let kv: Vec<Arc<Array3<f32>>> = (0..64)
+        .map(|i| Arc::new(Array3::from_elem((2, 1, 1), i as f32)))
+        .collect();
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let mut model = IdentityFixed::new(&rt, 128);
+    let captions = 64;
+    let mut group = c.benchmark_group("fixed_host_step");
+    group.throughput(Throughput::Elements(captions as u64));
+    group.bench_function(BenchmarkId::from_parameter(captions), |b| {
+        b.iter_batched_ref(
+            || {
+                (0..captions)
+                    .map(|i| {
+                        Row::new(
+                            params.clone(),
+                            schedule.clone(),
+                            (24, 768),
+                            Box::new(SeededNoise::new(i as u64, 0)),
+                            false,
+                        )
+                        .expect("noise")
+                    })
+                    .collect::<Vec<Row>>()
+            },
+            |rows| {
+                let mut active: Vec<sampler::ActiveRow<'_>> = rows
+                    .iter_mut()
+                    .zip(&kv)
+                    .map(|(row, kv)| sampler::ActiveRow {
+                        row,
+                        kv: KvRef::Image(kv),
+                    })
+                    .collect();
+                sampler::step(&mut model, &mut active, 256).expect("steps")
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = denoiser, preprocessing, caption, host_step
+    targets = denoiser, preprocessing, caption, host_step, fixed_host_step
 }
 criterion_main!(benches);

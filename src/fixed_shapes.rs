@@ -371,6 +371,12 @@ impl FixedShapeCalls {
                 kv_index.len()
             ));
         }
+        // Slices, not ndarray's element iterators: at full size a call's inputs are
+        // tens of megabytes, and a slice's loop is several times faster.
+        let (x, self_cond) = (x.as_standard_layout(), self_cond.as_standard_layout());
+        let (Some(x), Some(self_cond)) = (x.as_slice(), self_cond.as_slice()) else {
+            return Err("x_t or self_cond is not contiguous".into());
+        };
         let rows = bucket_rows(n);
         let largest = self.max_rows();
         let Some(bucket) = self.buckets.get_mut(&rows) else {
