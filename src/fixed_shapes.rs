@@ -110,7 +110,7 @@ where
     /// buffer itself or into the host copy that is then copied to the device, unless
     /// the device holds exactly that already (as it does for `self_cond`, all zeros at
     /// every step without self-conditioning). Returns whether the device buffer changed.
-    fn upload(&mut self, values: impl Iterator<Item = T>, fill: T) -> Result<bool, String> {
+    fn upload(&mut self, values: &[T], fill: T) -> Result<bool, String> {
         let Buffer {
             device,
             host,
@@ -120,17 +120,15 @@ where
             Some(h) => h.values_mut(),
             None => device.extract_tensor_mut().1,
         };
-        let mut written = 0;
-        let mut changed = false;
-        for (slot, v) in target.iter_mut().zip(values) {
-            changed |= *slot != v;
-            *slot = v;
-            written += 1;
+        if values.len() > target.len() {
+            return Err(format!(
+                "{} values for a buffer of {}",
+                values.len(),
+                target.len()
+            ));
         }
-        for slot in &mut target[written..] {
-            changed |= *slot != fill;
-            *slot = fill;
-        }
+        let (head, tail) = target.split_at_mut(values.len());
+        let changed = write_changed(head, values) | fill_changed(tail, fill);
         if *in_sync && !changed {
             return Ok(false);
         }
@@ -155,6 +153,42 @@ where
             None => Ok(&self.device.extract_tensor().1[..len]),
         }
     }
+}
+
+/// Elements from which writing a buffer is split over the cores (rayon): 128K, about
+/// 7 full-size latent rows.
+const PARALLEL_WRITE_ELEMENTS: usize = 1 << 17;
+
+/// Copies `values` into `target` (as long); returns whether that changed it.
+fn write_changed<T: Plain>(target: &mut [T], values: &[T]) -> bool {
+    fn write<T: Plain>(target: &mut [T], values: &[T]) -> bool {
+        let mut changed = false;
+        for (slot, &v) in target.iter_mut().zip(values) {
+            changed |= *slot != v;
+            *slot = v;
+        }
+        changed
+    }
+    if values.len() < PARALLEL_WRITE_ELEMENTS {
+        return write(target, values);
+    }
+    use rayon::prelude::*;
+    let chunk = PARALLEL_WRITE_ELEMENTS / 4;
+    target
+        .par_chunks_mut(chunk)
+        .zip(values.par_chunks(chunk))
+        .map(|(t, v)| write(t, v))
+        .reduce(|| false, |a, b| a | b)
+}
+
+/// Sets every element of `target` to `fill`; returns whether that changed it.
+fn fill_changed<T: Plain>(target: &mut [T], fill: T) -> bool {
+    let mut changed = false;
+    for slot in target {
+        changed |= *slot != fill;
+        *slot = fill;
+    }
+    changed
 }
 
 impl Buffer<f32> {
@@ -372,7 +406,8 @@ impl FixedShapeCalls {
             ));
         }
         // Slices, not ndarray's element iterators: at full size a call's inputs are
-        // tens of megabytes, and a slice's loop is several times faster.
+        // tens of megabytes, and a slice's loop is several times faster (and can be
+        // split over the cores).
         let (x, self_cond) = (x.as_standard_layout(), self_cond.as_standard_layout());
         let (Some(x), Some(self_cond)) = (x.as_slice(), self_cond.as_slice()) else {
             return Err("x_t or self_cond is not contiguous".into());
@@ -385,11 +420,11 @@ impl FixedShapeCalls {
             ));
         };
         let copied = [
-            bucket.x_t.upload(x.iter().copied(), 0.0)?,
-            bucket.self_cond.upload(self_cond.iter().copied(), 0.0)?,
+            bucket.x_t.upload(x, 0.0)?,
+            bucket.self_cond.upload(self_cond, 0.0)?,
             // Padding rows: t = 0 on the null K/V, a valid input whatever the pool holds.
-            bucket.t.upload(t.iter().copied(), 0)?,
-            bucket.kv_index.upload(kv_index.iter().copied(), 0)?,
+            bucket.t.upload(t, 0)?,
+            bucket.kv_index.upload(kv_index, 0)?,
         ];
         session
             .run_binding_with_options(&bucket.binding, &bucket.options)
@@ -409,6 +444,27 @@ impl FixedShapeCalls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_writes_split_over_the_cores_say_whether_anything_changed() {
+        for len in [10, PARALLEL_WRITE_ELEMENTS + 12_345] {
+            let values: Vec<f32> = (0..len).map(|i| (i % 101) as f32).collect();
+            let mut target = vec![0.0f32; len];
+            assert!(write_changed(&mut target, &values));
+            assert_eq!(target, values);
+            assert!(
+                !write_changed(&mut target, &values),
+                "the same values again"
+            );
+            let mut one_off = values.clone();
+            one_off[len - 3] = -1.0;
+            assert!(write_changed(&mut target, &one_off));
+            assert_eq!(target, one_off);
+            assert!(fill_changed(&mut target, 0.5));
+            assert!(target.iter().all(|&v| v == 0.5));
+            assert!(!fill_changed(&mut target, 0.5));
+        }
+    }
 
     #[test]
     fn calls_run_at_the_next_power_of_two() {

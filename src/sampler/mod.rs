@@ -14,7 +14,7 @@ pub mod schedule;
 
 use std::sync::Arc;
 
-use ndarray::{Array2, Array3, ArrayView3, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 
 pub use noise::{NoiseExhausted, NoiseSource, RecordedNoise, SeededNoise};
 pub use row::{Need, Row, RowOutput};
@@ -151,6 +151,30 @@ pub fn set_parallel_host_threshold(elements: usize) {
     PARALLEL_HOST_THRESHOLD.store(elements, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Writes `parts` one after the other into `buffer` (`row` elements each, as long as
+/// all of them), split over the cores when `parallel`.
+fn stack_rows<'a>(
+    buffer: &mut [f32],
+    parts: impl Iterator<Item = ArrayView2<'a, f32>>,
+    row: usize,
+    parallel: bool,
+) {
+    let copy = |(dst, part): (&mut [f32], ArrayView2<'_, f32>)| match part.as_slice() {
+        Some(slice) => dst.copy_from_slice(slice),
+        None => dst.iter_mut().zip(part.iter()).for_each(|(d, &v)| *d = v),
+    };
+    if parallel {
+        use rayon::prelude::*;
+        let parts: Vec<ArrayView2<'_, f32>> = parts.collect();
+        buffer
+            .par_chunks_mut(row)
+            .zip(parts.into_par_iter())
+            .for_each(copy);
+    } else {
+        buffer.chunks_mut(row).zip(parts).for_each(copy);
+    }
+}
+
 /// A row together with the image K/V its conditional pass uses.
 pub struct ActiveRow<'a> {
     pub row: &'a mut Row,
@@ -226,23 +250,25 @@ pub fn step_observed<D: Denoiser>(
             let shape = (chunk.len(), l, d);
             // The batch's x_t and self_cond, gathered into buffers kept from the last
             // step: fresh multi-megabyte allocations cost more than the copies.
-            let (x, sc) = INPUT_BUFFERS.with_borrow_mut(|(xb, sb)| {
-                xb.clear();
-                sb.clear();
-                for &(i, _, _) in chunk {
-                    let row = &rows[i].row;
-                    if row.x().dim() != (l, d) || row.self_cond().dim() != (l, d) {
-                        return Err(StepError::Shape);
-                    }
-                    for (buffer, part) in [(&mut *xb, row.x()), (&mut *sb, row.self_cond())] {
-                        match part.as_slice() {
-                            Some(slice) => buffer.extend_from_slice(slice),
-                            None => buffer.extend(part.iter()),
-                        }
-                    }
+            let mut parts: Vec<(ArrayView2<'_, f32>, ArrayView2<'_, f32>)> =
+                Vec::with_capacity(chunk.len());
+            for &(i, _, _) in chunk {
+                let row = &rows[i].row;
+                if row.x().dim() != (l, d) || row.self_cond().dim() != (l, d) {
+                    return Err(StepError::Shape);
                 }
-                Ok((std::mem::take(xb), std::mem::take(sb)))
-            })?;
+                parts.push((row.x(), row.self_cond()));
+            }
+            let parallel = chunk.len().saturating_mul(l * d)
+                >= PARALLEL_HOST_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
+            let (x, sc) = INPUT_BUFFERS.with_borrow_mut(|(xb, sb)| {
+                // Every element is written below, so only growth needs filling.
+                xb.resize(chunk.len() * l * d, 0.0);
+                sb.resize(chunk.len() * l * d, 0.0);
+                stack_rows(xb, parts.iter().map(|p| p.0), l * d, parallel);
+                stack_rows(sb, parts.iter().map(|p| p.1), l * d, parallel);
+                (std::mem::take(xb), std::mem::take(sb))
+            });
             let t: Vec<i64> = chunk.iter().map(|&(_, _, t)| t).collect();
             let kv: Vec<KvRef<'_>> = chunk
                 .iter()
