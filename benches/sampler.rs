@@ -13,7 +13,9 @@
 //! - `host_step/{serial,parallel}/64`: the sampler's host work in one step of 64 guided
 //!   full-size captions, with a model that costs nothing (see [`host_step`]);
 //! - `fixed_host_step/64`: the same step through the fixed-shape calls of
-//!   `--cuda-graph` on a graph that returns x_t (see [`fixed_host_step`]).
+//!   `--cuda-graph` on a graph that returns x_t (see [`fixed_host_step`]);
+//! - `device_wait_step/{after,during}/64`: the same step with a model call that waits
+//!   10 ms, the next noise drawn after it or during it (see [`device_wait_step`]).
 //!
 //! Sessions use ONNX Runtime's default thread count, as `serve` does; set
 //! `LADIC_INTRA_OP_THREADS` to change it.
@@ -307,6 +309,91 @@ fn host_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// [`FreeModel`] whose denoiser call sleeps for a while, as a host waiting for a GPU
+/// does; `waits`: says so, so that the sampler draws the next noise meanwhile.
+struct SleepingModel {
+    call: Duration,
+    waits: bool,
+}
+
+impl Denoiser for SleepingModel {
+    type Error = std::convert::Infallible;
+
+    fn waits_on_device(&self) -> bool {
+        self.waits
+    }
+
+    fn denoise(
+        &mut self,
+        x: ndarray::ArrayView3<f32>,
+        self_cond: ndarray::ArrayView3<f32>,
+        t: &[i64],
+        kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, Self::Error> {
+        std::thread::sleep(self.call);
+        FreeModel.denoise(x, self_cond, t, kv)
+    }
+
+    fn decode(
+        &mut self,
+        x0: ndarray::ArrayView3<f32>,
+    ) -> Result<(ndarray::Array2<i64>, ndarray::Array2<f32>), Self::Error> {
+        FreeModel.decode(x0)
+    }
+}
+
+/// `device_wait_step/{after,during}/64`: [`host_step`]'s step with a denoiser call
+/// that waits 10 ms (a GPU's share), the next noise drawn after the call returns or
+/// during it.
+fn device_wait_step(c: &mut Criterion) {
+    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
+    let mut params = SamplerParams::defaults(&bundle.manifest);
+    params.guidance = 1.0;
+    params.self_conditioning = true;
+    params.steps = 34;
+    let schedule = Arc::new(Schedule::from_spec(&bundle.manifest.schedule));
+    let kv = Arc::new(Array3::<f32>::zeros((1, 1, 1)));
+    let captions = 64;
+    let mut group = c.benchmark_group("device_wait_step");
+    group.throughput(Throughput::Elements(captions as u64));
+    for (name, waits) in [("after", false), ("during", true)] {
+        let mut model = SleepingModel {
+            call: Duration::from_millis(10),
+            waits,
+        };
+        group.bench_function(BenchmarkId::new(name, captions), |b| {
+            b.iter_batched_ref(
+                || {
+                    (0..captions)
+                        .map(|i| {
+                            Row::new(
+                                params.clone(),
+                                schedule.clone(),
+                                (24, 768),
+                                Box::new(SeededNoise::new(i as u64, 0)),
+                                false,
+                            )
+                            .expect("noise")
+                        })
+                        .collect::<Vec<Row>>()
+                },
+                |rows| {
+                    let mut active: Vec<sampler::ActiveRow<'_>> = rows
+                        .iter_mut()
+                        .map(|row| sampler::ActiveRow {
+                            row,
+                            kv: KvRef::Image(&kv),
+                        })
+                        .collect();
+                    sampler::step(&mut model, &mut active, 256).expect("steps")
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 /// The fixed-shape denoiser calls (`--cuda-graph`) on a graph whose x0 is x_t
 /// (benches/fixtures/identity-denoiser.onnx), on the CPU, so that a step costs only
 /// its host side: the sampler's stacking and updates, writing the inputs into the
@@ -425,6 +512,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = denoiser, preprocessing, caption, host_step, fixed_host_step
+    targets = denoiser, preprocessing, caption, host_step, fixed_host_step, device_wait_step
 }
 criterion_main!(benches);

@@ -981,6 +981,10 @@ impl Models {
 impl Denoiser for Models {
     type Error = RuntimeError;
 
+    fn waits_on_device(&self) -> bool {
+        self.device == ActiveDevice::Cuda
+    }
+
     fn denoise(
         &mut self,
         x: ArrayView3<f32>,

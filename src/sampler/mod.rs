@@ -119,6 +119,12 @@ pub trait Denoiser {
 
     /// Token ids and per-token confidence `[B,L]` for `x0 [B,L,D]`.
     fn decode(&mut self, x0: ArrayView3<f32>) -> Result<(Array2<i64>, Array2<f32>), Self::Error>;
+
+    /// A denoiser call mostly waits for another device (a GPU) while the host's cores
+    /// are idle: the sampler then draws the rows' next noise during the call.
+    fn waits_on_device(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +252,8 @@ pub fn step_observed<D: Denoiser>(
         let mut outputs: Vec<Array3<f32>> = Vec::new();
         let mut at: Vec<(usize, usize)> = Vec::with_capacity(entries.len());
         let (l, d) = rows[entries[0].0].row.x().dim();
+        let overlap = denoiser.waits_on_device();
+        let mut first_call = true;
         for chunk in entries.chunks(max_rows) {
             let shape = (chunk.len(), l, d);
             // The batch's x_t and self_cond, gathered into buffers kept from the last
@@ -280,7 +288,19 @@ pub fn step_observed<D: Denoiser>(
                 .collect();
             let x_view = ArrayView3::from_shape(shape, &x).map_err(|_| StepError::Shape)?;
             let sc_view = ArrayView3::from_shape(shape, &sc).map_err(|_| StepError::Shape)?;
-            let x0 = denoiser.denoise(x_view, sc_view, &t, &kv);
+            let x0 = if overlap && first_call {
+                // The next noise draws, on the other cores while the device works.
+                rayon::in_place_scope(|s| {
+                    s.spawn(|_| {
+                        use rayon::prelude::*;
+                        rows.par_iter_mut().for_each(|r| r.row.prefetch_noise());
+                    });
+                    denoiser.denoise(x_view, sc_view, &t, &kv)
+                })
+            } else {
+                denoiser.denoise(x_view, sc_view, &t, &kv)
+            };
+            first_call = false;
             INPUT_BUFFERS.with_borrow_mut(|buffers| *buffers = (x, sc));
             let x0 = x0.map_err(StepError::Model)?;
             stats.denoiser_calls.push(chunk.len());

@@ -45,6 +45,8 @@ pub struct Row {
     x0: Array2<f32>,
     need: Need,
     noise: Box<dyn NoiseSource>,
+    /// The next draw of `noise`, made ahead while a model call ran ([`Row::prefetch_noise`]).
+    prefetched: Option<Result<Array2<f32>, NoiseExhausted>>,
     trace: Option<Vec<TraceStep>>,
     output: Option<RowOutput>,
     iterations: usize,
@@ -81,6 +83,7 @@ impl Row {
             x0: Array2::zeros((l, d)),
             need: Need::Done,
             noise,
+            prefetched: None,
             trace: record_trace.then(Vec::new),
             output: None,
             iterations: 0,
@@ -144,6 +147,27 @@ impl Row {
         self.output
     }
 
+    /// Draws now the noise the row's next update will take, if its next update takes
+    /// one (a re-noise or a Back&Refine restart, not the final decode). The draw is the
+    /// same as it would be then: only its time changes, so a caller can make it while
+    /// a model call keeps the device busy and the host idle.
+    pub fn prefetch_noise(&mut self) {
+        if self.prefetched.is_none()
+            && matches!(self.need, Need::Denoise { .. })
+            && self.t > self.stride
+        {
+            self.prefetched = Some(self.noise.draw(self.x.nrows(), self.x.ncols()));
+        }
+    }
+
+    /// The row's next noise draw: the prefetched one, or a fresh one.
+    fn next_noise(&mut self) -> Result<Array2<f32>, NoiseExhausted> {
+        match self.prefetched.take() {
+            Some(draw) => draw,
+            None => self.noise.draw(self.x.nrows(), self.x.ncols()),
+        }
+    }
+
     /// Takes the denoiser's prediction(s) for this row and advances the loop.
     pub fn apply_denoised(
         &mut self,
@@ -190,7 +214,7 @@ impl Row {
             self.need = Need::Decode;
         } else {
             let n = self.t - self.stride;
-            let eps = self.noise.draw(self.x.nrows(), self.x.ncols())?;
+            let eps = self.next_noise()?;
             let (a, b) = self.renoise_coefficients(n);
             Zip::from(&mut self.x)
                 .and(&self.x0)
@@ -237,7 +261,7 @@ impl Row {
         for &pos in order.iter().take(keep_count) {
             keep[pos] = true;
         }
-        let eps = self.noise.draw(l, self.x.ncols())?;
+        let eps = self.next_noise()?;
         let n = self.t - self.stride;
         let (a, b) = self.renoise_coefficients(n);
         for (pos, kept) in keep.iter().enumerate() {

@@ -17,6 +17,8 @@ struct FakeDenoiser {
     null_kv: Array3<f32>,
     denoise_calls: usize,
     decode_calls: usize,
+    /// Claims to wait on a device, so that the sampler prefetches noise during calls.
+    waits: bool,
 }
 
 impl FakeDenoiser {
@@ -25,6 +27,7 @@ impl FakeDenoiser {
             null_kv: Array3::from_elem((2, 1, 1), -0.25),
             denoise_calls: 0,
             decode_calls: 0,
+            waits: false,
         }
     }
 }
@@ -61,6 +64,10 @@ fn fake_decode(x0: ndarray::ArrayView2<f32>) -> (Vec<i64>, Vec<f32>) {
 
 impl Denoiser for FakeDenoiser {
     type Error = std::convert::Infallible;
+
+    fn waits_on_device(&self) -> bool {
+        self.waits
+    }
 
     fn denoise(
         &mut self,
@@ -442,5 +449,82 @@ fn large_batches_update_rows_in_parallel_with_the_same_results() {
         let mut solo = vec![new_row(&p(i), i as u64)];
         run_to_completion(&mut den, &mut solo, &kvs[i % 2], 1).unwrap();
         assert_eq!(rows[i].output(), solo[0].output(), "row {i}");
+    }
+}
+
+#[test]
+fn noise_drawn_during_device_calls_changes_nothing() {
+    // Guided and not, with and without Back&Refine, at different stride counts, so that
+    // rows re-noise, restart and finish in the same steps.
+    let ps = [
+        params(5, 1.0, false),
+        params(6, 0.0, true),
+        params(4, 1.0, true),
+        params(9, 0.0, false),
+    ];
+    let kvs = [image_kv(0.2), image_kv(-0.1)];
+    let run = |waits: bool| {
+        let mut rows: Vec<Row> = (0..12)
+            .map(|i| new_row(&ps[i % 4], 50 + i as u64))
+            .collect();
+        let mut den = FakeDenoiser::new();
+        den.waits = waits;
+        while rows.iter().any(|r| r.need() != Need::Done) {
+            let mut active: Vec<ActiveRow<'_>> = rows
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, r)| r.need() != Need::Done)
+                .map(|(i, row)| ActiveRow {
+                    row,
+                    kv: KvRef::Image(&kvs[i % 2]),
+                })
+                .collect();
+            step(&mut den, &mut active, 5).unwrap();
+        }
+        rows.into_iter()
+            .map(|mut r| (r.take_trace(), r.into_output()))
+            .collect::<Vec<_>>()
+    };
+    let (plain, prefetched) = (run(false), run(true));
+    assert!(
+        plain
+            .iter()
+            .any(|(trace, _)| trace.iter().any(|s| s.refined))
+    );
+    assert_eq!(plain, prefetched);
+}
+
+#[test]
+fn a_prefetched_draw_that_ran_out_fails_where_the_draw_would_have() {
+    // Recorded noise for the first x and one re-noise, for a 3-step row: the second
+    // re-noise runs out, prefetched or not.
+    let mut p = params(3, 0.0, false);
+    p.self_conditioning = false;
+    for waits in [false, true] {
+        let draws = vec![vec![0.5; L * D], vec![0.25; L * D]];
+        let sched = Arc::new(Schedule::linear(1e-4, 0.02, T));
+        let mut row = Row::new(
+            p.clone(),
+            sched,
+            (L, D),
+            Box::new(crate::sampler::RecordedNoise::new(draws)),
+            false,
+        )
+        .unwrap();
+        let kv = image_kv(0.0);
+        let mut den = FakeDenoiser::new();
+        den.waits = waits;
+        let kv_ref = KvRef::Image(&kv);
+        let mut first = vec![ActiveRow {
+            row: &mut row,
+            kv: kv_ref,
+        }];
+        step(&mut den, &mut first, 4).expect("first re-noise has its draw");
+        let mut second = vec![ActiveRow {
+            row: &mut row,
+            kv: kv_ref,
+        }];
+        let err = step(&mut den, &mut second, 4).expect_err("no draw left");
+        assert!(matches!(err, StepError::Noise(_)), "waits = {waits}");
     }
 }

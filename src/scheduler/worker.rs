@@ -99,6 +99,10 @@ struct Instrumented<'a, B> {
 impl<B: Backend> Denoiser for Instrumented<'_, B> {
     type Error = RuntimeError;
 
+    fn waits_on_device(&self) -> bool {
+        self.models.waits_on_device()
+    }
+
     fn denoise(
         &mut self,
         x: ArrayView3<f32>,
