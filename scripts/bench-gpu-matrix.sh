@@ -107,8 +107,8 @@ for name in sys.argv[2:]:
         rows.append(f"| {name} | failed (see {name}/matrix-pass.log) | | | | | |")
         continue
     r = json.loads(path.read_text())
-    lat = r.get("latency", {})
-    tp = r.get("throughput", {})
+    lat = {k: v for k, v in (r.get("latency") or {}).items() if v}  # a failed step is null
+    tp = {k: v for k, v in (r.get("throughput") or {}).items() if v}
     ms = lambda k: f"{lat[k]['p50_s'] * 1000:.1f} ms" if k in lat else "n/a"
     best = max(tp.items(), key=lambda kv: kv[1]["captions_per_second"], default=None)
     tput = f"{best[1]['captions_per_second']:.1f}/s (c {best[0]})" if best else "n/a"

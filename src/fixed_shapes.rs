@@ -181,12 +181,12 @@ fn write_changed<T: Plain>(target: &mut [T], values: &[T]) -> bool {
         .reduce(|| false, |a, b| a | b)
 }
 
-/// Sets every element of `target` to `fill`; returns whether that changed it.
+/// Sets every element of `target` to `fill`; returns whether that changed it. Padding
+/// rows usually hold `fill` already: then they are only read.
 fn fill_changed<T: Plain>(target: &mut [T], fill: T) -> bool {
-    let mut changed = false;
-    for slot in target {
-        changed |= *slot != fill;
-        *slot = fill;
+    let changed = target.iter().any(|v| *v != fill);
+    if changed {
+        target.fill(fill);
     }
     changed
 }

@@ -69,6 +69,7 @@ def op_times(
     profile = Path(sess.end_profiling())
     events = json.loads(profile.read_text())
     profile.unlink()
+    profile.parent.rmdir()
     runs_after_warm_up = sorted(
         (e["ts"], e["ts"] + e["dur"])
         for e in events
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         opts = ort.SessionOptions()
         if profile:
             opts.enable_profiling = True
-            opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "bench-graphs")
+            # A folder per session: the file name only has the time to the second.
+            opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "profile")
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1
         file = json.loads((bundle / "manifest.json").read_text())["graphs"][args.graph]["file"]

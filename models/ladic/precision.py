@@ -65,6 +65,11 @@ MIXED_FP16_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 # Ops kept in fp32: selections over a vector (a tie made by fp16 rounding picks another
 # id or position).
 KEEP_FP32_OPS = frozenset({"ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "TopK"})
+# Ops that only move or select data: they stay fp32 when they read an fp32 graph input
+# (directly or through others of them), so that the input is cast after them, on what
+# they select. The denoiser gathers each row's K/V for each layer from the `image_kv`
+# pool: cast first, the whole pool (every slot) would be read and converted per call.
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Gather", "Squeeze", "Unsqueeze", "Flatten"})
 # A node of these types stays fp32 too when every consumer of its outputs does.
 FOLLOW_FP32_OPS = frozenset({"Softmax", "LogSoftmax"})
 # Ops whose float inputs or outputs are not all of one type (or that hold subgraphs):
@@ -128,9 +133,10 @@ def fp32_nodes(
     fp16_ops: frozenset[str] | None = None,
 ) -> set[int]:
     """Indices of the nodes that stay fp32: `keep_ops` (or, given `fp16_ops`, every op
-    not in it), Softmaxes that only feed kept nodes, and constants that feed a kept node
-    and Identity copies of initializers that feed a kept node (either is folded at load:
-    a cast of a constant costs nothing at run time)."""
+    not in it), data movement on graph inputs (`DATA_MOVEMENT_OPS`), Softmaxes that
+    only feed kept nodes, and constants that feed a kept node and Identity copies of
+    initializers that feed a kept node (either is folded at load: a cast of a constant
+    costs nothing at run time)."""
 
     def kept_op(op: str) -> bool:
         if op in CONSTANT_OPS:
@@ -138,6 +144,11 @@ def fp32_nodes(
         return op in keep_ops or (fp16_ops is not None and op not in fp16_ops)
 
     keep = {i for i, n in enumerate(graph.node) if kept_op(n.op_type)}
+    moved = {i.name for i in graph.input}
+    for i, n in enumerate(graph.node):  # in topological order
+        if n.op_type in DATA_MOVEMENT_OPS and n.input and n.input[0] in moved:
+            keep.add(i)
+            moved.update(n.output)
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     changed = True

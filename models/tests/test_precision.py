@@ -208,3 +208,16 @@ def test_convert_model_casts_at_the_boundary_and_keeps_selections_fp32() -> None
             assert np.array_equal(got, want)
         else:
             assert np.allclose(got, want, rtol=5e-3, atol=5e-3)
+
+
+def test_the_kv_pool_is_cast_after_each_layers_gather(bundles) -> None:  # type: ignore[no-untyped-def]
+    """Cast first, the whole pool would be converted at every call; after the per-layer
+    gathers only the rows' K/V are."""
+    for p in CONVERTED:
+        graph = onnx.load(str(bundles[p] / "denoiser.onnx")).graph
+        readers = [n for n in graph.node if "image_kv" in n.input]
+        assert [n.op_type for n in readers] == ["Reshape"], p
+        gathers = [n for n in graph.node if readers[0].output[0] in n.input]
+        assert gathers and all(n.op_type == "Gather" for n in gathers), p
+        pool = {"image_kv", readers[0].output[0]}
+        assert not [n for n in graph.node if n.op_type == "Cast" and n.input[0] in pool], p

@@ -157,6 +157,17 @@ pub fn set_parallel_host_threshold(elements: usize) {
     PARALLEL_HOST_THRESHOLD.store(elements, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The threads that draw noise during device calls (one per core).
+fn prefetch_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("noise-{i}"))
+            .build()
+            .expect("a thread pool for noise draws starts")
+    })
+}
+
 /// Writes `parts` one after the other into `buffer` (`row` elements each, as long as
 /// all of them), split over the cores when `parallel`.
 fn stack_rows<'a>(
@@ -169,6 +180,9 @@ fn stack_rows<'a>(
         Some(slice) => dst.copy_from_slice(slice),
         None => dst.iter_mut().zip(part.iter()).for_each(|(d, &v)| *d = v),
     };
+    if row == 0 {
+        return;
+    }
     if parallel {
         use rayon::prelude::*;
         let parts: Vec<ArrayView2<'_, f32>> = parts.collect();
@@ -289,8 +303,11 @@ pub fn step_observed<D: Denoiser>(
             let x_view = ArrayView3::from_shape(shape, &x).map_err(|_| StepError::Shape)?;
             let sc_view = ArrayView3::from_shape(shape, &sc).map_err(|_| StepError::Shape)?;
             let x0 = if overlap && first_call {
-                // The next noise draws, on the other cores while the device works.
-                rayon::in_place_scope(|s| {
+                // The next noise draws, on the cores the host leaves idle while the device
+                // works. On a pool of their own: on the global one they would queue ahead
+                // of the call's own parallel work (writing its inputs) and hold up the
+                // device.
+                prefetch_pool().in_place_scope(|s| {
                     s.spawn(|_| {
                         use rayon::prelude::*;
                         rows.par_iter_mut().for_each(|r| r.row.prefetch_noise());

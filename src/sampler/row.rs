@@ -152,12 +152,15 @@ impl Row {
     /// same as it would be then: only its time changes, so a caller can make it while
     /// a model call keeps the device busy and the host idle.
     pub fn prefetch_noise(&mut self) {
-        if self.prefetched.is_none()
-            && matches!(self.need, Need::Denoise { .. })
-            && self.t > self.stride
-        {
+        if self.prefetched.is_none() && self.draws_after_denoising() {
             self.prefetched = Some(self.noise.draw(self.x.nrows(), self.x.ncols()));
         }
+    }
+
+    /// Whether the update after the pending denoiser pass draws noise: a re-noise or a
+    /// Back&Refine restart (`t > stride`), not the final decode (see `apply_denoised`).
+    fn draws_after_denoising(&self) -> bool {
+        matches!(self.need, Need::Denoise { .. }) && self.t > self.stride
     }
 
     /// The row's next noise draw: the prefetched one, or a fresh one.
@@ -211,6 +214,7 @@ impl Row {
         if refine {
             self.need = Need::Confidence;
         } else if self.t <= self.stride {
+            debug_assert!(self.prefetched.is_none(), "a draw made for no update");
             self.need = Need::Decode;
         } else {
             let n = self.t - self.stride;
