@@ -255,54 +255,83 @@ impl Denoiser for FreeModel {
     }
 }
 
+/// 64 guided full-size captions (128 denoiser rows) at their first step, 34 steps with
+/// self-conditioning: the batch of the `*_step` benchmarks.
+struct FullSizeBatch {
+    params: SamplerParams,
+    schedule: Arc<Schedule>,
+    captions: usize,
+}
+
+impl FullSizeBatch {
+    fn new() -> FullSizeBatch {
+        let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
+        let mut params = SamplerParams::defaults(&bundle.manifest);
+        params.guidance = 1.0;
+        params.self_conditioning = true;
+        params.steps = 34;
+        FullSizeBatch {
+            params,
+            schedule: Arc::new(Schedule::from_spec(&bundle.manifest.schedule)),
+            captions: 64,
+        }
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        (0..self.captions)
+            .map(|i| {
+                Row::new(
+                    self.params.clone(),
+                    self.schedule.clone(),
+                    (24, 768),
+                    Box::new(SeededNoise::new(i as u64, 0)),
+                    false,
+                )
+                .expect("noise")
+            })
+            .collect()
+    }
+
+    /// Times one step of fresh rows on `model`, caption i attending to `kv(i)`.
+    fn bench<'k, D: Denoiser>(
+        &self,
+        b: &mut criterion::Bencher<'_>,
+        model: &mut D,
+        kv: impl Fn(usize) -> KvRef<'k>,
+    ) where
+        D::Error: std::fmt::Debug,
+    {
+        b.iter_batched_ref(
+            || self.rows(),
+            |rows| {
+                let mut active: Vec<sampler::ActiveRow<'_>> = rows
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, row)| sampler::ActiveRow { row, kv: kv(i) })
+                    .collect();
+                sampler::step(model, &mut active, 256).expect("steps")
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    }
+}
+
 /// `host_step/{serial,parallel}/64`: one sampler step of 64 guided captions (128
 /// denoiser rows) with the full-size latent (24 x 768) and a free model, so only the
 /// host's work is timed (stacking the inputs, the x0 updates, the noise draws), with the
 /// rows' updates on one thread and on all cores.
 fn host_step(c: &mut Criterion) {
-    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
-    let mut params = SamplerParams::defaults(&bundle.manifest);
-    params.guidance = 1.0;
-    params.self_conditioning = true;
-    params.steps = 34;
-    let schedule = Arc::new(Schedule::from_spec(&bundle.manifest.schedule));
+    let batch = FullSizeBatch::new();
     let kv = Arc::new(Array3::<f32>::zeros((1, 1, 1)));
-    let captions = 64;
     let mut group = c.benchmark_group("host_step");
-    group.throughput(Throughput::Elements(captions as u64));
+    group.throughput(Throughput::Elements(batch.captions as u64));
     for (name, threshold) in [
         ("serial", usize::MAX),
         ("parallel", sampler::PARALLEL_HOST_ELEMENTS),
     ] {
-        group.bench_function(BenchmarkId::new(name, captions), |b| {
+        group.bench_function(BenchmarkId::new(name, batch.captions), |b| {
             sampler::set_parallel_host_threshold(threshold);
-            b.iter_batched_ref(
-                || {
-                    (0..captions)
-                        .map(|i| {
-                            Row::new(
-                                params.clone(),
-                                schedule.clone(),
-                                (24, 768),
-                                Box::new(SeededNoise::new(i as u64, 0)),
-                                false,
-                            )
-                            .expect("noise")
-                        })
-                        .collect::<Vec<Row>>()
-                },
-                |rows| {
-                    let mut active: Vec<sampler::ActiveRow<'_>> = rows
-                        .iter_mut()
-                        .map(|row| sampler::ActiveRow {
-                            row,
-                            kv: KvRef::Image(&kv),
-                        })
-                        .collect();
-                    sampler::step(&mut FreeModel, &mut active, 256).expect("steps")
-                },
-                criterion::BatchSize::LargeInput,
-            )
+            batch.bench(b, &mut FreeModel, |_| KvRef::Image(&kv));
         });
     }
     sampler::set_parallel_host_threshold(sampler::PARALLEL_HOST_ELEMENTS);
@@ -346,49 +375,17 @@ impl Denoiser for SleepingModel {
 /// that waits 10 ms (a GPU's share), the next noise drawn after the call returns or
 /// during it.
 fn device_wait_step(c: &mut Criterion) {
-    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
-    let mut params = SamplerParams::defaults(&bundle.manifest);
-    params.guidance = 1.0;
-    params.self_conditioning = true;
-    params.steps = 34;
-    let schedule = Arc::new(Schedule::from_spec(&bundle.manifest.schedule));
+    let batch = FullSizeBatch::new();
     let kv = Arc::new(Array3::<f32>::zeros((1, 1, 1)));
-    let captions = 64;
     let mut group = c.benchmark_group("device_wait_step");
-    group.throughput(Throughput::Elements(captions as u64));
+    group.throughput(Throughput::Elements(batch.captions as u64));
     for (name, waits) in [("after", false), ("during", true)] {
         let mut model = SleepingModel {
             call: Duration::from_millis(10),
             waits,
         };
-        group.bench_function(BenchmarkId::new(name, captions), |b| {
-            b.iter_batched_ref(
-                || {
-                    (0..captions)
-                        .map(|i| {
-                            Row::new(
-                                params.clone(),
-                                schedule.clone(),
-                                (24, 768),
-                                Box::new(SeededNoise::new(i as u64, 0)),
-                                false,
-                            )
-                            .expect("noise")
-                        })
-                        .collect::<Vec<Row>>()
-                },
-                |rows| {
-                    let mut active: Vec<sampler::ActiveRow<'_>> = rows
-                        .iter_mut()
-                        .map(|row| sampler::ActiveRow {
-                            row,
-                            kv: KvRef::Image(&kv),
-                        })
-                        .collect();
-                    sampler::step(&mut model, &mut active, 256).expect("steps")
-                },
-                criterion::BatchSize::LargeInput,
-            )
+        group.bench_function(BenchmarkId::new(name, batch.captions), |b| {
+            batch.bench(b, &mut model, |_| KvRef::Image(&kv));
         });
     }
     group.finish();
@@ -459,49 +456,16 @@ impl Denoiser for IdentityFixed {
 /// rows) through the fixed-shape calls on [`IdentityFixed`], rows' updates on all
 /// cores: the host's share of a `--cuda-graph` step, less the copies' DMA time.
 fn fixed_host_step(c: &mut Criterion) {
-    let bundle = Bundle::load(&bundle_dir()).expect("default bundle loads");
-    let mut params = SamplerParams::defaults(&bundle.manifest);
-    params.guidance = 1.0;
-    params.self_conditioning = true;
-    params.steps = 34;
-    let schedule = Arc::new(Schedule::from_spec(&bundle.manifest.schedule));
-    let kv: Vec<Arc<Array3<f32>>> = (0..64)
+    let batch = FullSizeBatch::new();
+    let kv: Vec<Arc<Array3<f32>>> = (0..batch.captions)
         .map(|i| Arc::new(Array3::from_elem((2, 1, 1), i as f32)))
         .collect();
     let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
     let mut model = IdentityFixed::new(&rt, 128);
-    let captions = 64;
     let mut group = c.benchmark_group("fixed_host_step");
-    group.throughput(Throughput::Elements(captions as u64));
-    group.bench_function(BenchmarkId::from_parameter(captions), |b| {
-        b.iter_batched_ref(
-            || {
-                (0..captions)
-                    .map(|i| {
-                        Row::new(
-                            params.clone(),
-                            schedule.clone(),
-                            (24, 768),
-                            Box::new(SeededNoise::new(i as u64, 0)),
-                            false,
-                        )
-                        .expect("noise")
-                    })
-                    .collect::<Vec<Row>>()
-            },
-            |rows| {
-                let mut active: Vec<sampler::ActiveRow<'_>> = rows
-                    .iter_mut()
-                    .zip(&kv)
-                    .map(|(row, kv)| sampler::ActiveRow {
-                        row,
-                        kv: KvRef::Image(kv),
-                    })
-                    .collect();
-                sampler::step(&mut model, &mut active, 256).expect("steps")
-            },
-            criterion::BatchSize::LargeInput,
-        )
+    group.throughput(Throughput::Elements(batch.captions as u64));
+    group.bench_function(BenchmarkId::from_parameter(batch.captions), |b| {
+        batch.bench(b, &mut model, |i| KvRef::Image(&kv[i]));
     });
     group.finish();
 }
