@@ -418,6 +418,22 @@ fn observed_steps_snapshot_every_iteration_without_changing_results() {
     assert_eq!(rows[1].output(), plain[0].output());
 }
 
+/// Steps `rows` together until all are done, row i attending to `kvs[i % 2]`.
+fn run_all(den: &mut FakeDenoiser, rows: &mut [Row], kvs: &[Arc<Array3<f32>>; 2], max_rows: usize) {
+    while rows.iter().any(|r| r.need() != Need::Done) {
+        let mut active: Vec<ActiveRow<'_>> = rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.need() != Need::Done)
+            .map(|(i, row)| ActiveRow {
+                row,
+                kv: KvRef::Image(&kvs[i % 2]),
+            })
+            .collect();
+        step(den, &mut active, max_rows).unwrap();
+    }
+}
+
 #[test]
 fn large_batches_update_rows_in_parallel_with_the_same_results() {
     // Enough rows that one step's updates run on the rayon pool.
@@ -431,19 +447,7 @@ fn large_batches_update_rows_in_parallel_with_the_same_results() {
         )
     };
     let mut rows: Vec<Row> = (0..n).map(|i| new_row(&p(i), i as u64)).collect();
-    let mut den = FakeDenoiser::new();
-    while rows.iter().any(|r| r.need() != Need::Done) {
-        let mut active: Vec<ActiveRow<'_>> = rows
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, r)| r.need() != Need::Done)
-            .map(|(i, row)| ActiveRow {
-                row,
-                kv: KvRef::Image(&kvs[i % 2]),
-            })
-            .collect();
-        step(&mut den, &mut active, usize::MAX).unwrap();
-    }
+    run_all(&mut FakeDenoiser::new(), &mut rows, &kvs, usize::MAX);
     for i in (0..n).step_by(97).chain([n - 1]) {
         let mut den = FakeDenoiser::new();
         let mut solo = vec![new_row(&p(i), i as u64)];
@@ -469,18 +473,7 @@ fn noise_drawn_during_device_calls_changes_nothing() {
             .collect();
         let mut den = FakeDenoiser::new();
         den.waits = waits;
-        while rows.iter().any(|r| r.need() != Need::Done) {
-            let mut active: Vec<ActiveRow<'_>> = rows
-                .iter_mut()
-                .enumerate()
-                .filter(|(_, r)| r.need() != Need::Done)
-                .map(|(i, row)| ActiveRow {
-                    row,
-                    kv: KvRef::Image(&kvs[i % 2]),
-                })
-                .collect();
-            step(&mut den, &mut active, 5).unwrap();
-        }
+        run_all(&mut den, &mut rows, &kvs, 5);
         rows.into_iter()
             .map(|mut r| (r.take_trace(), r.into_output()))
             .collect::<Vec<_>>()
