@@ -155,11 +155,9 @@ where
     }
 }
 
-/// Elements from which writing a buffer is split over the cores (rayon): 128K, about
-/// 7 full-size latent rows.
-const PARALLEL_WRITE_ELEMENTS: usize = 1 << 17;
-
-/// Copies `values` into `target` (as long); returns whether that changed it.
+/// Copies `values` into `target` (as long); returns whether that changed it. Split over
+/// the cores when large, as the sampler's other host work is
+/// ([`crate::sampler::PARALLEL_HOST_ELEMENTS`]).
 fn write_changed<T: Plain>(target: &mut [T], values: &[T]) -> bool {
     fn write<T: Plain>(target: &mut [T], values: &[T]) -> bool {
         let mut changed = false;
@@ -169,11 +167,11 @@ fn write_changed<T: Plain>(target: &mut [T], values: &[T]) -> bool {
         }
         changed
     }
-    if values.len() < PARALLEL_WRITE_ELEMENTS {
+    if !crate::sampler::runs_in_parallel(values.len()) {
         return write(target, values);
     }
     use rayon::prelude::*;
-    let chunk = PARALLEL_WRITE_ELEMENTS / 4;
+    let chunk = crate::sampler::PARALLEL_HOST_ELEMENTS / 4;
     target
         .par_chunks_mut(chunk)
         .zip(values.par_chunks(chunk))
@@ -195,20 +193,18 @@ impl Buffer<f32> {
     /// On a GPU: sends a pattern and reads it back, so that a wrong address or copy
     /// fails at load, not as wrong captions.
     fn check_round_trip(&mut self) -> Result<(), String> {
-        let Some(h) = &mut self.host else {
+        if self.host.is_none() {
             return Ok(());
-        };
-        let len = h.values().len();
-        let pattern = |i: usize| (i % 251) as f32 - 125.0;
-        for (i, v) in h.values_mut().iter_mut().enumerate() {
-            *v = pattern(i);
         }
-        // SAFETY: `device` is GPU memory of exactly the host copy's length.
-        unsafe { h.cuda().upload(self.device.data_ptr_mut(), h.values()) }?;
-        h.values_mut().fill(0.0);
+        let len = self.device.shape().iter().product::<i64>() as usize;
+        let pattern: Vec<f32> = (0..len).map(|i| (i % 251) as f32 - 125.0).collect();
+        self.upload(&pattern, 0.0)?;
+        if let Some(h) = &mut self.host {
+            h.values_mut().fill(0.0);
+        }
         self.in_sync = false;
         let back = self.download(len)?;
-        match (0..len).find(|&i| back[i] != pattern(i)) {
+        match back.iter().zip(&pattern).position(|(b, p)| b != p) {
             None => Ok(()),
             Some(i) => Err(format!(
                 "a buffer copied to the GPU and back differs at element {i} of {len}"
@@ -447,7 +443,7 @@ mod tests {
 
     #[test]
     fn large_writes_split_over_the_cores_say_whether_anything_changed() {
-        for len in [10, PARALLEL_WRITE_ELEMENTS + 12_345] {
+        for len in [10, crate::sampler::PARALLEL_HOST_ELEMENTS + 12_345] {
             let values: Vec<f32> = (0..len).map(|i| (i % 101) as f32).collect();
             let mut target = vec![0.0f32; len];
             assert!(write_changed(&mut target, &values));

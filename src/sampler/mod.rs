@@ -157,6 +157,12 @@ pub fn set_parallel_host_threshold(elements: usize) {
     PARALLEL_HOST_THRESHOLD.store(elements, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether host work over `elements` latent elements (the rows' updates, stacking
+/// their inputs, writing a denoiser call's buffers) is split over the cores.
+pub(crate) fn runs_in_parallel(elements: usize) -> bool {
+    elements >= PARALLEL_HOST_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The threads that draw noise during device calls (one per core).
 fn prefetch_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
@@ -281,8 +287,7 @@ pub fn step_observed<D: Denoiser>(
                 }
                 parts.push((row.x(), row.self_cond()));
             }
-            let parallel = chunk.len().saturating_mul(l * d)
-                >= PARALLEL_HOST_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
+            let parallel = runs_in_parallel(chunk.len().saturating_mul(l * d));
             let (x, sc) = INPUT_BUFFERS.with_borrow_mut(|(xb, sb)| {
                 // Every element is written below, so only growth needs filling.
                 xb.resize(chunk.len() * l * d, 0.0);
@@ -344,8 +349,7 @@ pub fn step_observed<D: Denoiser>(
             Some((cond, uncond)) => r.row.apply_denoised(x0_of(*cond), uncond.map(x0_of)),
             None => Ok(()),
         };
-        let threshold = PARALLEL_HOST_THRESHOLD.load(std::sync::atomic::Ordering::Relaxed);
-        if entries.len().saturating_mul(l * d) >= threshold {
+        if runs_in_parallel(entries.len().saturating_mul(l * d)) {
             use rayon::prelude::*;
             rows.par_iter_mut()
                 .zip(pairs.par_iter())
