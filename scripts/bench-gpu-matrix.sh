@@ -100,11 +100,11 @@ python3 - "$RES" "${DONE[@]}" <<'PY'
 import json, pathlib, sys
 
 res = pathlib.Path(sys.argv[1])
-rows, table = [], {}
+rows, table = [], {}  # rows: (pass, its cells but the caption comparison; None: failed)
 for name in sys.argv[2:]:
     path = res / name / "results.json"
     if not path.is_file():
-        rows.append(f"| {name} | failed (see {name}/matrix-pass.log) | | | | | |")
+        rows.append((name, None))
         continue
     r = json.loads(path.read_text())
     lat = {k: v for k, v in (r.get("latency") or {}).items() if v}  # a failed step is null
@@ -117,10 +117,11 @@ for name in sys.argv[2:]:
         "providers": r.get("server", {}).get("providers"),
         "latency_p50_ms": {k: v["p50_s"] * 1000 for k, v in lat.items()},
         "throughput": {k: v["captions_per_second"] for k, v in tp.items()},
+        "captions": {k: v.get("captions", []) for k, v in lat.items()},
     }
-    table[name]["captions"] = {k: v.get("captions", []) for k, v in lat.items()}
-    rows.append(f"| {name} | {ms('5')} | {ms('34')} | {tput} | {{same:{name}}} | "
-                f"{r.get('server', {}).get('providers', '')} | `{r.get('server', {}).get('args', '')}` |")
+    server = r.get("server", {})
+    rows.append((name, [ms("5"), ms("34"), tput,
+                        server.get("providers", ""), f"`{server.get('args', '')}`"]))
 
 # The captions of the latency requests (same seeds in every pass) against the pass
 # that differs only in the flag under test: equal captions say the variant computes
@@ -139,15 +140,17 @@ def same(name):
             equal = sum(a == b for a, b in zip(mine, theirs))
             parts.append(f"{equal}/{n} at {steps} steps")
     return f"{base}: " + ", ".join(parts) if parts else ""
-rows = [row.replace("{same:" + name + "}", same(name)) for name, row in
-        ((row.split(" | ")[0][2:], row) for row in rows)]
+def row(name, cells):
+    if cells is None:
+        return f"| {name} | failed (see {name}/matrix-pass.log) | | | | | |"
+    return "| " + " | ".join([name, *cells[:3], same(name), *cells[3:]]) + " |"
 card = next((v["card"] for v in table.values() if v.get("card")), "unknown card")
 text = "\n".join([
     f"### Variants side by side on {card}",
     "",
     "| pass | batch-1 p50, 5 steps | batch-1 p50, 34 steps | best throughput, 34 steps | same captions as | providers | serve flags |",
     "|---|---|---|---|---|---|---|",
-    *rows,
+    *(row(name, cells) for name, cells in rows),
     "",
     "Each pass: scripts/bench-gpu.sh --no-reference (its own summary.md in the pass's folder).",
 ])
