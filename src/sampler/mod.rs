@@ -7,6 +7,7 @@
 //! denoiser call and one batched decoder call. That is what lets the scheduler do
 //! iteration-level batching.
 
+pub mod device;
 pub mod mbr;
 pub mod noise;
 mod row;
@@ -16,8 +17,9 @@ use std::sync::Arc;
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 
+pub use device::{DeviceLoop, DeviceRow, DeviceStep, StateSlot, StateSlots};
 pub use noise::{NoiseExhausted, NoiseSource, RecordedNoise, SeededNoise};
-pub use row::{Need, Row, RowOutput};
+pub use row::{Need, Row, RowOutput, Update};
 pub use schedule::Schedule;
 
 use crate::bundle::{BackRefineSpec, Manifest};
@@ -125,6 +127,12 @@ pub trait Denoiser {
     fn waits_on_device(&self) -> bool {
         false
     }
+
+    /// The denoiser keeps the rows' state on its device ([`device`]): then the sampler
+    /// steps through this instead of [`denoise`](Self::denoise).
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop<Error = Self::Error>> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +143,8 @@ pub enum StepError<E> {
     Noise(#[from] NoiseExhausted),
     #[error("rows of one batch have different latent shapes")]
     Shape,
+    #[error("the device loop gave back no x0 for a row that needs it")]
+    MissingX0,
 }
 
 /// Latent elements (rows x tokens x dims) of one denoiser step from which the rows'
@@ -256,7 +266,24 @@ pub fn step_observed<D: Denoiser>(
     let mut stats = StepStats::default();
     // (iteration, t, refine) of the rows to snapshot, once denoised.
     let mut observed: Vec<Option<(usize, usize, bool)>> = vec![None; rows.len()];
+    if denoiser.device_loop().is_some() {
+        denoise_on_device(denoiser, rows, max_rows, observe, &mut stats, &mut observed)?;
+    } else {
+        denoise_on_host(denoiser, rows, max_rows, observe, &mut stats, &mut observed)?;
+    }
+    let snapshots = decode_rows(denoiser, rows, max_rows, &mut stats, &observed)?;
+    Ok((stats, snapshots))
+}
 
+/// The denoiser pass of [`step_observed`] with the rows' arrays on the host.
+fn denoise_on_host<D: Denoiser>(
+    denoiser: &mut D,
+    rows: &mut [ActiveRow<'_>],
+    max_rows: usize,
+    observe: &[bool],
+    stats: &mut StepStats,
+    observed: &mut [Option<(usize, usize, bool)>],
+) -> Result<(), StepError<D::Error>> {
     // (row index, unconditional?) for every denoiser row.
     let mut entries: Vec<(usize, bool, i64)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
@@ -366,6 +393,111 @@ pub fn step_observed<D: Denoiser>(
         }
     }
 
+    Ok(())
+}
+
+/// The denoiser pass of [`step_observed`] with the rows' state on the device
+/// ([`device`]): each row's bookkeeping moves on here, its arrays there.
+fn denoise_on_device<D: Denoiser>(
+    denoiser: &mut D,
+    rows: &mut [ActiveRow<'_>],
+    max_rows: usize,
+    observe: &[bool],
+    stats: &mut StepStats,
+    observed: &mut [Option<(usize, usize, bool)>],
+) -> Result<(), StepError<D::Error>> {
+    let pending: Vec<usize> = (0..rows.len())
+        .filter(|&i| matches!(rows[i].row.need(), Need::Denoise { .. }))
+        .collect();
+    let Some(&first) = pending.first() else {
+        return Ok(());
+    };
+    let shape = rows[first].row.x().dim();
+    if pending.iter().any(|&i| rows[i].row.x().dim() != shape) {
+        return Err(StepError::Shape);
+    }
+    let overlap = denoiser.waits_on_device();
+    let mut start = 0;
+    while start < pending.len() {
+        // As many rows as fit `max_rows` denoiser rows; a guided pair is never split.
+        let (mut end, mut used) = (start, 0);
+        while let Some(&i) = pending.get(end) {
+            let more = rows[i].row.denoiser_rows();
+            if used > 0 && used + more > max_rows {
+                break;
+            }
+            used += more;
+            end += 1;
+        }
+        let chunk = &pending[start..end];
+        let mut calls = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let kv = rows[i].kv;
+            let row = &mut *rows[i].row;
+            let Need::Denoise { t_in } = row.need() else {
+                unreachable!("only rows waiting for a denoiser pass are pending")
+            };
+            let t_before = row.t();
+            let (send_x, send_self_cond) = row.take_arrays_to_send();
+            let Some(mut update) = row.advance(row.guided())? else {
+                unreachable!("the row waits for a denoiser pass")
+            };
+            if observe.get(i).copied().unwrap_or(false) {
+                update.needs_x0 = true;
+                let refine = row.need() == Need::Confidence;
+                observed[i] = Some((row.iterations() - 1, t_before, refine));
+            }
+            calls.push(DeviceRow {
+                slot: row.device_slot(),
+                send_x,
+                send_self_cond,
+                t_in,
+                kv,
+                update,
+            });
+        }
+        let needs_x0: Vec<bool> = calls.iter().map(|c| c.update.needs_x0).collect();
+        let device = denoiser
+            .device_loop()
+            .expect("the caller checked that the denoiser has a device loop");
+        let out = if overlap && start == 0 {
+            // The rows' next noise, drawn while the device works (as on the host path).
+            prefetch_pool().in_place_scope(|s| {
+                s.spawn(|_| {
+                    use rayon::prelude::*;
+                    rows.par_iter_mut().for_each(|r| r.row.prefetch_noise());
+                });
+                device.step(calls)
+            })
+        } else {
+            device.step(calls)
+        };
+        let mut out = out.map_err(StepError::Model)?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let row = &mut *rows[i].row;
+            if let Some(slot) = out.new_slots.get_mut(k).and_then(Option::take) {
+                row.set_device_slot(slot);
+            }
+            match out.x0.get_mut(k).and_then(Option::take) {
+                Some(x0) => row.take_device_x0(x0),
+                None if needs_x0[k] => return Err(StepError::MissingX0),
+                None => {}
+            }
+        }
+        stats.denoiser_calls.push(used);
+        start = end;
+    }
+    Ok(())
+}
+
+/// The decoder pass of [`step_observed`]: confidences, final tokens and snapshots.
+fn decode_rows<D: Denoiser>(
+    denoiser: &mut D,
+    rows: &mut [ActiveRow<'_>],
+    max_rows: usize,
+    stats: &mut StepStats,
+    observed: &[Option<(usize, usize, bool)>],
+) -> Result<Vec<Snapshot>, StepError<D::Error>> {
     let decode: Vec<usize> = rows
         .iter()
         .enumerate()
@@ -399,7 +531,7 @@ pub fn step_observed<D: Denoiser>(
             }
         }
     }
-    Ok((stats, snapshots))
+    Ok(snapshots)
 }
 
 /// The number of iterations (denoiser passes per row) `params` takes with `schedule`,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, Zip};
 
+use super::device::StateSlot;
 use super::noise::{NoiseExhausted, NoiseSource};
 use super::schedule::Schedule;
 use super::{SamplerParams, TraceStep};
@@ -48,8 +49,29 @@ pub struct Row {
     /// The next draw of `noise`, made ahead while a model call ran ([`Row::prefetch_noise`]).
     prefetched: Option<Result<Array2<f32>, NoiseExhausted>>,
     trace: Option<Vec<TraceStep>>,
+    /// (t, t_in, refined) of the last [`Row::advance`], until its `x0` is recorded.
+    pending_trace: Option<(i64, i64, bool)>,
     output: Option<RowOutput>,
     iterations: usize,
+    /// With the loop on the device: the row's slot in the state pool.
+    device_slot: Option<StateSlot>,
+    /// `x_t` and `self_cond` changed on the host since the device last took them.
+    send_x: bool,
+    send_self_cond: bool,
+}
+
+/// What happens to a row's arrays after a denoiser pass ([`Row::advance`]).
+#[derive(Debug)]
+pub struct Update {
+    /// `(1 + w, w)` as f32: `x0 = (1+w) cond - w uncond`; None: `x0 = cond`.
+    pub guidance: Option<(f32, f32)>,
+    /// `self_cond` becomes `x0`; else zeros.
+    pub keep_self_cond: bool,
+    /// `x_t = a x0 + b eps` as `(a, b, eps)`; None: `x_t` is not needed any more (the row
+    /// goes to Back&Refine or to its final decode).
+    pub renoise: Option<(f32, f32, Array2<f32>)>,
+    /// The host needs the new `x0`: for the decoder, or for a trace.
+    pub needs_x0: bool,
 }
 
 impl std::fmt::Debug for Row {
@@ -85,8 +107,12 @@ impl Row {
             noise,
             prefetched: None,
             trace: record_trace.then(Vec::new),
+            pending_trace: None,
             output: None,
             iterations: 0,
+            device_slot: None,
+            send_x: true,
+            send_self_cond: true,
             params,
             schedule,
         };
@@ -177,16 +203,11 @@ impl Row {
         cond: ArrayView2<f32>,
         uncond: Option<ArrayView2<f32>>,
     ) -> Result<(), NoiseExhausted> {
-        let Need::Denoise { t_in } = self.need else {
-            debug_assert!(false, "apply_denoised on a row that needs {:?}", self.need);
+        let Some(update) = self.advance(uncond.is_some())? else {
             return Ok(());
         };
-        let w = self.params.guidance;
-        match uncond {
-            Some(u) if w != 0.0 => {
-                // numpy rounds the Python floats (1 + w) and w to float32 and then
-                // computes in float32.
-                let (a, b) = ((1.0 + w) as f32, w as f32);
+        match (update.guidance, uncond) {
+            (Some((a, b)), Some(u)) => {
                 Zip::from(&mut self.x0)
                     .and(&cond)
                     .and(&u)
@@ -194,23 +215,43 @@ impl Row {
             }
             _ => self.x0.assign(&cond),
         }
-        if self.params.self_conditioning {
+        if update.keep_self_cond {
             self.self_cond.assign(&self.x0);
         } else {
             self.self_cond.fill(0.0);
         }
+        self.record_trace();
+        if let Some((a, b, eps)) = update.renoise {
+            Zip::from(&mut self.x)
+                .and(&self.x0)
+                .and(&eps)
+                .for_each(|x, &x0, &e| *x = a * x0 + b * e);
+        }
+        Ok(())
+    }
+
+    /// The bookkeeping half of [`apply_denoised`](Self::apply_denoised): moves the row
+    /// past its pending denoiser pass (its timestep, what it needs next, the noise the
+    /// re-noise takes) and says what to do with the arrays, which the caller does on
+    /// the host or on the device ([`super::device`]). `guided_pair`: the pass included
+    /// the unconditional row. None when the row was not waiting for a denoiser pass.
+    pub fn advance(&mut self, guided_pair: bool) -> Result<Option<Update>, NoiseExhausted> {
+        let Need::Denoise { t_in } = self.need else {
+            debug_assert!(false, "advance on a row that needs {:?}", self.need);
+            return Ok(None);
+        };
+        let w = self.params.guidance;
+        // numpy rounds the Python floats (1 + w) and w to float32 and then computes in
+        // float32.
+        let guidance = (guided_pair && w != 0.0).then_some(((1.0 + w) as f32, w as f32));
         self.iterations += 1;
         let refine = self.rounds_left > 0
             && self.t <= self.params.back_refine.trigger_t
             && self.t > self.stride;
-        if let Some(trace) = &mut self.trace {
-            trace.push(TraceStep {
-                t: self.t as i64,
-                t_in,
-                x0: self.x0.clone(),
-                refined: refine,
-            });
+        if self.trace.is_some() {
+            self.pending_trace = Some((self.t as i64, t_in, refine));
         }
+        let mut renoise = None;
         if refine {
             self.need = Need::Confidence;
         } else if self.t <= self.stride {
@@ -220,14 +261,37 @@ impl Row {
             let n = self.t - self.stride;
             let eps = self.next_noise()?;
             let (a, b) = self.renoise_coefficients(n);
-            Zip::from(&mut self.x)
-                .and(&self.x0)
-                .and(&eps)
-                .for_each(|x, &x0, &e| *x = a * x0 + b * e);
+            renoise = Some((a, b, eps));
             self.t = n;
             self.need = self.denoise_need();
         }
-        Ok(())
+        Ok(Some(Update {
+            guidance,
+            keep_self_cond: self.params.self_conditioning,
+            renoise,
+            needs_x0: self.trace.is_some() || matches!(self.need, Need::Confidence | Need::Decode),
+        }))
+    }
+
+    /// Takes the `x0` the device computed for the row's last [`advance`](Self::advance)
+    /// (its `x_t` and `self_cond` stay on the device).
+    pub fn take_device_x0(&mut self, x0: Array2<f32>) {
+        debug_assert_eq!(x0.dim(), self.x0.dim());
+        self.x0 = x0;
+        self.record_trace();
+    }
+
+    fn record_trace(&mut self) {
+        if let (Some(trace), Some((t, t_in, refined))) =
+            (&mut self.trace, self.pending_trace.take())
+        {
+            trace.push(TraceStep {
+                t,
+                t_in,
+                x0: self.x0.clone(),
+                refined,
+            });
+        }
     }
 
     /// `sqrt(ab(n))` and `r * sqrt(1 - ab(n))`, rounded to f32 as numpy does when it
@@ -283,6 +347,7 @@ impl Row {
         }
         self.t = self.schedule.num_timesteps() - 1;
         self.rounds_left -= 1;
+        self.send_x = true;
         self.need = self.denoise_need();
         Ok(())
     }
@@ -294,5 +359,22 @@ impl Row {
             confidence: confidence.to_vec(),
         });
         self.need = Need::Done;
+        self.device_slot = None;
+    }
+
+    /// The row's slot in the device's state pool, if it has one.
+    pub(super) fn device_slot(&self) -> Option<usize> {
+        self.device_slot.as_ref().map(StateSlot::index)
+    }
+
+    pub(super) fn set_device_slot(&mut self, slot: StateSlot) {
+        self.device_slot = Some(slot);
+    }
+
+    /// `x_t` and `self_cond` the device has not got yet (copies), as sent from now on.
+    pub(super) fn take_arrays_to_send(&mut self) -> (Option<Array2<f32>>, Option<Array2<f32>>) {
+        let x = std::mem::take(&mut self.send_x).then(|| self.x.clone());
+        let self_cond = std::mem::take(&mut self.send_self_cond).then(|| self.self_cond.clone());
+        (x, self_cond)
     }
 }

@@ -19,6 +19,118 @@ struct FakeDenoiser {
     decode_calls: usize,
     /// Claims to wait on a device, so that the sampler prefetches noise during calls.
     waits: bool,
+    /// Keeps the rows' state itself, as a device would ([`device`]).
+    state: Option<FakeStatePool>,
+}
+
+/// A device loop on the host: the state pool's slots as arrays, the update written as
+/// the device-loop graph computes it.
+struct FakeStatePool {
+    slots: StateSlots,
+    x: Vec<Array2<f32>>,
+    self_cond: Vec<Array2<f32>>,
+    /// x0 sent back, and states sent, over all calls.
+    x0_sent_back: usize,
+    states_received: usize,
+}
+
+impl FakeStatePool {
+    fn new(capacity: usize) -> FakeStatePool {
+        FakeStatePool {
+            slots: StateSlots::new(capacity),
+            x: vec![Array2::zeros((L, D)); capacity],
+            self_cond: vec![Array2::zeros((L, D)); capacity],
+            x0_sent_back: 0,
+            states_received: 0,
+        }
+    }
+}
+
+impl DeviceLoop for FakeDenoiser {
+    type Error = std::convert::Infallible;
+
+    fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, Self::Error> {
+        let mut pool = self.state.take().expect("a fake with a state pool");
+        let mut out = DeviceStep::default();
+        let mut slot_of = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let slot = match row.slot {
+                Some(slot) => {
+                    out.new_slots.push(None);
+                    slot
+                }
+                None => {
+                    let slot = pool.slots.take().expect("a free slot");
+                    let index = slot.index();
+                    out.new_slots.push(Some(slot));
+                    index
+                }
+            };
+            if let Some(x) = &row.send_x {
+                pool.x[slot].assign(x);
+                pool.states_received += 1;
+            }
+            if let Some(sc) = &row.send_self_cond {
+                pool.self_cond[slot].assign(sc);
+            }
+            slot_of.push(slot);
+        }
+        // The denoiser's rows: each row's conditional pass, then its unconditional one.
+        let (mut x, mut sc, mut t, mut kv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (row, &slot) in rows.iter().zip(&slot_of) {
+            let passes: &[KvRef<'_>] = if row.update.guidance.is_some() {
+                &[row.kv, KvRef::Null]
+            } else {
+                &[row.kv]
+            };
+            for &k in passes {
+                x.push(pool.x[slot].view());
+                sc.push(pool.self_cond[slot].view());
+                t.push(row.t_in);
+                kv.push(k);
+            }
+        }
+        let (x, sc) = (
+            ndarray::stack(Axis(0), &x).unwrap(),
+            ndarray::stack(Axis(0), &sc).unwrap(),
+        );
+        let denoised = self.denoise(x.view(), sc.view(), &t, &kv)?;
+        let mut k = 0;
+        for (row, &slot) in rows.iter().zip(&slot_of) {
+            let cond = denoised.index_axis(Axis(0), k);
+            let x0 = match row.update.guidance {
+                Some((a, b)) => {
+                    let uncond = denoised.index_axis(Axis(0), k + 1);
+                    k += 2;
+                    ndarray::Zip::from(&cond)
+                        .and(&uncond)
+                        .map_collect(|&c, &u| a * c - b * u)
+                }
+                None => {
+                    k += 1;
+                    cond.to_owned()
+                }
+            };
+            if row.update.keep_self_cond {
+                pool.self_cond[slot].assign(&x0);
+            } else {
+                pool.self_cond[slot].fill(0.0);
+            }
+            if let Some((a, b, eps)) = &row.update.renoise {
+                pool.x[slot] = ndarray::Zip::from(&x0)
+                    .and(eps)
+                    .map_collect(|&x0, &e| a * x0 + b * e);
+            }
+            if row.update.needs_x0 {
+                pool.x0_sent_back += 1;
+                out.x0.push(Some(x0));
+            } else {
+                out.x0.push(None);
+            }
+        }
+        self.state = Some(pool);
+        Ok(out)
+    }
 }
 
 impl FakeDenoiser {
@@ -28,6 +140,14 @@ impl FakeDenoiser {
             denoise_calls: 0,
             decode_calls: 0,
             waits: false,
+            state: None,
+        }
+    }
+
+    fn on_device(capacity: usize) -> Self {
+        FakeDenoiser {
+            state: Some(FakeStatePool::new(capacity)),
+            ..FakeDenoiser::new()
         }
     }
 }
@@ -67,6 +187,14 @@ impl Denoiser for FakeDenoiser {
 
     fn waits_on_device(&self) -> bool {
         self.waits
+    }
+
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop<Error = Self::Error>> {
+        if self.state.is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn denoise(
@@ -520,4 +648,95 @@ fn a_prefetched_draw_that_ran_out_fails_where_the_draw_would_have() {
         let err = step(&mut den, &mut second, 4).expect_err("no draw left");
         assert!(matches!(err, StepError::Noise(_)), "waits = {waits}");
     }
+}
+
+/// A finished row's trace and output.
+type Finished = (Vec<TraceStep>, Option<RowOutput>);
+
+/// Rows of every kind, staggered, through `den`: their traces, outputs and snapshots.
+fn mixed_run(
+    den: &mut FakeDenoiser,
+    max_rows: usize,
+    trace: bool,
+) -> (Vec<Finished>, Vec<Snapshot>) {
+    let ps = [
+        params(5, 1.0, false),
+        params(6, 0.0, true),
+        params(4, 1.0, true),
+        params(9, 0.0, false),
+    ];
+    let mut no_self_cond = params(7, 1.0, true);
+    no_self_cond.self_conditioning = false;
+    let kvs = [image_kv(0.2), image_kv(-0.1)];
+    let sched = Arc::new(Schedule::linear(1e-4, 0.02, T));
+    let mut rows: Vec<Row> = (0..13)
+        .map(|i| {
+            let p = if i == 12 { &no_self_cond } else { &ps[i % 4] };
+            let noise = Box::new(SeededNoise::new(50 + i as u64, 0));
+            Row::new(p.clone(), sched.clone(), (L, D), noise, trace).unwrap()
+        })
+        .collect();
+    let mut snapshots = Vec::new();
+    let mut tick = 0;
+    while rows.iter().any(|r| r.need() != Need::Done) {
+        // Rows 8.. join three ticks late; row 3 is streamed.
+        let mut observe = Vec::new();
+        let mut active: Vec<ActiveRow<'_>> = Vec::new();
+        for (i, row) in rows.iter_mut().enumerate() {
+            if row.need() != Need::Done && (i < 8 || tick >= 3) {
+                observe.push(i == 3);
+                active.push(ActiveRow {
+                    row,
+                    kv: KvRef::Image(&kvs[i % 2]),
+                });
+            }
+        }
+        let (_, snaps) = step_observed(den, &mut active, max_rows, &observe).unwrap();
+        snapshots.extend(snaps.into_iter().map(|s| Snapshot { row: 0, ..s }));
+        tick += 1;
+    }
+    let rows = rows
+        .into_iter()
+        .map(|mut r| (r.take_trace(), r.into_output()))
+        .collect();
+    (rows, snapshots)
+}
+
+#[test]
+fn the_loop_on_the_device_gives_the_host_loops_results() {
+    for (max_rows, waits) in [(64, false), (5, true), (2, false)] {
+        let (want, want_snapshots) = mixed_run(&mut FakeDenoiser::new(), max_rows, true);
+        assert!(
+            want.iter()
+                .any(|(trace, _)| trace.iter().any(|s| s.refined))
+        );
+        let mut den = FakeDenoiser::on_device(20);
+        den.waits = waits;
+        let (got, snapshots) = mixed_run(&mut den, max_rows, true);
+        assert_eq!(got, want, "max_rows {max_rows}");
+        assert_eq!(snapshots, want_snapshots, "max_rows {max_rows}");
+        let pool = den.state.as_ref().unwrap();
+        assert_eq!(
+            pool.slots.held(),
+            0,
+            "every finished row gave its slot back"
+        );
+    }
+}
+
+#[test]
+fn the_device_sends_back_only_the_x0_the_host_needs() {
+    let mut den = FakeDenoiser::on_device(20);
+    let (rows, snapshots) = mixed_run(&mut den, 64, false);
+    let pool = den.state.as_ref().unwrap();
+    // Each row's final x0, each Back&Refine restart's, and the streamed row's every step.
+    let restarts = 2 * 3 + 2 * 3 + 2; // rows 1, 5, 9 (6 steps) and 2, 6, 10 (4 steps): 2 rounds each; row 12: 2
+    let streamed_row_iterations = snapshots.len();
+    assert_eq!(streamed_row_iterations, 9);
+    assert_eq!(
+        pool.x0_sent_back,
+        rows.len() + restarts + streamed_row_iterations - 1
+    );
+    // States went over once per row and once per restart, not per step.
+    assert_eq!(pool.states_received, rows.len() + restarts);
 }
