@@ -54,6 +54,7 @@ fn session_options() -> SessionOptions {
             .unwrap_or(1),
         kv_pool: true,
         cuda_graph: false,
+        device_loop: false,
         max_batch_rows: 64,
     }
 }

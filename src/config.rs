@@ -74,6 +74,15 @@ pub struct ModelArgs {
     #[arg(long, env = "LADIC_CUDA_GRAPH", default_value_t = false, action = clap::ArgAction::Set)]
     pub cuda_graph: bool,
 
+    /// Keep each row's x_t and self_cond on the denoiser's device between steps: the
+    /// guided pair, self-conditioning and re-noising run there too, in two small graphs
+    /// around the denoiser, so a step sends only the rows' slots, timesteps,
+    /// coefficients and noise, and reads back x0 only for rows that finish, refine
+    /// (Back&Refine) or stream. Runs on the fixed-shape calls (needs --cuda-graph
+    /// true); same captions for the same seed.
+    #[arg(long, env = "LADIC_DEVICE_LOOP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub device_loop: bool,
+
     /// ONNX Runtime shared library; ORT_DYLIB_PATH takes precedence, and
     /// .ort/lib/libonnxruntime.so (from scripts/fetch-onnxruntime.sh) is the fallback.
     #[arg(long, env = "LADIC_ORT_LIBRARY")]
@@ -89,6 +98,7 @@ impl ModelArgs {
             kv_pool: self.kv_pool,
             cuda_graph: self.cuda_graph,
             max_batch_rows: 0,
+            device_loop: self.device_loop,
         }
     }
 }

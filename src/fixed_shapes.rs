@@ -79,8 +79,8 @@ pub enum Transfer {
 
 /// One tensor of a bucket: where the model reads or writes it, and, on a GPU, its
 /// host copy.
-struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Plain> {
-    device: Tensor<T>,
+pub(crate) struct Buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Plain> {
+    pub(crate) device: Tensor<T>,
     /// None when the device buffer is host memory.
     host: Option<HostBuffer<T>>,
     /// The device buffer holds what the host copy holds.
@@ -91,7 +91,11 @@ impl<T> Buffer<T>
 where
     T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Plain + Default,
 {
-    fn new(device: &Allocator, transfer: Transfer, shape: &[usize]) -> Result<Self, String> {
+    pub(crate) fn new(
+        device: &Allocator,
+        transfer: Transfer,
+        shape: &[usize],
+    ) -> Result<Self, String> {
         let device = Tensor::<T>::new(device, shape.to_vec()).map_err(|e| e.to_string())?;
         let host = match transfer {
             Transfer::InPlace => None,
@@ -110,7 +114,7 @@ where
     /// buffer itself or into the host copy that is then copied to the device, unless
     /// the device holds exactly that already (as it does for `self_cond`, all zeros at
     /// every step without self-conditioning). Returns whether the device buffer changed.
-    fn upload(&mut self, values: &[T], fill: T) -> Result<bool, String> {
+    pub(crate) fn upload(&mut self, values: &[T], fill: T) -> Result<bool, String> {
         let Buffer {
             device,
             host,
@@ -142,7 +146,7 @@ where
     }
 
     /// The first `len` values of the device buffer (copied into the host copy on a GPU).
-    fn download(&mut self, len: usize) -> Result<&[T], String> {
+    pub(crate) fn download(&mut self, len: usize) -> Result<&[T], String> {
         match &mut self.host {
             Some(h) => {
                 let cuda = h.cuda();
@@ -368,6 +372,64 @@ impl FixedShapeCalls {
             b.options.set("gpu_graph_id", graph_id).map_err(fail)?;
         }
         Ok(b)
+    }
+
+    /// How the host reaches the buckets' buffers.
+    pub(crate) fn transfer(&self) -> Transfer {
+        self.transfer
+    }
+
+    /// The row counts of the buckets, smallest first.
+    pub(crate) fn bucket_sizes(&self) -> Vec<usize> {
+        self.buckets.keys().copied().collect()
+    }
+
+    /// The device buffers of the bucket of `rows` rows: `x_t` and `self_cond` (for
+    /// another graph to write, [`crate::device_loop`]) and `x0`.
+    pub(crate) fn bucket_tensors(
+        &mut self,
+        rows: usize,
+    ) -> Option<(&mut Tensor<f32>, &mut Tensor<f32>, &Tensor<f32>)> {
+        self.buckets
+            .get_mut(&rows)
+            .map(|b| (&mut b.x_t.device, &mut b.self_cond.device, &b.x0.device))
+    }
+
+    /// One denoiser pass over `n` rows whose `x_t` and `self_cond` another graph has
+    /// just written into the bucket's device buffers; `x0` stays there. Sends only `t`
+    /// and `kv_index`.
+    pub(crate) fn run_written(
+        &mut self,
+        session: &mut Session,
+        n: usize,
+        t: &[i64],
+        kv_index: &[i64],
+    ) -> Result<(), String> {
+        if t.len() != n || kv_index.len() != n {
+            return Err(format!(
+                "{n} rows, but t has {} and kv_index {}",
+                t.len(),
+                kv_index.len()
+            ));
+        }
+        let rows = bucket_rows(n);
+        let largest = self.max_rows();
+        let Some(bucket) = self.buckets.get_mut(&rows) else {
+            return Err(format!(
+                "{n} rows in one denoiser call; the fixed shapes go up to {largest}"
+            ));
+        };
+        // The device buffers no longer hold what the host copies hold.
+        bucket.x_t.in_sync = false;
+        bucket.self_cond.in_sync = false;
+        let copied = [bucket.t.upload(t, 0)?, bucket.kv_index.upload(kv_index, 0)?];
+        session
+            .run_binding_with_options(&bucket.binding, &bucket.options)
+            .map_err(|e| e.to_string())?;
+        self.stats.calls += 1;
+        self.stats.padding_rows += (rows - n) as u64;
+        self.stats.input_copies += copied.iter().filter(|&&c| c).count() as u64;
+        Ok(())
     }
 
     /// The largest call these buckets take.

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod config;
 pub mod device_copy;
+pub mod device_loop;
 pub mod fixed_shapes;
 pub mod http;
 pub mod kv_pool;

@@ -19,9 +19,10 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, DType, GraphSpec, names};
 use crate::device_copy::CudaRuntime;
+use crate::device_loop::{DeviceLoopState, DeviceLoopStats};
 use crate::fixed_shapes::{FixedShapeCalls, FixedShapeStats, Transfer};
 use crate::kv_pool::KvPool;
-use crate::sampler::{Denoiser, ImageKv, KvRef};
+use crate::sampler::{Denoiser, DeviceLoop, DeviceRow, DeviceStep, ImageKv, KvRef};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 
 /// Slots the K/V pool starts with (it doubles when full).
@@ -195,6 +196,9 @@ pub struct SessionOptions {
     /// The most rows of one denoiser call (`--max-batch-rows`); with `cuda_graph` every
     /// fixed shape up to it is set up, and captured, when the sessions load.
     pub max_batch_rows: usize,
+    /// Keep the rows' `x_t` and `self_cond` on the denoiser's device between steps
+    /// ([`crate::device_loop`]); needs `cuda_graph`.
+    pub device_loop: bool,
 }
 
 impl SessionOptions {
@@ -223,6 +227,7 @@ impl SessionOptions {
             kv_pool: self.kv_pool,
             cuda_graph: self.cuda_graph,
             max_batch_rows: self.max_batch_rows,
+            device_loop: self.device_loop,
         }
     }
 }
@@ -411,6 +416,9 @@ pub struct Models {
     /// With `--cuda-graph`: the denoiser's fixed-shape calls, which then run every
     /// denoiser call of [`Denoiser::denoise`].
     fixed_calls: Option<FixedShapeCalls>,
+    /// With `--device-loop`: the rows' state on the denoiser's device, which then runs
+    /// every denoiser call through [`DeviceLoop::step`].
+    device_loop: Option<DeviceLoopState>,
     image_size: usize,
     pub device: ActiveDevice,
     /// Sessions per graph (row slices that run at once); 1 on CUDA.
@@ -489,6 +497,13 @@ impl Models {
                 .unwrap_or_else(|e| e.into_inner())
         });
         let start = Instant::now();
+        if opts.device_loop && !opts.cuda_graph {
+            return Err(RuntimeError::Session {
+                graph: "denoiser",
+                path: bundle.denoiser_path.clone(),
+                reason: "--device-loop runs on the fixed-shape calls of --cuda-graph true".into(),
+            });
+        }
         if opts.cuda_graph && !(opts.kv_pool && bundle.manifest.denoiser_gathers_kv()) {
             return Err(RuntimeError::Session {
                 graph: "denoiser",
@@ -593,6 +608,7 @@ impl Models {
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
             kv_pool: None,
             fixed_calls: None,
+            device_loop: None,
             image_size: size,
             device,
             row_parallelism,
@@ -621,7 +637,7 @@ impl Models {
                     ActiveDevice::Cuda => Transfer::Cuda(CudaRuntime::get().map_err(pool_err)?),
                 };
                 let allocator = models.device_allocator().map_err(pool_err)?;
-                let calls = FixedShapeCalls::new(
+                let mut calls = FixedShapeCalls::new(
                     &mut models.denoiser.sessions[0],
                     &allocator,
                     pool.tensor(),
@@ -631,6 +647,13 @@ impl Models {
                     transfer,
                 )
                 .map_err(pool_err)?;
+                if opts.device_loop {
+                    let state = Self::load_device_loop(
+                        rt, opts, &mut calls, &allocator, latent, device, capture,
+                    )
+                    .map_err(pool_err)?;
+                    models.device_loop = Some(state);
+                }
                 models.fixed_calls = Some(calls);
                 if !capture {
                     tracing::warn!(
@@ -667,6 +690,40 @@ impl Models {
 
     pub fn image_size(&self) -> usize {
         self.image_size
+    }
+
+    /// The gather and update graphs of the device loop, on the denoiser's device, and
+    /// the state pools: one slot per row a worker may hold (a call's rows, or one
+    /// request of up to 8 guided candidates when alone) and the scratch slot.
+    #[allow(clippy::too_many_arguments)]
+    fn load_device_loop(
+        rt: &OrtRuntime,
+        opts: &SessionOptions,
+        calls: &mut FixedShapeCalls,
+        allocator: &Allocator,
+        latent: (usize, usize),
+        device: ActiveDevice,
+        capture: bool,
+    ) -> Result<DeviceLoopState, String> {
+        let session = |bytes: &[u8]| {
+            let b = base_builder(rt, opts)?;
+            let mut b = match device {
+                ActiveDevice::Cuda => with_cuda(b, capture)?,
+                ActiveDevice::Cpu => b,
+            };
+            b.commit_from_memory(bytes).map_err(|e| e.to_string())
+        };
+        let gather = session(crate::device_loop::GATHER_GRAPH)?;
+        let update = session(crate::device_loop::UPDATE_GRAPH)?;
+        let slots = opts.max_batch_rows.max(16) + 1;
+        DeviceLoopState::new(gather, update, calls, allocator, latent, slots, capture)
+    }
+
+    /// The device loop's counters and the state slots held now, with `--device-loop`.
+    pub fn device_loop_stats(&self) -> Option<(DeviceLoopStats, usize)> {
+        self.device_loop
+            .as_ref()
+            .map(|state| (state.stats, state.slots_held()))
     }
 
     /// An allocator of the memory the denoiser reads its inputs from: the GPU's with
@@ -978,11 +1035,51 @@ impl Models {
     }
 }
 
+impl DeviceLoop for Models {
+    type Error = RuntimeError;
+
+    fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, RuntimeError> {
+        let fail = |reason: String| RuntimeError::Inference {
+            graph: "denoiser",
+            reason,
+        };
+        let (Some(state), Some(calls), Some(pool)) = (
+            self.device_loop.as_mut(),
+            self.fixed_calls.as_mut(),
+            self.kv_pool.as_mut(),
+        ) else {
+            return Err(fail(
+                "the device loop was not set up (--device-loop)".into(),
+            ));
+        };
+        // Each row's conditional pass, then its unconditional one if guided.
+        let mut kv = Vec::with_capacity(2 * rows.len());
+        for row in &rows {
+            kv.push(row.kv);
+            if row.update.guidance.is_some() {
+                kv.push(KvRef::Null);
+            }
+        }
+        let kv_index = pool.assign(&kv).map_err(fail)?;
+        state
+            .step(calls, &mut self.denoiser.sessions[0], rows, &kv_index)
+            .map_err(fail)
+    }
+}
+
 impl Denoiser for Models {
     type Error = RuntimeError;
 
     fn waits_on_device(&self) -> bool {
         self.device == ActiveDevice::Cuda
+    }
+
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop<Error = RuntimeError>> {
+        if self.device_loop.is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn denoise(
@@ -1084,6 +1181,7 @@ mod tests {
             row_parallelism,
             kv_pool: true,
             cuda_graph: false,
+            device_loop: false,
             max_batch_rows: 64,
         };
         let plan = |o: SessionOptions, workers, cores| {

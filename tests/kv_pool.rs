@@ -20,6 +20,7 @@ fn load(bundle: &Bundle, kv_pool: bool, row_parallelism: usize) -> Models {
         row_parallelism,
         kv_pool,
         cuda_graph: false,
+        device_loop: false,
         max_batch_rows: 64,
     };
     Models::load(&rt, bundle, &opts).expect("sessions load")
@@ -279,6 +280,7 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
         row_parallelism: 1,
         kv_pool,
         cuda_graph,
+        device_loop: false,
         max_batch_rows: 64,
     };
     let err = Models::load(&rt, &bundle, &opts(false, true)).expect_err("needs the pool");

@@ -91,14 +91,16 @@ fn rust_sampler_matches_the_python_reference() {
     assert!(!legacy.manifest.denoiser_gathers_kv());
     let fused_dir = tempfile::tempdir().expect("temp dir");
     let fused = fused_bundle(&dir, fused_dir.path());
-    // Last, the denoiser calls of `--cuda-graph` (padded to fixed shapes, in bound
-    // buffers; nothing is captured on the CPU).
-    for (bundle, row_parallelism, cuda_graph) in [
-        (&bundle, 1, false),
-        (&bundle, 3, false),
-        (&legacy, 2, false),
-        (&fused, 2, false),
-        (&bundle, 1, true),
+    // Then the denoiser calls of `--cuda-graph` (padded to fixed shapes, in bound
+    // buffers; nothing is captured on the CPU), and last those with the rows' state
+    // kept in the device's memory (`--device-loop`).
+    for (bundle, row_parallelism, cuda_graph, device_loop) in [
+        (&bundle, 1, false, false),
+        (&bundle, 3, false, false),
+        (&legacy, 2, false, false),
+        (&fused, 2, false, false),
+        (&bundle, 1, true, false),
+        (&bundle, 1, true, true),
     ] {
         let opts = SessionOptions {
             device: DeviceChoice::Cpu,
@@ -106,6 +108,7 @@ fn rust_sampler_matches_the_python_reference() {
             row_parallelism,
             kv_pool: true,
             cuda_graph,
+            device_loop,
             max_batch_rows: 64,
         };
         let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
@@ -117,6 +120,11 @@ fn rust_sampler_matches_the_python_reference() {
             let stats = models.fixed_shape_stats().expect("fixed-shape calls");
             // Padding rows are checked against the plain path in tests/kv_pool.rs.
             assert!(stats.calls > 0, "{stats:?}");
+        }
+        if device_loop {
+            let (stats, held) = models.device_loop_stats().expect("device loop");
+            assert!(stats.steps > 0, "{stats:?}");
+            assert_eq!(held, 0, "every finished row gave its state slot back");
         }
     }
 }

@@ -32,6 +32,7 @@ fn scheduler(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Schedule
             row_parallelism: 2,
             kv_pool: true,
             cuda_graph: false,
+            device_loop: false,
             max_batch_rows: 64,
         },
     };

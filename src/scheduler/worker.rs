@@ -23,7 +23,10 @@ use super::{
 use crate::bundle::Bundle;
 use crate::metrics::Metrics;
 use crate::runtime::{Models, OrtRuntime, RuntimeError};
-use crate::sampler::{self, ActiveRow, Denoiser, ImageKv, KvRef, Need, Row, SeededNoise, Snapshot};
+use crate::sampler::{
+    self, ActiveRow, Denoiser, DeviceLoop, DeviceRow, DeviceStep, ImageKv, KvRef, Need, Row,
+    SeededNoise, Snapshot,
+};
 use crate::sampler::{Schedule, mbr};
 use crate::text::TextDecoder;
 
@@ -96,6 +99,42 @@ struct Instrumented<'a, B> {
     metrics: &'a Metrics,
 }
 
+impl<B: Backend> Instrumented<'_, B> {
+    fn record_denoiser_call(&self, start: Instant, rows: usize, ok: bool) {
+        self.metrics
+            .denoiser_step_duration_seconds
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.batch_rows.observe(rows as f64);
+        if ok {
+            let padding = self.models.padded_rows(rows).saturating_sub(rows);
+            self.metrics
+                .denoiser_padding_rows_total
+                .inc_by(padding as u64);
+        }
+    }
+}
+
+impl<B: Backend> DeviceLoop for Instrumented<'_, B> {
+    type Error = RuntimeError;
+
+    fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, RuntimeError> {
+        let denoiser_rows = rows
+            .iter()
+            .map(|r| if r.update.guidance.is_some() { 2 } else { 1 })
+            .sum();
+        let start = Instant::now();
+        let Some(device) = self.models.device_loop() else {
+            return Err(RuntimeError::Inference {
+                graph: "denoiser",
+                reason: "the backend has no device loop".into(),
+            });
+        };
+        let out = device.step(rows);
+        self.record_denoiser_call(start, denoiser_rows, out.is_ok());
+        out
+    }
+}
+
 impl<B: Backend> Denoiser for Instrumented<'_, B> {
     type Error = RuntimeError;
 
@@ -112,17 +151,16 @@ impl<B: Backend> Denoiser for Instrumented<'_, B> {
     ) -> Result<Array3<f32>, RuntimeError> {
         let start = Instant::now();
         let out = Denoiser::denoise(self.models, x, self_cond, t, kv);
-        self.metrics
-            .denoiser_step_duration_seconds
-            .observe(start.elapsed().as_secs_f64());
-        self.metrics.batch_rows.observe(t.len() as f64);
-        if out.is_ok() {
-            let padding = self.models.padded_rows(t.len()).saturating_sub(t.len());
-            self.metrics
-                .denoiser_padding_rows_total
-                .inc_by(padding as u64);
-        }
+        self.record_denoiser_call(start, t.len(), out.is_ok());
         out
+    }
+
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop<Error = RuntimeError>> {
+        if self.models.device_loop().is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn decode(
@@ -628,6 +666,7 @@ mod tests {
                     row_parallelism: 1,
                     kv_pool: true,
                     cuda_graph: false,
+                    device_loop: false,
                     max_batch_rows: 32,
                 },
             },
