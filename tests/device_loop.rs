@@ -1,0 +1,218 @@
+//! `--device-loop` (src/device_loop.rs) through the real ONNX Runtime on the parity
+//! bundle: rows of every kind, joining at different steps, must end exactly as on the
+//! host loop of the same fixed-shape calls, while their state crosses to the device only
+//! when a row starts or restarts, and their x0 comes back only when the host needs it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ladic_serve::bundle::Bundle;
+use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
+use ladic_serve::sampler::{
+    self, ActiveRow, BackRefine, ImageKv, Need, Row, RowOutput, SamplerParams, Schedule,
+    SeededNoise, Snapshot, TraceStep,
+};
+use ndarray::Array4;
+
+fn parity_bundle() -> Bundle {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    Bundle::load(&dir).expect("parity bundle loads")
+}
+
+fn options(device_loop: bool, max_batch_rows: usize) -> SessionOptions {
+    SessionOptions {
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        row_parallelism: 1,
+        kv_pool: true,
+        cuda_graph: true,
+        device_loop,
+        max_batch_rows,
+    }
+}
+
+fn load(device_loop: bool, max_batch_rows: usize) -> Models {
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    Models::load(&rt, &parity_bundle(), &options(device_loop, max_batch_rows))
+        .expect("sessions load")
+}
+
+fn params(
+    steps: usize,
+    guidance: f64,
+    back_refine: bool,
+    self_conditioning: bool,
+) -> SamplerParams {
+    SamplerParams {
+        steps,
+        guidance,
+        time_shift: 5,
+        renoise_scale: 1.0,
+        self_conditioning,
+        back_refine: BackRefine {
+            enabled: back_refine,
+            keep_fraction: 0.5,
+            trigger_t: 599,
+            rounds: 1,
+        },
+        candidates: 1,
+    }
+}
+
+/// Each row's parameters: guided or not, with Back&Refine or not, with and without
+/// self-conditioning, at several step counts.
+fn mix() -> Vec<SamplerParams> {
+    vec![
+        params(5, 1.0, false, true),
+        params(6, 0.0, true, true),
+        params(4, 1.0, true, true),
+        params(7, 0.0, false, false),
+        params(3, 1.0, true, false),
+    ]
+}
+
+/// One finished row: its trace, output, and the streamed row's snapshots.
+type Run = (Vec<(Vec<TraceStep>, Option<RowOutput>)>, Vec<Snapshot>);
+
+/// Ten rows over three images; rows 5.. join two steps late; row 2 is streamed.
+fn run(models: &mut Models, max_rows: usize, trace: bool) -> Run {
+    let bundle = parity_bundle();
+    let m = &bundle.manifest;
+    let size = m.image.size as usize;
+    let latent = (m.text.max_len, m.text.latent_dim);
+    let pixels = Array4::from_shape_fn((3, 3, size, size), |(i, c, y, x)| {
+        (((i * 7 + c * 13 + y * 3 + x) % 23) as f32) / 11.0 - 1.0
+    });
+    let kv: Vec<ImageKv> = models.encode_images(pixels.view()).expect("encoder runs");
+    let schedule = Arc::new(Schedule::from_spec(&m.schedule));
+    let mix = mix();
+    let mut rows: Vec<Row> = (0..10)
+        .map(|i| {
+            let noise = Box::new(SeededNoise::new(7, i as u64));
+            Row::new(
+                mix[i % mix.len()].clone(),
+                schedule.clone(),
+                latent,
+                noise,
+                trace,
+            )
+            .expect("first draw")
+        })
+        .collect();
+    let mut snapshots = Vec::new();
+    let mut tick = 0;
+    while rows.iter().any(|r| r.need() != Need::Done) {
+        let mut active = Vec::new();
+        let mut observe = Vec::new();
+        for (i, row) in rows.iter_mut().enumerate() {
+            if row.need() != Need::Done && (i < 5 || tick >= 2) {
+                observe.push(i == 2);
+                active.push(ActiveRow {
+                    row,
+                    kv: kv[i % 3].as_kv_ref(),
+                });
+            }
+        }
+        let (_, snaps) =
+            sampler::step_observed(models, &mut active, max_rows, &observe).expect("step runs");
+        snapshots.extend(snaps.into_iter().map(|s| Snapshot { row: 2, ..s }));
+        tick += 1;
+    }
+    let rows = rows
+        .into_iter()
+        .map(|mut r| (r.take_trace(), r.into_output()))
+        .collect();
+    (rows, snapshots)
+}
+
+#[test]
+fn the_device_loop_ends_every_row_as_the_host_loop_does() {
+    for (max_rows, trace) in [(16, true), (16, false), (4, false)] {
+        let (want, want_snapshots) = run(&mut load(false, 16), max_rows, trace);
+        assert!(want.iter().all(|(_, out)| out.is_some()));
+        let mut models = load(true, 16);
+        let (got, snapshots) = run(&mut models, max_rows, trace);
+        // Bit for bit: the same denoiser calls, and the update's arithmetic is the host's.
+        assert_eq!(got, want, "max_rows {max_rows}, trace {trace}");
+        assert_eq!(snapshots, want_snapshots);
+        assert!(!snapshots.is_empty());
+        let (stats, held) = models.device_loop_stats().expect("device loop");
+        assert_eq!(held, 0, "finished rows give their slots back");
+        if !trace {
+            // Back&Refine fires once for rows 1 and 2 and their repeats 6 and 7 (row 4's
+            // 3 steps jump from t = 666 to 333, which is not above the stride).
+            let restarts = 4;
+            // x0 came back for each row's final decode and restart, and for every step of
+            // the streamed row 2 (its restart and final decode among them).
+            let streamed = snapshots.len() as u64;
+            assert_eq!(stats.x0_read, 9 + (restarts - 1) + streamed, "{stats:?}");
+            // States went over when each row started (x_t and self_cond) and at each
+            // restart (x_t), not at every step.
+            assert_eq!(stats.states_sent, 2 * 10 + restarts, "{stats:?}");
+        }
+    }
+}
+
+#[test]
+fn rows_dropped_midway_give_their_slots_back_and_a_full_pool_is_a_clear_error() {
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let err = Models::load(
+        &rt,
+        &parity_bundle(),
+        &SessionOptions {
+            cuda_graph: false,
+            ..options(true, 16)
+        },
+    )
+    .expect_err("needs the fixed-shape calls");
+    assert!(err.to_string().contains("--cuda-graph true"), "{err}");
+
+    // max_batch_rows 16: 16 slots for rows (and the scratch slot).
+    let mut models = load(true, 16);
+    let bundle = parity_bundle();
+    let m = &bundle.manifest;
+    let size = m.image.size as usize;
+    let latent = (m.text.max_len, m.text.latent_dim);
+    let pixels = Array4::<f32>::zeros((1, 3, size, size));
+    let kv = models.encode_images(pixels.view()).expect("encoder runs");
+    let schedule = Arc::new(Schedule::from_spec(&m.schedule));
+    let new_rows = |n: usize| -> Vec<Row> {
+        (0..n)
+            .map(|i| {
+                let noise = Box::new(SeededNoise::new(1, i as u64));
+                Row::new(
+                    params(5, 0.0, false, true),
+                    schedule.clone(),
+                    latent,
+                    noise,
+                    false,
+                )
+                .expect("first draw")
+            })
+            .collect()
+    };
+    let step = |models: &mut Models, rows: &mut [Row]| {
+        let mut active: Vec<ActiveRow<'_>> = rows
+            .iter_mut()
+            .map(|row| ActiveRow {
+                row,
+                kv: kv[0].as_kv_ref(),
+            })
+            .collect();
+        sampler::step(models, &mut active, 16).map(drop)
+    };
+    let mut rows = new_rows(12);
+    step(&mut models, &mut rows).expect("a step");
+    assert_eq!(models.device_loop_stats().expect("loop").1, 12);
+    // A request that leaves (its client went away) drops its rows mid-way.
+    rows.truncate(4);
+    assert_eq!(models.device_loop_stats().expect("loop").1, 4);
+    let mut more = new_rows(12);
+    step(&mut models, &mut more).expect("the freed slots serve new rows");
+    assert_eq!(models.device_loop_stats().expect("loop").1, 16);
+    let mut one_too_many = new_rows(1);
+    let err = step(&mut models, &mut one_too_many).expect_err("no slot left");
+    assert!(err.to_string().contains("state pool is full"), "{err}");
+    drop(more);
+    step(&mut models, &mut rows).expect("serves on");
+}
