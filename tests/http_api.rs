@@ -528,3 +528,40 @@ async fn cuda_graph_flag_serves_the_same_captions() {
     padded.stop().await;
     plain.stop().await;
 }
+
+/// `--device-loop` on the CPU (the rows' state in pools in the model's memory, updated
+/// by the two graphs around the denoiser): the server answers as without it, for guided
+/// and unguided requests, with Back&Refine and several candidates, sent together.
+#[tokio::test]
+async fn device_loop_flag_serves_the_same_captions() {
+    let mut args = common::test_args();
+    args.model.cuda_graph = true;
+    args.model.device_loop = true;
+    let on_device = TestServer::start(args).await;
+    let plain = TestServer::default().await;
+    for (server, want) in [(&on_device, true), (&plain, false)] {
+        let info: serde_json::Value = server.get("/info").await.json().await.unwrap();
+        assert_eq!(info["scheduler"]["state_on_device"], want, "{info}");
+    }
+    let paths = [
+        "/caption?steps=6&seed=3&back_refine=true&candidates=2",
+        "/caption?steps=4&seed=11&guidance=0&candidates=3",
+        "/caption?steps=9&seed=5",
+    ];
+    for variant in [0u8, 3, 5] {
+        let png = scene_png(variant);
+        let requests = paths.map(|path| {
+            let png = png.clone();
+            let on_device = &on_device;
+            async move { on_device.post_png_json(path, png).await }
+        });
+        let answers = futures_util::future::join_all(requests).await;
+        for (path, (status, got)) in paths.iter().zip(answers) {
+            assert_eq!(status, 200, "{got}");
+            let (_, want) = plain.post_png_json(path, png.clone()).await;
+            assert_eq!(got["caption"], want["caption"], "scene {variant}, {path}");
+        }
+    }
+    on_device.stop().await;
+    plain.stop().await;
+}

@@ -556,6 +556,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             // Known once the workers have loaded (null before).
             "row_parallelism": state.scheduler.get().map(|x| x.info.row_parallelism),
             "intra_op_threads": state.scheduler.get().map(|x| x.info.intra_op_threads),
+            "state_on_device": state.scheduler.get().map(|x| x.info.state_on_device),
         },
     }))
 }

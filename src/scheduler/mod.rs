@@ -159,6 +159,8 @@ pub struct LoadedInfo {
     pub row_parallelism: usize,
     /// ONNX Runtime intra-op threads per session (0 = its default).
     pub intra_op_threads: usize,
+    /// The rows' state stays on the denoiser's device between steps (`--device-loop`).
+    pub state_on_device: bool,
 }
 
 pub struct Scheduler {
@@ -242,6 +244,7 @@ impl Scheduler {
                 load_seconds: 0.0,
                 row_parallelism: 1,
                 intra_op_threads: 0,
+                state_on_device: false,
             }),
         };
         match (first_error, info) {

@@ -196,6 +196,7 @@ pub(super) fn run(
         load_seconds: models.load_seconds,
         row_parallelism: models.row_parallelism,
         intra_op_threads: models.intra_op_threads,
+        state_on_device: models.device_loop_stats().is_some(),
     }));
     drop(loaded);
     Worker::new(ctx, models).run();
