@@ -5,6 +5,7 @@
 #   scripts/bench-gpu.sh --binary PATH [--out DIR] [--device cuda|cpu]
 #                        [--config base|tiny|micro] [--quick] [--check-export]
 #                        [--budget SECONDS] [--no-reference] [--attention fused|unfused]
+#                        [--precision fp32|fp16|mixed]
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
@@ -22,6 +23,8 @@
 #                   other server flags, next to a full run)
 #   --attention A   export attention unfused (standard ONNX ops; default) or fused (one
 #                   ONNX Runtime MultiHeadAttention node each; bundle-CONFIG-fused)
+#   --precision P   the bundle's graphs in fp32 (default), fp16 or mixed (the exporter's
+#                   --precision; bundle-CONFIG[-fused]-P); the reference is unchanged
 #
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
@@ -47,12 +50,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 SECONDS=0
 
-usage() { sed -n '5,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '5,28p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { printf '[%4ds] ERROR: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench DEVICE=cuda CONFIG="" QUICK=0 CHECK_EXPORT=0 BUDGET=480
-REFERENCE=1 ATTENTION=unfused
+REFERENCE=1 ATTENTION=unfused PRECISION=fp32
 while [[ $# -gt 0 ]]; do
   case $1 in
     --binary) BINARY=${2:?}; shift 2 ;;
@@ -64,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --budget) BUDGET=${2:?}; shift 2 ;;
     --no-reference) REFERENCE=0; shift ;;
     --attention) ATTENTION=${2:?}; shift 2 ;;
+    --precision) PRECISION=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -74,6 +78,7 @@ done
 [[ $CONFIG =~ ^(base|tiny|micro)$ ]] || die "--config must be base, tiny or micro"
 [[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget takes whole seconds"
 [[ $ATTENTION =~ ^(fused|unfused)$ ]] || die "--attention must be fused or unfused"
+[[ $PRECISION =~ ^(fp32|fp16|mixed)$ ]] || die "--precision must be fp32, fp16 or mixed"
 
 PY=${PYTHON:-python3}
 # Relative paths are the caller's, not the repository root's (where this runs).
@@ -88,6 +93,7 @@ fi
 mkdir -p "$WORK" "$RES"
 NAME=$CONFIG
 [[ $ATTENTION == fused ]] && NAME=$CONFIG-fused
+[[ $PRECISION == fp32 ]] || NAME=$NAME-$PRECISION
 BUNDLE=$WORK/bundle-$NAME
 # Results of an earlier run in the same folder would mix with this one's.
 (cd "$RES" && rm -f bench.log env.json nvidia-smi.csv export.log server.log server.json \
@@ -173,11 +179,12 @@ if [[ $CHECK_EXPORT == 1 && -z $(pyinfo onnxruntime) ]]; then
 fi
 [[ $CHECK_EXPORT == 1 ]] || EXPORT_FLAGS+=(--no-check)
 EXPORT_FLAGS+=(--attention "$ATTENTION")
+[[ $PRECISION == fp32 ]] || EXPORT_FLAGS+=(--precision "$PRECISION")
 [[ -n $(pyinfo tokenizers) ]] \
   || log "fallback: the tokenizers package is missing -> the exporter writes tokenizer.json as plain JSON"
 
 # ----------------------------------------------------------------- (b) the bundle
-log "== (b) bundle: random-weight $CONFIG ($ATTENTION attention) in $BUNDLE"
+log "== (b) bundle: random-weight $CONFIG ($ATTENTION attention, $PRECISION) in $BUNDLE"
 if [[ -f $BUNDLE/manifest.json ]] && grep -q "\"name\": \"$NAME\"" "$BUNDLE/manifest.json"; then
   log "reusing the bundle exported earlier (delete $BUNDLE to export again)"
 else
