@@ -103,7 +103,6 @@ struct UpdateInputs {
     keep_self_cond: Vec<i64>,
     renoise_x0: Vec<f32>,
     renoise_noise: Vec<f32>,
-    noise: Vec<f32>,
     state_slot: Vec<i64>,
     t: Vec<i64>,
 }
@@ -391,7 +390,6 @@ impl DeviceLoopState {
         inputs.keep_self_cond.clear();
         inputs.renoise_x0.clear();
         inputs.renoise_noise.clear();
-        inputs.noise.clear();
         inputs.state_slot.clear();
         for (row, &slot) in rows.iter().zip(&slot_of) {
             let cond = inputs.state_row.len() as i64;
@@ -414,24 +412,14 @@ impl DeviceLoopState {
                 .keep_self_cond
                 .push(i64::from(row.update.keep_self_cond));
             inputs.state_slot.push(slot as i64);
-            match &row.update.renoise {
-                Some((a, b, eps)) => {
-                    if eps.dim() != (l, d) {
-                        return Err(format!("noise of shape {:?}", eps.dim()));
-                    }
-                    inputs.renoise_x0.push(*a);
-                    inputs.renoise_noise.push(*b);
-                    match eps.as_slice() {
-                        Some(s) => inputs.noise.extend_from_slice(s),
-                        None => inputs.noise.extend(eps.iter().copied()),
-                    }
-                }
-                None => {
-                    inputs.renoise_x0.push(0.0);
-                    inputs.renoise_noise.push(0.0);
-                    inputs.noise.resize(inputs.noise.len() + l * d, 0.0);
-                }
-            }
+            let (a, b) = match &row.update.renoise {
+                Some((a, b, eps)) if eps.dim() == (l, d) => (*a, *b),
+                Some((_, _, eps)) => return Err(format!("noise of shape {:?}", eps.dim())),
+                // Coefficients 0: the row's noise is not read (it is stale but finite).
+                None => (0.0, 0.0),
+            };
+            inputs.renoise_x0.push(a);
+            inputs.renoise_noise.push(b);
         }
         let denoiser_rows = inputs.state_row.len();
         if kv_index.len() != denoiser_rows {
@@ -459,7 +447,19 @@ impl DeviceLoopState {
         bucket.keep_self_cond.upload(&inputs.keep_self_cond, 0)?;
         bucket.renoise_x0.upload(&inputs.renoise_x0, 0.0)?;
         bucket.renoise_noise.upload(&inputs.renoise_noise, 0.0)?;
-        bucket.noise.upload(&inputs.noise, 0.0)?;
+        // Each re-noised row's noise goes straight into the buffer the device reads;
+        // other rows' (and the padding's) values are multiplied by 0 and stay as they were.
+        let row_len = l * d;
+        bucket.noise.write_prefix(rows.len() * row_len, |noise| {
+            for (row, target) in rows.iter().zip(noise.chunks_mut(row_len)) {
+                if let Some((_, _, eps)) = &row.update.renoise {
+                    match eps.as_slice() {
+                        Some(values) => target.copy_from_slice(values),
+                        None => target.iter_mut().zip(eps).for_each(|(t, &e)| *t = e),
+                    }
+                }
+            }
+        })?;
         bucket.state_slot.upload(&inputs.state_slot, 0)?;
         bucket.update[copy].run(&mut self.update)?;
         self.current = 1 - copy;

@@ -145,6 +145,34 @@ where
         Ok(true)
     }
 
+    /// Lets `write` change the first `len` values (in the host copy on a GPU, in the
+    /// device buffer itself on the CPU), then sends those to the device. The caller
+    /// writes what changed; the rest keeps what it held.
+    pub(crate) fn write_prefix(
+        &mut self,
+        len: usize,
+        write: impl FnOnce(&mut [T]),
+    ) -> Result<(), String> {
+        let target: &mut [T] = match &mut self.host {
+            Some(h) => h.values_mut(),
+            None => self.device.extract_tensor_mut().1,
+        };
+        let Some(prefix) = target.get_mut(..len) else {
+            return Err(format!("{len} values for a buffer of {}", target.len()));
+        };
+        write(prefix);
+        if let Some(h) = &self.host {
+            let was_in_sync = std::mem::take(&mut self.in_sync);
+            // SAFETY: `device` is GPU memory of the host copy's length, at least `len`.
+            unsafe {
+                h.cuda()
+                    .upload(self.device.data_ptr_mut(), &h.values()[..len])
+            }?;
+            self.in_sync = was_in_sync;
+        }
+        Ok(())
+    }
+
     /// The first `len` values of the device buffer (copied into the host copy on a GPU).
     pub(crate) fn download(&mut self, len: usize) -> Result<&[T], String> {
         match &mut self.host {

@@ -209,3 +209,124 @@ fn copies_through_host_buffers_match_the_in_place_path() {
         .expect("pageable");
     assert_eq!(got, want);
 }
+
+/// The device loop's GPU side (src/device_loop.rs) through the stand-in: rows' states
+/// written into pool slots at an offset, the noise sent for the call's rows only, x0
+/// read back. Step for step, the same x0 as the in-place loop, with every copy waited
+/// for and every host side page-locked.
+#[test]
+fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
+    use ladic_serve::device_loop::{DeviceLoopState, GATHER_GRAPH, UPDATE_GRAPH};
+    use ladic_serve::sampler::{DeviceRow, StateSlot, Update};
+    use ndarray::Array2;
+
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = build_stand_in(tmp.path());
+    let cuda = CudaRuntime::load_from(&path).expect("stand-in loads");
+    // SAFETY: the same library, loaded again only to read its counters.
+    let counters = unsafe { libloading::Library::new(&path) }.expect("stand-in loads");
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    let bundle = Bundle::load(&dir).expect("parity bundle loads");
+    let m = &bundle.manifest;
+    let (l, d) = (m.text.max_len, m.text.latent_dim);
+    let item = (
+        2 * m.diffuser.layers,
+        m.diffuser.image_tokens,
+        m.diffuser.hidden,
+    );
+    let session = |graph: Option<&[u8]>| {
+        let mut b = Session::builder(rt.environment()).expect("builder");
+        match graph {
+            Some(bytes) => b.commit_from_memory(bytes),
+            None => b.commit_from_file(dir.join("denoiser.onnx")),
+        }
+        .expect("session")
+    };
+    let image = Arc::new(Array3::from_shape_fn(item, |(a, b, c)| {
+        (((a * 3 + b * 2 + c) % 19) as f32) / 9.0 - 1.0
+    }));
+    let mut pool = KvPool::new(Allocator::default(), &Array3::zeros(item), 4).expect("pool");
+    let image_slot = pool.assign(&[KvRef::Image(&image)]).expect("slot")[0];
+
+    // Two loops, one per transfer: (denoiser, fixed-shape calls, state).
+    let mut loops = [Transfer::InPlace, Transfer::Cuda(cuda)].map(|transfer| {
+        let mut denoiser = session(None);
+        let mut calls = FixedShapeCalls::new(
+            &mut denoiser,
+            &Allocator::default(),
+            pool.tensor(),
+            (l, d),
+            8,
+            false,
+            transfer,
+        )
+        .expect("buckets");
+        let state = DeviceLoopState::new(
+            session(Some(GATHER_GRAPH)),
+            session(Some(UPDATE_GRAPH)),
+            &mut calls,
+            &Allocator::default(),
+            (l, d),
+            6,
+            false,
+        )
+        .expect("device loop");
+        (denoiser, calls, state)
+    });
+    let latent = |seed: usize| {
+        Array2::from_shape_fn((l, d), |(i, j)| {
+            (((seed * 7 + i * 3 + j) % 13) as f32) / 6.0 - 1.0
+        })
+    };
+    // Three rows: guided and self-conditioned; unguided; guided without self_cond.
+    let update = |row: usize, step: usize, renoise: bool| Update {
+        guidance: (row != 1).then_some((2.0, 1.0)),
+        keep_self_cond: row != 2,
+        renoise: renoise.then(|| (0.8, 0.3, latent(100 + 10 * step + row))),
+        needs_x0: true,
+    };
+    let mut slots: [Vec<Option<StateSlot>>; 2] = [vec![None, None, None], vec![None, None, None]];
+    for step in 0..4 {
+        let mut x0s = Vec::new();
+        for (which, (denoiser, calls, state)) in loops.iter_mut().enumerate() {
+            let rows: Vec<DeviceRow<'_>> = (0..3)
+                .map(|r| DeviceRow {
+                    slot: slots[which][r].as_ref().map(StateSlot::index),
+                    // Each row starts with its state; row 1 restarts at step 2.
+                    send_x: (step == 0 || (step == 2 && r == 1)).then(|| latent(r)),
+                    send_self_cond: (step == 0).then(|| latent(50 + r)),
+                    t_in: (900 - 200 * step) as i64,
+                    kv: KvRef::Null,
+                    update: update(r, step, step != 3),
+                })
+                .collect();
+            let kv_index: Vec<i64> = (0..3)
+                .flat_map(|r| {
+                    if r == 1 {
+                        vec![image_slot]
+                    } else {
+                        vec![image_slot, 0]
+                    }
+                })
+                .collect();
+            let out = state
+                .step(calls, denoiser, rows, &kv_index)
+                .expect("a step");
+            for (slot, new) in slots[which].iter_mut().zip(out.new_slots) {
+                if new.is_some() {
+                    *slot = new;
+                }
+            }
+            x0s.push(out.x0);
+        }
+        assert_eq!(x0s[0], x0s[1], "step {step}");
+        assert!(x0s[0].iter().all(Option::is_some));
+    }
+    assert_eq!(loops[1].2.stats, loops[0].2.stats);
+    assert_eq!(
+        misuse(&counters),
+        0,
+        "pinned host side, each upload waited for"
+    );
+}
