@@ -46,6 +46,13 @@ pub struct DeviceLoopStats {
     pub slots: usize,
 }
 
+/// Which of a row's two states.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    X,
+    SelfCond,
+}
+
 /// One run of a graph on bound buffers.
 struct BoundRun {
     binding: IoBinding,
@@ -87,9 +94,9 @@ struct LoopBucket {
     noise: Buffer<f32>,
     state_slot: Buffer<i64>,
     x0: Buffer<f32>,
-    /// By the pool copy read: gather from it, update from it into the other.
-    gather: [BoundRun; 2],
-    update: [BoundRun; 2],
+    /// By the pool copy read (0 and 1): gather from it, update from it into the other.
+    gather: Vec<BoundRun>,
+    update: Vec<BoundRun>,
 }
 
 /// The host-side inputs of one update, reused across steps.
@@ -137,7 +144,9 @@ impl std::fmt::Debug for DeviceLoopState {
 impl DeviceLoopState {
     /// State pools of `slots` slots (the scratch slot included) in `device`'s memory,
     /// and the gather and update runs of every bucket of `calls`, bound to them and to
-    /// the buckets' denoiser buffers. Runs each once (the captures, with `capture`).
+    /// the buckets' denoiser buffers (`capture`: each run is a CUDA graph). Allocate
+    /// before any capture in `device`'s memory (the denoiser's, [`FixedShapeCalls::allocate`]);
+    /// then call [`run_first`](Self::run_first).
     pub fn new(
         gather: Session,
         update: Session,
@@ -176,31 +185,35 @@ impl DeviceLoopState {
         let zeros = Array2::<f32>::zeros(latent);
         for copy in 0..2 {
             for slot in 0..slots {
-                state.write_slot(copy, slot, &zeros, false)?;
-                state.write_slot(copy, slot, &zeros, true)?;
+                state.write_slot(copy, slot, &zeros, State::X)?;
+                state.write_slot(copy, slot, &zeros, State::SelfCond)?;
             }
         }
         for rows in calls.bucket_sizes() {
             let bucket = state.new_bucket(calls, device, rows, capture)?;
             state.buckets.insert(rows, bucket);
         }
-        // First runs (captures) of every bucket from both pool copies.
+        Ok(state)
+    }
+
+    /// Runs the gather and the update of every bucket once from each pool copy (the
+    /// captures, with CUDA graphs): after every buffer in the denoiser's memory is
+    /// allocated, and after the denoiser's own first runs.
+    pub fn run_first(&mut self) -> Result<(), String> {
         let start = std::time::Instant::now();
-        for rows in calls.bucket_sizes() {
+        for bucket in self.buckets.values() {
             for copy in 0..2 {
-                let bucket = &state.buckets[&rows];
-                bucket.gather[copy].run(&mut state.gather)?;
-                bucket.update[copy].run(&mut state.update)?;
+                bucket.gather[copy].run(&mut self.gather)?;
+                bucket.update[copy].run(&mut self.update)?;
             }
         }
         tracing::info!(
-            slots,
-            buckets = state.buckets.len(),
-            capture,
+            slots = self.stats.slots,
+            buckets = self.buckets.len(),
             seconds = start.elapsed().as_secs_f64(),
             "rows' state kept on the denoiser's device (--device-loop)"
         );
-        Ok(state)
+        Ok(())
     }
 
     fn new_bucket(
@@ -214,6 +227,9 @@ impl DeviceLoopState {
         let t = self.transfer;
         let fail = |e: ort::Error| e.to_string();
         let per_row = [rows, 1, 1];
+        let (x_t, self_cond, denoised) = calls
+            .bucket_tensors(rows)
+            .ok_or_else(|| format!("no denoiser bucket of {rows} rows"))?;
         let mut b = LoopBucket {
             state_row: Buffer::new(device, t, &[rows])?,
             cond_row: Buffer::new(device, t, &[rows])?,
@@ -226,14 +242,8 @@ impl DeviceLoopState {
             noise: Buffer::new(device, t, &[rows, l, d])?,
             state_slot: Buffer::new(device, t, &[rows, 1])?,
             x0: Buffer::new(device, t, &[rows, l, d])?,
-            gather: [
-                BoundRun::new(&self.gather, None)?,
-                BoundRun::new(&self.gather, None)?,
-            ],
-            update: [
-                BoundRun::new(&self.update, None)?,
-                BoundRun::new(&self.update, None)?,
-            ],
+            gather: Vec::with_capacity(2),
+            update: Vec::with_capacity(2),
         };
         // Every input starts written (zeros), so that the first runs read defined values.
         b.state_row.upload(&[], 0)?;
@@ -246,13 +256,10 @@ impl DeviceLoopState {
         b.renoise_noise.upload(&[], 0.0)?;
         b.noise.upload(&[], 0.0)?;
         b.state_slot.upload(&[], 0)?;
-        let Some((x_t, self_cond, denoised)) = calls.bucket_tensors(rows) else {
-            return Err(format!("no denoiser bucket of {rows} rows"));
-        };
         for copy in 0..2 {
             let graph_id = capture.then(|| 2 * rows.trailing_zeros() as usize + copy);
-            b.gather[copy] = BoundRun::new(&self.gather, graph_id)?;
-            let g = &mut b.gather[copy].binding;
+            let mut gather = BoundRun::new(&self.gather, graph_id)?;
+            let g = &mut gather.binding;
             g.bind_input("x_pool", &self.x_pool[copy]).map_err(fail)?;
             g.bind_input("self_cond_pool", &self.self_cond_pool[copy])
                 .map_err(fail)?;
@@ -260,46 +267,49 @@ impl DeviceLoopState {
                 .map_err(fail)?;
             g.bind_output("x_t", &mut *x_t).map_err(fail)?;
             g.bind_output("self_cond", &mut *self_cond).map_err(fail)?;
+            b.gather.push(gather);
 
-            b.update[copy] = BoundRun::new(&self.update, graph_id)?;
-            let u = &mut b.update[copy].binding;
+            let mut update = BoundRun::new(&self.update, graph_id)?;
+            let u = &mut update.binding;
             u.bind_input("x_pool", &self.x_pool[copy]).map_err(fail)?;
             u.bind_input("self_cond_pool", &self.self_cond_pool[copy])
                 .map_err(fail)?;
             u.bind_input("denoised", denoised).map_err(fail)?;
-            u.bind_input("cond_row", &b.cond_row.device).map_err(fail)?;
-            u.bind_input("uncond_row", &b.uncond_row.device)
-                .map_err(fail)?;
-            u.bind_input("guide_cond", &b.guide_cond.device)
-                .map_err(fail)?;
-            u.bind_input("guide_uncond", &b.guide_uncond.device)
-                .map_err(fail)?;
-            u.bind_input("keep_self_cond", &b.keep_self_cond.device)
-                .map_err(fail)?;
-            u.bind_input("renoise_x0", &b.renoise_x0.device)
-                .map_err(fail)?;
-            u.bind_input("renoise_noise", &b.renoise_noise.device)
-                .map_err(fail)?;
-            u.bind_input("noise", &b.noise.device).map_err(fail)?;
-            u.bind_input("state_slot", &b.state_slot.device)
-                .map_err(fail)?;
+            for (name, buffer) in [
+                ("cond_row", &b.cond_row),
+                ("uncond_row", &b.uncond_row),
+                ("keep_self_cond", &b.keep_self_cond),
+                ("state_slot", &b.state_slot),
+            ] {
+                u.bind_input(name, &buffer.device).map_err(fail)?;
+            }
+            for (name, buffer) in [
+                ("guide_cond", &b.guide_cond),
+                ("guide_uncond", &b.guide_uncond),
+                ("renoise_x0", &b.renoise_x0),
+                ("renoise_noise", &b.renoise_noise),
+                ("noise", &b.noise),
+            ] {
+                u.bind_input(name, &buffer.device).map_err(fail)?;
+            }
             let other = 1 - copy;
             u.bind_output("x_pool_next", &mut self.x_pool[other])
                 .map_err(fail)?;
             u.bind_output("self_cond_pool_next", &mut self.self_cond_pool[other])
                 .map_err(fail)?;
             u.bind_output("x0", &mut b.x0.device).map_err(fail)?;
+            b.update.push(update);
         }
         Ok(b)
     }
 
-    /// Writes one row into a slot of a pool copy (`self_cond`: that pool, else `x_t`'s).
+    /// Writes one row's `state` into its slot of a pool copy.
     fn write_slot(
         &mut self,
         copy: usize,
         slot: usize,
         values: &Array2<f32>,
-        self_cond: bool,
+        state: State,
     ) -> Result<(), String> {
         let (l, d) = self.latent;
         let row = l * d;
@@ -312,10 +322,9 @@ impl DeviceLoopState {
         }
         let values = values.as_standard_layout();
         let values = values.as_slice().expect("standard layout is contiguous");
-        let pool = if self_cond {
-            &mut self.self_cond_pool[copy]
-        } else {
-            &mut self.x_pool[copy]
+        let pool = match state {
+            State::X => &mut self.x_pool[copy],
+            State::SelfCond => &mut self.self_cond_pool[copy],
         };
         match &mut self.staging {
             None => {
@@ -325,12 +334,13 @@ impl DeviceLoopState {
             Some(staging) => {
                 staging.values_mut().copy_from_slice(values);
                 let cuda = staging.cuda();
+                // A device address: offset, never dereferenced here.
+                let at = pool
+                    .data_ptr_mut()
+                    .wrapping_byte_add(slot * row * std::mem::size_of::<f32>());
                 // SAFETY: the pool is GPU memory of `slots * row` floats and `slot <
                 // slots`, so the row at `slot` lies inside it.
-                unsafe {
-                    let at = pool.data_ptr_mut().cast::<f32>().add(slot * row);
-                    cuda.upload(at.cast(), staging.values())
-                }
+                unsafe { cuda.upload(at, staging.values()) }
             }
         }
     }
@@ -371,9 +381,12 @@ impl DeviceLoopState {
                     index
                 }
             };
-            for (values, self_cond) in [(&row.send_x, false), (&row.send_self_cond, true)] {
+            for (values, state) in [
+                (&row.send_x, State::X),
+                (&row.send_self_cond, State::SelfCond),
+            ] {
                 if let Some(values) = values {
-                    self.write_slot(self.current, slot, values, self_cond)?;
+                    self.write_slot(self.current, slot, values, state)?;
                     self.stats.states_sent += 1;
                 }
             }

@@ -308,6 +308,24 @@ impl FixedShapeCalls {
         capture: bool,
         transfer: Transfer,
     ) -> Result<FixedShapeCalls, String> {
+        let mut calls =
+            FixedShapeCalls::allocate(session, device, pool, latent, max_rows, capture, transfer)?;
+        calls.run_first(session)?;
+        Ok(calls)
+    }
+
+    /// [`new`](Self::new) without the first runs: every buffer is allocated and bound.
+    /// Allocate anything else in `device`'s memory that must outlive the captures now,
+    /// then call [`run_first`](Self::run_first).
+    pub fn allocate(
+        session: &mut Session,
+        device: &Allocator,
+        pool: &Tensor<f32>,
+        latent: (usize, usize),
+        max_rows: usize,
+        capture: bool,
+        transfer: Transfer,
+    ) -> Result<FixedShapeCalls, String> {
         if max_rows == 0 || max_rows > MAX_BUCKET_ROWS {
             return Err(format!(
                 "fixed-shape calls need a largest call of 1 to {MAX_BUCKET_ROWS} rows, not {max_rows}"
@@ -323,19 +341,11 @@ impl FixedShapeCalls {
         let sizes: Vec<usize> = (0..=bucket_rows(max_rows).trailing_zeros())
             .map(|k| 1usize << k)
             .collect();
-        // All buffers first, then the first runs (see the module docs).
         for &rows in &sizes {
             let mut bucket = calls.new_bucket(session, device, pool, rows)?;
             bucket.x_t.check_round_trip()?;
             bucket.x0.check_round_trip()?;
             calls.buckets.insert(rows, bucket);
-        }
-        let start = std::time::Instant::now();
-        for &rows in &sizes {
-            let (l, d) = latent;
-            let zeros = Array3::<f32>::zeros((rows, l, d));
-            let index = vec![0i64; rows];
-            calls.run(session, zeros.view(), zeros.view(), &index, &index)?;
         }
         let pinned = calls
             .buckets
@@ -347,19 +357,36 @@ impl FixedShapeCalls {
             pinned_host_buffers: pinned,
             ..FixedShapeStats::default()
         };
+        Ok(calls)
+    }
+
+    /// Runs every bucket once (the captures, with CUDA graphs): after every buffer that
+    /// must outlive them is allocated (see the module docs).
+    pub fn run_first(&mut self, session: &mut Session) -> Result<(), String> {
+        let start = std::time::Instant::now();
+        let sizes = self.bucket_sizes();
+        let stats = self.stats;
+        for &rows in &sizes {
+            let (l, d) = self.latent;
+            let zeros = Array3::<f32>::zeros((rows, l, d));
+            let index = vec![0i64; rows];
+            self.run(session, zeros.view(), zeros.view(), &index, &index)?;
+        }
+        // The first runs are set-up, not calls.
+        self.stats = stats;
         tracing::info!(
             buckets = ?sizes,
-            capture,
-            copies = match calls.transfer {
+            capture = self.capture,
+            copies = match self.transfer {
                 Transfer::InPlace => "none (host memory)",
                 Transfer::Cuda(cuda) => cuda.library,
             },
-            pinned_host_buffers = pinned,
+            pinned_host_buffers = stats.pinned_host_buffers,
             seconds = start.elapsed().as_secs_f64(),
             "denoiser buckets set up and run once{}",
-            if capture { " (CUDA graphs captured)" } else { "" }
+            if self.capture { " (CUDA graphs captured)" } else { "" }
         );
-        Ok(calls)
+        Ok(())
     }
 
     fn new_bucket(

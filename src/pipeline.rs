@@ -127,7 +127,8 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
     let config = SchedulerConfig {
         workers: 1,
         batching: BatchingMode::Continuous,
-        max_batch_rows: 64,
+        // One image's rows always fit one call (and, with --device-loop, the state pool).
+        max_batch_rows: 64.max(2 * params.candidates),
         queue_size: args.images.len().max(1),
         session: args.model.session_options(),
     };

@@ -173,6 +173,17 @@ pub fn init_onnxruntime(configured: Option<&Path>) -> Result<OrtRuntime, Runtime
     Ok(rt)
 }
 
+/// Slots of each device-loop state pool: one per row a worker may hold, and the
+/// scratch slot. The scheduler admits rows up to `max_batch_rows` denoiser rows (each
+/// row takes one or two), except one request alone, of at most
+/// [`crate::http::request::MAX_CANDIDATES`] rows or the bundle's default candidates.
+pub fn device_loop_slots(max_batch_rows: usize, default_candidates: usize) -> usize {
+    max_batch_rows
+        .max(crate::http::request::MAX_CANDIDATES)
+        .max(default_candidates)
+        + 1
+}
+
 /// How to build sessions.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -504,6 +515,14 @@ impl Models {
                 reason: "--device-loop runs on the fixed-shape calls of --cuda-graph true".into(),
             });
         }
+        if opts.device_loop && opts.max_batch_rows < 2 {
+            // A guided row's two passes go into one call.
+            return Err(RuntimeError::Session {
+                graph: "denoiser",
+                path: bundle.denoiser_path.clone(),
+                reason: "--device-loop needs --max-batch-rows of at least 2".into(),
+            });
+        }
         if opts.cuda_graph && !(opts.kv_pool && bundle.manifest.denoiser_gathers_kv()) {
             return Err(RuntimeError::Session {
                 graph: "denoiser",
@@ -637,7 +656,10 @@ impl Models {
                     ActiveDevice::Cuda => Transfer::Cuda(CudaRuntime::get().map_err(pool_err)?),
                 };
                 let allocator = models.device_allocator().map_err(pool_err)?;
-                let mut calls = FixedShapeCalls::new(
+                // Every buffer in the denoiser's memory first, then the first runs (the
+                // captures): memory allocated after a capture may be where the captured
+                // graph keeps its intermediate tensors (src/fixed_shapes.rs).
+                let mut calls = FixedShapeCalls::allocate(
                     &mut models.denoiser.sessions[0],
                     &allocator,
                     pool.tensor(),
@@ -647,13 +669,24 @@ impl Models {
                     transfer,
                 )
                 .map_err(pool_err)?;
-                if opts.device_loop {
+                let mut state = if opts.device_loop {
+                    let slots =
+                        device_loop_slots(opts.max_batch_rows, bundle.manifest.mbr.candidates);
                     let state = Self::load_device_loop(
-                        rt, opts, &mut calls, &allocator, latent, device, capture,
+                        rt, opts, &mut calls, &allocator, latent, slots, device, capture,
                     )
                     .map_err(pool_err)?;
-                    models.device_loop = Some(state);
+                    Some(state)
+                } else {
+                    None
+                };
+                calls
+                    .run_first(&mut models.denoiser.sessions[0])
+                    .map_err(pool_err)?;
+                if let Some(state) = state.as_mut() {
+                    state.run_first().map_err(pool_err)?;
                 }
+                models.device_loop = state;
                 models.fixed_calls = Some(calls);
                 if !capture {
                     tracing::warn!(
@@ -693,8 +726,7 @@ impl Models {
     }
 
     /// The gather and update graphs of the device loop, on the denoiser's device, and
-    /// the state pools: one slot per row a worker may hold (a call's rows, or one
-    /// request of up to 8 guided candidates when alone) and the scratch slot.
+    /// the state pools of `slots` slots ([`device_loop_slots`]).
     #[allow(clippy::too_many_arguments)]
     fn load_device_loop(
         rt: &OrtRuntime,
@@ -702,6 +734,7 @@ impl Models {
         calls: &mut FixedShapeCalls,
         allocator: &Allocator,
         latent: (usize, usize),
+        slots: usize,
         device: ActiveDevice,
         capture: bool,
     ) -> Result<DeviceLoopState, String> {
@@ -715,7 +748,6 @@ impl Models {
         };
         let gather = session(crate::device_loop::GATHER_GRAPH)?;
         let update = session(crate::device_loop::UPDATE_GRAPH)?;
-        let slots = opts.max_batch_rows.max(16) + 1;
         DeviceLoopState::new(gather, update, calls, allocator, latent, slots, capture)
     }
 
@@ -1056,7 +1088,7 @@ impl DeviceLoop for Models {
         let mut kv = Vec::with_capacity(2 * rows.len());
         for row in &rows {
             kv.push(row.kv);
-            if row.update.guidance.is_some() {
+            if row.denoiser_rows() == 2 {
                 kv.push(KvRef::Null);
             }
         }

@@ -252,7 +252,7 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
     // Two loops, one per transfer: (denoiser, fixed-shape calls, state).
     let mut loops = [Transfer::InPlace, Transfer::Cuda(cuda)].map(|transfer| {
         let mut denoiser = session(None);
-        let mut calls = FixedShapeCalls::new(
+        let mut calls = FixedShapeCalls::allocate(
             &mut denoiser,
             &Allocator::default(),
             pool.tensor(),
@@ -272,6 +272,9 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
             false,
         )
         .expect("device loop");
+        calls.run_first(&mut denoiser).expect("first runs");
+        let mut state = state;
+        state.run_first().expect("first runs");
         (denoiser, calls, state)
     });
     let latent = |seed: usize| {

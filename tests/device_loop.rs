@@ -131,11 +131,15 @@ fn the_device_loop_ends_every_row_as_the_host_loop_does() {
         let (want, want_snapshots) = run(&mut load(false, 16), max_rows, trace);
         assert!(want.iter().all(|(_, out)| out.is_some()));
         let mut models = load(true, 16);
-        let (got, snapshots) = run(&mut models, max_rows, trace);
-        // Bit for bit: the same denoiser calls, and the update's arithmetic is the host's.
-        assert_eq!(got, want, "max_rows {max_rows}, trace {trace}");
-        assert_eq!(snapshots, want_snapshots);
-        assert!(!snapshots.is_empty());
+        // Twice on the same pools: the second time every row takes a slot that a row
+        // of the first time held (and left its state in).
+        for pass in 0..2 {
+            let (got, snapshots) = run(&mut models, max_rows, trace);
+            // Bit for bit: the same denoiser calls, and the update is the host's arithmetic.
+            assert_eq!(got, want, "max_rows {max_rows}, trace {trace}, pass {pass}");
+            assert_eq!(snapshots, want_snapshots);
+            assert!(!snapshots.is_empty());
+        }
         let (stats, held) = models.device_loop_stats().expect("device loop");
         assert_eq!(held, 0, "finished rows give their slots back");
         if !trace {
@@ -144,11 +148,15 @@ fn the_device_loop_ends_every_row_as_the_host_loop_does() {
             let restarts = 4;
             // x0 came back for each row's final decode and restart, and for every step of
             // the streamed row 2 (its restart and final decode among them).
-            let streamed = snapshots.len() as u64;
-            assert_eq!(stats.x0_read, 9 + (restarts - 1) + streamed, "{stats:?}");
+            let streamed = want_snapshots.len() as u64;
+            assert_eq!(
+                stats.x0_read,
+                2 * (9 + (restarts - 1) + streamed),
+                "{stats:?}"
+            );
             // States went over when each row started (x_t and self_cond) and at each
             // restart (x_t), not at every step.
-            assert_eq!(stats.states_sent, 2 * 10 + restarts, "{stats:?}");
+            assert_eq!(stats.states_sent, 2 * (2 * 10 + restarts), "{stats:?}");
         }
     }
 }
@@ -166,6 +174,9 @@ fn rows_dropped_midway_give_their_slots_back_and_a_full_pool_is_a_clear_error() 
     )
     .expect_err("needs the fixed-shape calls");
     assert!(err.to_string().contains("--cuda-graph true"), "{err}");
+    let err = Models::load(&rt, &parity_bundle(), &options(true, 1))
+        .expect_err("a guided row's two passes need a call of 2 rows");
+    assert!(err.to_string().contains("at least 2"), "{err}");
 
     // max_batch_rows 16: 16 slots for rows (and the scratch slot).
     let mut models = load(true, 16);
@@ -215,4 +226,21 @@ fn rows_dropped_midway_give_their_slots_back_and_a_full_pool_is_a_clear_error() 
     assert!(err.to_string().contains("state pool is full"), "{err}");
     drop(more);
     step(&mut models, &mut rows).expect("serves on");
+    drop(rows);
+    // And serves right: rows after the failure end as on the host loop.
+    let (want, _) = run(&mut load(false, 16), 16, false);
+    let (got, _) = run(&mut models, 16, false);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn the_state_pools_hold_every_row_the_scheduler_may_admit() {
+    // max_batch_rows denoiser rows (one or two per row), or one request alone: up to
+    // the API's candidates limit, or the bundle's default.
+    assert_eq!(runtime::device_loop_slots(64, 1), 65);
+    assert_eq!(runtime::device_loop_slots(2, 1), 9);
+    assert_eq!(runtime::device_loop_slots(2, 12), 13);
+    let models = load(true, 4);
+    let (stats, _) = models.device_loop_stats().expect("device loop");
+    assert_eq!(stats.slots, runtime::device_loop_slots(4, 1));
 }

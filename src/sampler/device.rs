@@ -54,6 +54,7 @@ pub struct StateSlots {
 
 impl StateSlots {
     pub fn new(capacity: usize) -> StateSlots {
+        let capacity = capacity.max(1);
         StateSlots {
             free: (1..capacity).rev().collect(),
             released: Arc::new(Mutex::new(Vec::new())),
@@ -108,6 +109,14 @@ pub struct DeviceRow<'a> {
     pub update: Update,
 }
 
+impl DeviceRow<'_> {
+    /// Denoiser rows the row takes: its conditional pass, and its unconditional one when
+    /// guided.
+    pub fn denoiser_rows(&self) -> usize {
+        if self.update.guidance.is_some() { 2 } else { 1 }
+    }
+}
+
 /// What a [`DeviceLoop::step`] call gives back, by row.
 #[derive(Debug, Default)]
 pub struct DeviceStep {
@@ -122,6 +131,8 @@ pub trait DeviceLoop {
     type Error;
 
     /// One denoiser pass over `rows` (each with its unconditional pass too when its
-    /// update is guided), then each row's update, on the device.
+    /// update is guided), then each row's update, on the device. On an error the rows'
+    /// bookkeeping has moved on while their state has not: the caller drops them (the
+    /// worker fails their requests).
     fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, Self::Error>;
 }

@@ -143,8 +143,10 @@ pub enum StepError<E> {
     Noise(#[from] NoiseExhausted),
     #[error("rows of one batch have different latent shapes")]
     Shape,
-    #[error("the device loop gave back no x0 for a row that needs it")]
-    MissingX0,
+    #[error(
+        "the device loop gave back {got} results for {rows} rows, or no x0 for a row that needs it"
+    )]
+    DeviceOutput { rows: usize, got: usize },
 }
 
 /// Latent elements (rows x tokens x dims) of one denoiser step from which the rows'
@@ -397,7 +399,8 @@ fn denoise_on_host<D: Denoiser>(
 }
 
 /// The denoiser pass of [`step_observed`] with the rows' state on the device
-/// ([`device`]): each row's bookkeeping moves on here, its arrays there.
+/// ([`device`]): each row's bookkeeping moves on here, its arrays there. Unlike the host
+/// path, a failed call leaves its rows advanced (see [`DeviceLoop::step`]).
 fn denoise_on_device<D: Denoiser>(
     denoiser: &mut D,
     rows: &mut [ActiveRow<'_>],
@@ -473,6 +476,13 @@ fn denoise_on_device<D: Denoiser>(
             device.step(calls)
         };
         let mut out = out.map_err(StepError::Model)?;
+        let got = out.new_slots.len().min(out.x0.len());
+        if got != chunk.len() {
+            return Err(StepError::DeviceOutput {
+                rows: chunk.len(),
+                got,
+            });
+        }
         for (k, &i) in chunk.iter().enumerate() {
             let row = &mut *rows[i].row;
             if let Some(slot) = out.new_slots.get_mut(k).and_then(Option::take) {
@@ -480,7 +490,12 @@ fn denoise_on_device<D: Denoiser>(
             }
             match out.x0.get_mut(k).and_then(Option::take) {
                 Some(x0) => row.take_device_x0(x0),
-                None if needs_x0[k] => return Err(StepError::MissingX0),
+                None if needs_x0[k] => {
+                    return Err(StepError::DeviceOutput {
+                        rows: chunk.len(),
+                        got,
+                    });
+                }
                 None => {}
             }
         }

@@ -118,10 +118,7 @@ impl<B: Backend> DeviceLoop for Instrumented<'_, B> {
     type Error = RuntimeError;
 
     fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, RuntimeError> {
-        let denoiser_rows = rows
-            .iter()
-            .map(|r| if r.update.guidance.is_some() { 2 } else { 1 })
-            .sum();
+        let denoiser_rows = rows.iter().map(DeviceRow::denoiser_rows).sum();
         let start = Instant::now();
         let Some(device) = self.models.device_loop() else {
             return Err(RuntimeError::Inference {
