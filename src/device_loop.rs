@@ -360,27 +360,12 @@ impl DeviceLoopState {
         kv_index: &[i64],
     ) -> Result<DeviceStep, String> {
         let (l, d) = self.latent;
-        let mut out = DeviceStep::default();
-        let mut slot_of = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let slot = match row.slot {
-                Some(slot) => {
-                    out.new_slots.push(None);
-                    slot
-                }
-                None => {
-                    let Some(slot) = self.slots.take() else {
-                        return Err(format!(
-                            "the state pool is full: {} rows hold its {} slots",
-                            self.slots.held(),
-                            self.stats.slots - 1
-                        ));
-                    };
-                    let index = slot.index();
-                    out.new_slots.push(Some(slot));
-                    index
-                }
-            };
+        let (slot_of, new_slots) = self.slots.assign(&rows)?;
+        let mut out = DeviceStep {
+            new_slots,
+            x0: Vec::new(),
+        };
+        for (row, &slot) in rows.iter().zip(&slot_of) {
             for (values, state) in [
                 (&row.send_x, State::X),
                 (&row.send_self_cond, State::SelfCond),
@@ -390,7 +375,6 @@ impl DeviceLoopState {
                     self.stats.states_sent += 1;
                 }
             }
-            slot_of.push(slot);
         }
 
         let inputs = &mut self.inputs;

@@ -55,16 +55,39 @@ fn misuse(library: &libloading::Library) -> i64 {
     unsafe { f() }
 }
 
-#[test]
-fn copies_through_host_buffers_match_the_in_place_path() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let path = build_stand_in(tmp.path());
+/// The stand-in, built and loaded, and a second handle on it to read its counters.
+struct StandIn {
+    cuda: &'static CudaRuntime,
+    counters: libloading::Library,
+    _dir: tempfile::TempDir,
+}
+
+fn stand_in() -> StandIn {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = build_stand_in(dir.path());
     let cuda = CudaRuntime::load_from(&path).expect("stand-in loads");
     // SAFETY: the same library, loaded again only to read its counters.
     let counters = unsafe { libloading::Library::new(&path) }.expect("stand-in loads");
+    StandIn {
+        cuda,
+        counters,
+        _dir: dir,
+    }
+}
 
+fn parity_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle")
+}
+
+#[test]
+fn copies_through_host_buffers_match_the_in_place_path() {
+    let StandIn {
+        cuda,
+        counters,
+        _dir,
+    } = stand_in();
     let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    let dir = parity_dir();
     let bundle = Bundle::load(&dir).expect("parity bundle loads");
     let m = &bundle.manifest;
     let (l, d) = (m.text.max_len, m.text.latent_dim);
@@ -220,13 +243,13 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
     use ladic_serve::sampler::{DeviceRow, StateSlot, Update};
     use ndarray::Array2;
 
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let path = build_stand_in(tmp.path());
-    let cuda = CudaRuntime::load_from(&path).expect("stand-in loads");
-    // SAFETY: the same library, loaded again only to read its counters.
-    let counters = unsafe { libloading::Library::new(&path) }.expect("stand-in loads");
+    let StandIn {
+        cuda,
+        counters,
+        _dir,
+    } = stand_in();
     let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
+    let dir = parity_dir();
     let bundle = Bundle::load(&dir).expect("parity bundle loads");
     let m = &bundle.manifest;
     let (l, d) = (m.text.max_len, m.text.latent_dim);

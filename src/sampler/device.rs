@@ -74,6 +74,37 @@ impl StateSlots {
         })
     }
 
+    /// Each row's slot: its own, or a free one taken for it (also returned, as the
+    /// row's new handle, for [`DeviceStep::new_slots`]). An error when the pool runs
+    /// out (the slots taken so far go back when the handles are dropped).
+    pub fn assign(
+        &mut self,
+        rows: &[DeviceRow<'_>],
+    ) -> Result<(Vec<usize>, Vec<Option<StateSlot>>), String> {
+        let mut slots = Vec::with_capacity(rows.len());
+        let mut new_slots = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row.slot {
+                Some(slot) => {
+                    slots.push(slot);
+                    new_slots.push(None);
+                }
+                None => {
+                    let Some(slot) = self.take() else {
+                        return Err(format!(
+                            "the state pool is full: {} rows hold its {} slots",
+                            self.held(),
+                            self.capacity - 1
+                        ));
+                    };
+                    slots.push(slot.index());
+                    new_slots.push(Some(slot));
+                }
+            }
+        }
+        Ok((slots, new_slots))
+    }
+
     /// Slots in all, the scratch slot included.
     pub fn capacity(&self) -> usize {
         self.capacity

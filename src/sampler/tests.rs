@@ -51,21 +51,12 @@ impl DeviceLoop for FakeDenoiser {
 
     fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, Self::Error> {
         let mut pool = self.state.take().expect("a fake with a state pool");
-        let mut out = DeviceStep::default();
-        let mut slot_of = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let slot = match row.slot {
-                Some(slot) => {
-                    out.new_slots.push(None);
-                    slot
-                }
-                None => {
-                    let slot = pool.slots.take().expect("a free slot");
-                    let index = slot.index();
-                    out.new_slots.push(Some(slot));
-                    index
-                }
-            };
+        let (slot_of, new_slots) = pool.slots.assign(&rows).expect("a free slot");
+        let mut out = DeviceStep {
+            new_slots,
+            x0: Vec::new(),
+        };
+        for (row, &slot) in rows.iter().zip(&slot_of) {
             if let Some(x) = &row.send_x {
                 pool.x[slot].assign(x);
                 pool.states_received += 1;
@@ -73,7 +64,6 @@ impl DeviceLoop for FakeDenoiser {
             if let Some(sc) = &row.send_self_cond {
                 pool.self_cond[slot].assign(sc);
             }
-            slot_of.push(slot);
         }
         // The denoiser's rows: each row's conditional pass, then its unconditional one.
         let (mut x, mut sc, mut t, mut kv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
