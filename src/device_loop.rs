@@ -5,15 +5,17 @@
 //! (`[slots, L, D]` each) in the denoiser's memory, one slot per row; slot 0 is a
 //! scratch slot that the padding rows of a bucket read and write. A step is three
 //! graph runs on the bucket of the call's row count, all on buffers bound once:
-//! 1. `state_gather` (embedded, from `models/ladic/device_loop.py`) writes each
-//!    denoiser row's `x_t` and `self_cond`, read from the pools by slot, into the
-//!    denoiser bucket's input buffers;
-//! 2. the denoiser ([`FixedShapeCalls::run_written`]): only `t` and `kv_index` are sent;
+//! 1. `state_gather` (embedded, from `models/ladic/device_loop.py`) writes the
+//!    denoiser bucket's inputs: each denoiser row's `x_t` and `self_cond`, read from
+//!    the pools by slot, and its `t` and `kv_index`;
+//! 2. the denoiser ([`FixedShapeCalls::run_written`]);
 //! 3. `state_update` combines each row's guided pair, re-noises it with the noise the
 //!    host sent, and writes the new `x_t` and `self_cond` into the pools' *other* copy
 //!    (a graph cannot update its input in place), which the next step reads.
 //!
-//! Then only the `x0` rows the host asked for come back. With CUDA graphs each of the
+//! Before the three runs the host sends three buffers: every per-row number of the
+//! step packed into `indices` (int64) and `coefficients` (float32), and the noise of
+//! the rows that re-noise. //! After them only the `x0` rows the host asked for come back. With CUDA graphs each of the
 //! three runs is a captured graph per bucket (and per pool copy for 1 and 3), so a step
 //! is a handful of launches and small copies.
 
@@ -32,6 +34,24 @@ use crate::sampler::{DeviceRow, DeviceStep, StateSlots};
 pub const GATHER_GRAPH: &[u8] = include_bytes!("graphs/state_gather.onnx");
 /// The update graph: each row's x0, new `x_t` and `self_cond`, into the pools' next copy.
 pub const UPDATE_GRAPH: &[u8] = include_bytes!("graphs/state_update.onnx");
+
+/// Columns of the graphs' `indices` input (models/ladic/device_loop.py): per denoiser
+/// row its state slot, timestep and K/V slot; per candidate its conditional and
+/// unconditional rows of the denoiser's output, whether self_cond keeps x0, its slot.
+const STATE_ROW: usize = 0;
+const T: usize = 1;
+const KV_INDEX: usize = 2;
+const COND_ROW: usize = 3;
+const UNCOND_ROW: usize = 4;
+const KEEP_SELF_COND: usize = 5;
+const STATE_SLOT: usize = 6;
+const INDEX_COLUMNS: usize = 7;
+/// Columns of `coefficients`, per candidate: 1 + w, w, sqrt(ab), r sqrt(1 - ab).
+const GUIDE_COND: usize = 0;
+const GUIDE_UNCOND: usize = 1;
+const RENOISE_X0: usize = 2;
+const RENOISE_NOISE: usize = 3;
+const COEFFICIENT_COLUMNS: usize = 4;
 
 /// Counters, for tests and logs.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -81,37 +101,17 @@ impl BoundRun {
     }
 }
 
-/// The update graph's inputs and output of one bucket, and its runs.
+/// The inputs and output of one bucket's gather and update, and their runs.
 struct LoopBucket {
-    state_row: Buffer<i64>,
-    cond_row: Buffer<i64>,
-    uncond_row: Buffer<i64>,
-    guide_cond: Buffer<f32>,
-    guide_uncond: Buffer<f32>,
-    keep_self_cond: Buffer<i64>,
-    renoise_x0: Buffer<f32>,
-    renoise_noise: Buffer<f32>,
+    /// `[rows, INDEX_COLUMNS]`.
+    indices: Buffer<i64>,
+    /// `[rows, COEFFICIENT_COLUMNS]`.
+    coefficients: Buffer<f32>,
     noise: Buffer<f32>,
-    state_slot: Buffer<i64>,
     x0: Buffer<f32>,
     /// By the pool copy read (0 and 1): gather from it, update from it into the other.
     gather: Vec<BoundRun>,
     update: Vec<BoundRun>,
-}
-
-/// The host-side inputs of one update, reused across steps.
-#[derive(Default)]
-struct UpdateInputs {
-    state_row: Vec<i64>,
-    cond_row: Vec<i64>,
-    uncond_row: Vec<i64>,
-    guide_cond: Vec<f32>,
-    guide_uncond: Vec<f32>,
-    keep_self_cond: Vec<i64>,
-    renoise_x0: Vec<f32>,
-    renoise_noise: Vec<f32>,
-    state_slot: Vec<i64>,
-    t: Vec<i64>,
 }
 
 /// A worker's state pools and the two graphs that read and write them.
@@ -128,7 +128,9 @@ pub struct DeviceLoopState {
     /// One row, on its way to a pool on a GPU.
     staging: Option<HostBuffer<f32>>,
     buckets: BTreeMap<usize, LoopBucket>,
-    inputs: UpdateInputs,
+    /// The step's `indices` and `coefficients`, built here and reused.
+    indices: Vec<i64>,
+    coefficients: Vec<f32>,
     pub stats: DeviceLoopStats,
 }
 
@@ -175,7 +177,8 @@ impl DeviceLoopState {
             slots: StateSlots::new(slots),
             staging,
             buckets: BTreeMap::new(),
-            inputs: UpdateInputs::default(),
+            indices: Vec::new(),
+            coefficients: Vec::new(),
             stats: DeviceLoopStats {
                 slots,
                 ..DeviceLoopStats::default()
@@ -226,36 +229,21 @@ impl DeviceLoopState {
         let (l, d) = self.latent;
         let t = self.transfer;
         let fail = |e: ort::Error| e.to_string();
-        let per_row = [rows, 1, 1];
-        let (x_t, self_cond, denoised) = calls
+        let inputs = calls
             .bucket_tensors(rows)
             .ok_or_else(|| format!("no denoiser bucket of {rows} rows"))?;
         let mut b = LoopBucket {
-            state_row: Buffer::new(device, t, &[rows])?,
-            cond_row: Buffer::new(device, t, &[rows])?,
-            uncond_row: Buffer::new(device, t, &[rows])?,
-            guide_cond: Buffer::new(device, t, &per_row)?,
-            guide_uncond: Buffer::new(device, t, &per_row)?,
-            keep_self_cond: Buffer::new(device, t, &per_row)?,
-            renoise_x0: Buffer::new(device, t, &per_row)?,
-            renoise_noise: Buffer::new(device, t, &per_row)?,
+            indices: Buffer::new(device, t, &[rows, INDEX_COLUMNS])?,
+            coefficients: Buffer::new(device, t, &[rows, COEFFICIENT_COLUMNS])?,
             noise: Buffer::new(device, t, &[rows, l, d])?,
-            state_slot: Buffer::new(device, t, &[rows, 1])?,
             x0: Buffer::new(device, t, &[rows, l, d])?,
             gather: Vec::with_capacity(2),
             update: Vec::with_capacity(2),
         };
         // Every input starts written (zeros), so that the first runs read defined values.
-        b.state_row.upload(&[], 0)?;
-        b.cond_row.upload(&[], 0)?;
-        b.uncond_row.upload(&[], 0)?;
-        b.guide_cond.upload(&[], 0.0)?;
-        b.guide_uncond.upload(&[], 0.0)?;
-        b.keep_self_cond.upload(&[], 0)?;
-        b.renoise_x0.upload(&[], 0.0)?;
-        b.renoise_noise.upload(&[], 0.0)?;
+        b.indices.upload(&[], 0)?;
+        b.coefficients.upload(&[], 0.0)?;
         b.noise.upload(&[], 0.0)?;
-        b.state_slot.upload(&[], 0)?;
         for copy in 0..2 {
             let graph_id = capture.then(|| 2 * rows.trailing_zeros() as usize + copy);
             let mut gather = BoundRun::new(&self.gather, graph_id)?;
@@ -263,10 +251,13 @@ impl DeviceLoopState {
             g.bind_input("x_pool", &self.x_pool[copy]).map_err(fail)?;
             g.bind_input("self_cond_pool", &self.self_cond_pool[copy])
                 .map_err(fail)?;
-            g.bind_input("state_row", &b.state_row.device)
+            g.bind_input("indices", &b.indices.device).map_err(fail)?;
+            g.bind_output("x_t", &mut *inputs.x_t).map_err(fail)?;
+            g.bind_output("self_cond", &mut *inputs.self_cond)
                 .map_err(fail)?;
-            g.bind_output("x_t", &mut *x_t).map_err(fail)?;
-            g.bind_output("self_cond", &mut *self_cond).map_err(fail)?;
+            g.bind_output("t", &mut *inputs.t).map_err(fail)?;
+            g.bind_output("kv_index", &mut *inputs.kv_index)
+                .map_err(fail)?;
             b.gather.push(gather);
 
             let mut update = BoundRun::new(&self.update, graph_id)?;
@@ -274,24 +265,11 @@ impl DeviceLoopState {
             u.bind_input("x_pool", &self.x_pool[copy]).map_err(fail)?;
             u.bind_input("self_cond_pool", &self.self_cond_pool[copy])
                 .map_err(fail)?;
-            u.bind_input("denoised", denoised).map_err(fail)?;
-            for (name, buffer) in [
-                ("cond_row", &b.cond_row),
-                ("uncond_row", &b.uncond_row),
-                ("keep_self_cond", &b.keep_self_cond),
-                ("state_slot", &b.state_slot),
-            ] {
-                u.bind_input(name, &buffer.device).map_err(fail)?;
-            }
-            for (name, buffer) in [
-                ("guide_cond", &b.guide_cond),
-                ("guide_uncond", &b.guide_uncond),
-                ("renoise_x0", &b.renoise_x0),
-                ("renoise_noise", &b.renoise_noise),
-                ("noise", &b.noise),
-            ] {
-                u.bind_input(name, &buffer.device).map_err(fail)?;
-            }
+            u.bind_input("denoised", inputs.x0).map_err(fail)?;
+            u.bind_input("indices", &b.indices.device).map_err(fail)?;
+            u.bind_input("coefficients", &b.coefficients.device)
+                .map_err(fail)?;
+            u.bind_input("noise", &b.noise.device).map_err(fail)?;
             let other = 1 - copy;
             u.bind_output("x_pool_next", &mut self.x_pool[other])
                 .map_err(fail)?;
@@ -377,48 +355,9 @@ impl DeviceLoopState {
             }
         }
 
-        let inputs = &mut self.inputs;
-        inputs.state_row.clear();
-        inputs.t.clear();
-        inputs.cond_row.clear();
-        inputs.uncond_row.clear();
-        inputs.guide_cond.clear();
-        inputs.guide_uncond.clear();
-        inputs.keep_self_cond.clear();
-        inputs.renoise_x0.clear();
-        inputs.renoise_noise.clear();
-        inputs.state_slot.clear();
-        for (row, &slot) in rows.iter().zip(&slot_of) {
-            let cond = inputs.state_row.len() as i64;
-            inputs.state_row.push(slot as i64);
-            inputs.t.push(row.t_in);
-            let (guide_cond, guide_uncond, uncond) = match row.update.guidance {
-                Some((a, b)) => {
-                    inputs.state_row.push(slot as i64);
-                    inputs.t.push(row.t_in);
-                    (a, b, cond + 1)
-                }
-                // guide_uncond = 0 marks the row as unguided: x0 = cond.
-                None => (1.0, 0.0, cond),
-            };
-            inputs.cond_row.push(cond);
-            inputs.uncond_row.push(uncond);
-            inputs.guide_cond.push(guide_cond);
-            inputs.guide_uncond.push(guide_uncond);
-            inputs
-                .keep_self_cond
-                .push(i64::from(row.update.keep_self_cond));
-            inputs.state_slot.push(slot as i64);
-            let (a, b) = match &row.update.renoise {
-                Some((a, b, eps)) if eps.dim() == (l, d) => (*a, *b),
-                Some((_, _, eps)) => return Err(format!("noise of shape {:?}", eps.dim())),
-                // Coefficients 0: the row's noise is not read (it is stale but finite).
-                None => (0.0, 0.0),
-            };
-            inputs.renoise_x0.push(a);
-            inputs.renoise_noise.push(b);
-        }
-        let denoiser_rows = inputs.state_row.len();
+        // Denoiser row n and candidate n share row n of `indices`; a call has at least as
+        // many denoiser rows as candidates.
+        let denoiser_rows: usize = rows.iter().map(DeviceRow::denoiser_rows).sum();
         if kv_index.len() != denoiser_rows {
             return Err(format!(
                 "{} K/V slots for {denoiser_rows} denoiser rows",
@@ -432,18 +371,46 @@ impl DeviceLoopState {
                 calls.max_rows()
             ));
         };
-        let copy = self.current;
-        // Padding rows read and write the scratch slot 0, with zero coefficients.
-        bucket.state_row.upload(&inputs.state_row, 0)?;
-        bucket.gather[copy].run(&mut self.gather)?;
-        calls.run_written(denoiser, denoiser_rows, &inputs.t, kv_index)?;
-        bucket.cond_row.upload(&inputs.cond_row, 0)?;
-        bucket.uncond_row.upload(&inputs.uncond_row, 0)?;
-        bucket.guide_cond.upload(&inputs.guide_cond, 0.0)?;
-        bucket.guide_uncond.upload(&inputs.guide_uncond, 0.0)?;
-        bucket.keep_self_cond.upload(&inputs.keep_self_cond, 0)?;
-        bucket.renoise_x0.upload(&inputs.renoise_x0, 0.0)?;
-        bucket.renoise_noise.upload(&inputs.renoise_noise, 0.0)?;
+        let indices = &mut self.indices;
+        indices.clear();
+        indices.resize(denoiser_rows * INDEX_COLUMNS, 0);
+        let coefficients = &mut self.coefficients;
+        coefficients.clear();
+        coefficients.resize(rows.len() * COEFFICIENT_COLUMNS, 0.0);
+        let mut next = 0;
+        for (n, (row, &slot)) in rows.iter().zip(&slot_of).enumerate() {
+            let cond = next;
+            for _ in 0..row.denoiser_rows() {
+                let at = &mut indices[next * INDEX_COLUMNS..(next + 1) * INDEX_COLUMNS];
+                at[STATE_ROW] = slot as i64;
+                at[T] = row.t_in;
+                at[KV_INDEX] = kv_index[next];
+                next += 1;
+            }
+            let at = &mut indices[n * INDEX_COLUMNS..(n + 1) * INDEX_COLUMNS];
+            at[COND_ROW] = cond as i64;
+            // An unguided row's w = 0 makes the update take x0 = cond.
+            at[UNCOND_ROW] = (next - 1) as i64;
+            at[KEEP_SELF_COND] = i64::from(row.update.keep_self_cond);
+            at[STATE_SLOT] = slot as i64;
+            let at = &mut coefficients[n * COEFFICIENT_COLUMNS..(n + 1) * COEFFICIENT_COLUMNS];
+            let (a, b) = row.update.guidance.unwrap_or((1.0, 0.0));
+            at[GUIDE_COND] = a;
+            at[GUIDE_UNCOND] = b;
+            match &row.update.renoise {
+                Some((a, b, eps)) if eps.dim() == (l, d) => {
+                    at[RENOISE_X0] = *a;
+                    at[RENOISE_NOISE] = *b;
+                }
+                Some((_, _, eps)) => return Err(format!("noise of shape {:?}", eps.dim())),
+                // Coefficients 0: the row's noise is not read (it is stale but finite).
+                None => {}
+            }
+        }
+        // Padding rows are all zeros: they read and write the scratch slot 0 with zero
+        // coefficients, at t = 0 on the null K/V.
+        bucket.indices.upload(indices, 0)?;
+        bucket.coefficients.upload(coefficients, 0.0)?;
         // Each re-noised row's noise goes straight into the buffer the device reads;
         // other rows' (and the padding's) values are multiplied by 0 and stay as they were.
         let row_len = l * d;
@@ -457,7 +424,9 @@ impl DeviceLoopState {
                 }
             }
         })?;
-        bucket.state_slot.upload(&inputs.state_slot, 0)?;
+        let copy = self.current;
+        bucket.gather[copy].run(&mut self.gather)?;
+        calls.run_written(denoiser, denoiser_rows)?;
         bucket.update[copy].run(&mut self.update)?;
         self.current = 1 - copy;
         self.stats.steps += 1;

@@ -245,6 +245,15 @@ impl Buffer<f32> {
     }
 }
 
+/// A bucket's device buffers, for another graph's bindings.
+pub(crate) struct BucketTensors<'a> {
+    pub x_t: &'a mut Tensor<f32>,
+    pub self_cond: &'a mut Tensor<f32>,
+    pub t: &'a mut Tensor<i64>,
+    pub kv_index: &'a mut Tensor<i64>,
+    pub x0: &'a Tensor<f32>,
+}
+
 /// The buffers and binding of one row count (the key it is stored under).
 struct Bucket {
     x_t: Buffer<f32>,
@@ -439,34 +448,21 @@ impl FixedShapeCalls {
         self.buckets.keys().copied().collect()
     }
 
-    /// The device buffers of the bucket of `rows` rows: `x_t` and `self_cond` (for
-    /// another graph to write, [`crate::device_loop`]) and `x0`.
-    pub(crate) fn bucket_tensors(
-        &mut self,
-        rows: usize,
-    ) -> Option<(&mut Tensor<f32>, &mut Tensor<f32>, &Tensor<f32>)> {
-        self.buckets
-            .get_mut(&rows)
-            .map(|b| (&mut b.x_t.device, &mut b.self_cond.device, &b.x0.device))
+    /// The device buffers of the bucket of `rows` rows: its inputs `x_t`, `self_cond`, `t`
+    /// and `kv_index` (for another graph to write, [`crate::device_loop`]), and `x0`.
+    pub(crate) fn bucket_tensors(&mut self, rows: usize) -> Option<BucketTensors<'_>> {
+        self.buckets.get_mut(&rows).map(|b| BucketTensors {
+            x_t: &mut b.x_t.device,
+            self_cond: &mut b.self_cond.device,
+            t: &mut b.t.device,
+            kv_index: &mut b.kv_index.device,
+            x0: &b.x0.device,
+        })
     }
 
-    /// One denoiser pass over `n` rows whose `x_t` and `self_cond` another graph has
-    /// just written into the bucket's device buffers; `x0` stays there. Sends only `t`
-    /// and `kv_index`.
-    pub(crate) fn run_written(
-        &mut self,
-        session: &mut Session,
-        n: usize,
-        t: &[i64],
-        kv_index: &[i64],
-    ) -> Result<(), String> {
-        if t.len() != n || kv_index.len() != n {
-            return Err(format!(
-                "{n} rows, but t has {} and kv_index {}",
-                t.len(),
-                kv_index.len()
-            ));
-        }
+    /// One denoiser pass over `n` rows whose inputs another graph has just written into
+    /// the bucket's device buffers; `x0` stays there. Sends nothing.
+    pub(crate) fn run_written(&mut self, session: &mut Session, n: usize) -> Result<(), String> {
         let rows = bucket_rows(n);
         let largest = self.max_rows();
         let Some(bucket) = self.buckets.get_mut(&rows) else {
@@ -475,15 +471,17 @@ impl FixedShapeCalls {
             ));
         };
         // The device buffers no longer hold what the host copies hold.
-        bucket.x_t.in_sync = false;
-        bucket.self_cond.in_sync = false;
-        let copied = [bucket.t.upload(t, 0)?, bucket.kv_index.upload(kv_index, 0)?];
+        for buffer in [&mut bucket.x_t, &mut bucket.self_cond] {
+            buffer.in_sync = false;
+        }
+        for buffer in [&mut bucket.t, &mut bucket.kv_index] {
+            buffer.in_sync = false;
+        }
         session
             .run_binding_with_options(&bucket.binding, &bucket.options)
             .map_err(|e| e.to_string())?;
         self.stats.calls += 1;
         self.stats.padding_rows += (rows - n) as u64;
-        self.stats.input_copies += copied.iter().filter(|&&c| c).count() as u64;
         Ok(())
     }
 
