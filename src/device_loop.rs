@@ -15,9 +15,9 @@
 //!
 //! Before the three runs the host sends three buffers: every per-row number of the
 //! step packed into `indices` (int64) and `coefficients` (float32), and the noise of
-//! the rows that re-noise. //! After them only the `x0` rows the host asked for come back. With CUDA graphs each of the
-//! three runs is a captured graph per bucket (and per pool copy for 1 and 3), so a step
-//! is a handful of launches and small copies.
+//! the rows that re-noise. After them only the `x0` rows the host asked for come back.
+//! With CUDA graphs each of the three runs is a captured graph per bucket (and per pool
+//! copy for 1 and 3), so a step is a handful of launches and small copies.
 
 use std::collections::BTreeMap;
 
@@ -30,7 +30,8 @@ use crate::device_copy::HostBuffer;
 use crate::fixed_shapes::{Buffer, FixedShapeCalls, Transfer, bucket_rows};
 use crate::sampler::{DeviceRow, DeviceStep, StateSlots};
 
-/// The gather graph: `x_t`, `self_cond` of each denoiser row from the pools.
+/// The gather graph: the denoiser's inputs, `x_t` and `self_cond` of each denoiser row
+/// from the pools, and `t` and `kv_index` from the step's `indices`.
 pub const GATHER_GRAPH: &[u8] = include_bytes!("graphs/state_gather.onnx");
 /// The update graph: each row's x0, new `x_t` and `self_cond`, into the pools' next copy.
 pub const UPDATE_GRAPH: &[u8] = include_bytes!("graphs/state_update.onnx");
@@ -202,9 +203,10 @@ impl DeviceLoopState {
     /// Runs the gather and the update of every bucket once from each pool copy (the
     /// captures, with CUDA graphs): after every buffer in the denoiser's memory is
     /// allocated, and after the denoiser's own first runs.
-    pub fn run_first(&mut self) -> Result<(), String> {
+    pub fn run_first(&mut self, calls: &mut FixedShapeCalls) -> Result<(), String> {
         let start = std::time::Instant::now();
-        for bucket in self.buckets.values() {
+        for (&rows, bucket) in &self.buckets {
+            calls.inputs_written_on_device(rows);
             for copy in 0..2 {
                 bucket.gather[copy].run(&mut self.gather)?;
                 bucket.update[copy].run(&mut self.update)?;
@@ -403,7 +405,7 @@ impl DeviceLoopState {
                     at[RENOISE_NOISE] = *b;
                 }
                 Some((_, _, eps)) => return Err(format!("noise of shape {:?}", eps.dim())),
-                // Coefficients 0: the row's noise is not read (it is stale but finite).
+                // Coefficients 0: the row's noise (stale, but finite) is multiplied by 0.
                 None => {}
             }
         }
@@ -414,7 +416,10 @@ impl DeviceLoopState {
         // Each re-noised row's noise goes straight into the buffer the device reads;
         // other rows' (and the padding's) values are multiplied by 0 and stay as they were.
         let row_len = l * d;
-        bucket.noise.write_prefix(rows.len() * row_len, |noise| {
+        let renoised = rows.iter().filter(|r| r.update.renoise.is_some()).count();
+        // On a row's last step there is none: then nothing is sent.
+        let sent = if renoised == 0 { 0 } else { rows.len() };
+        bucket.noise.write_prefix(sent * row_len, |noise| {
             for (row, target) in rows.iter().zip(noise.chunks_mut(row_len)) {
                 if let Some((_, _, eps)) = &row.update.renoise {
                     match eps.as_slice() {

@@ -153,6 +153,9 @@ where
         len: usize,
         write: impl FnOnce(&mut [T]),
     ) -> Result<(), String> {
+        if len == 0 {
+            return Ok(());
+        }
         let target: &mut [T] = match &mut self.host {
             Some(h) => h.values_mut(),
             None => self.device.extract_tensor_mut().1,
@@ -266,6 +269,14 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// The device buffers of the inputs no longer hold what their host copies hold.
+    fn inputs_written_on_device(&mut self) {
+        self.x_t.in_sync = false;
+        self.self_cond.in_sync = false;
+        self.t.in_sync = false;
+        self.kv_index.in_sync = false;
+    }
+
     fn host_buffers_pinned(&self) -> usize {
         [
             self.x_t.host.as_ref().map(HostBuffer::is_pinned),
@@ -460,6 +471,14 @@ impl FixedShapeCalls {
         })
     }
 
+    /// Says that another graph wrote the inputs of the bucket of `rows` rows on the
+    /// device, so that a later [`run`](Self::run) sends its own again.
+    pub(crate) fn inputs_written_on_device(&mut self, rows: usize) {
+        if let Some(bucket) = self.buckets.get_mut(&rows) {
+            bucket.inputs_written_on_device();
+        }
+    }
+
     /// One denoiser pass over `n` rows whose inputs another graph has just written into
     /// the bucket's device buffers; `x0` stays there. Sends nothing.
     pub(crate) fn run_written(&mut self, session: &mut Session, n: usize) -> Result<(), String> {
@@ -470,13 +489,7 @@ impl FixedShapeCalls {
                 "{n} rows in one denoiser call; the fixed shapes go up to {largest}"
             ));
         };
-        // The device buffers no longer hold what the host copies hold.
-        for buffer in [&mut bucket.x_t, &mut bucket.self_cond] {
-            buffer.in_sync = false;
-        }
-        for buffer in [&mut bucket.t, &mut bucket.kv_index] {
-            buffer.in_sync = false;
-        }
+        bucket.inputs_written_on_device();
         session
             .run_binding_with_options(&bucket.binding, &bucket.options)
             .map_err(|e| e.to_string())?;

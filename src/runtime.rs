@@ -684,7 +684,7 @@ impl Models {
                     .run_first(&mut models.denoiser.sessions[0])
                     .map_err(pool_err)?;
                 if let Some(state) = state.as_mut() {
-                    state.run_first().map_err(pool_err)?;
+                    state.run_first(&mut calls).map_err(pool_err)?;
                 }
                 models.device_loop = state;
                 models.fixed_calls = Some(calls);

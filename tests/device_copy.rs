@@ -297,7 +297,7 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
         .expect("device loop");
         calls.run_first(&mut denoiser).expect("first runs");
         let mut state = state;
-        state.run_first().expect("first runs");
+        state.run_first(&mut calls).expect("first runs");
         (denoiser, calls, state)
     });
     let latent = |seed: usize| {

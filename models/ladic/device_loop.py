@@ -40,9 +40,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-# Every op used here is in its current form at opset 13 (ScatterND without the
-# `reduction` of 16), where ONNX Runtime's CUDA provider has had kernels for all of them
-# the longest.
+# What these graphs use of each op has not changed since opset 13 (ScatterND without
+# the `reduction` of 16), where ONNX Runtime's CUDA provider has had kernels for all of
+# them the longest.
 OPSET = 13
 GATHER_FILE = "state_gather.onnx"
 UPDATE_FILE = "state_update.onnx"
@@ -139,7 +139,8 @@ def update_graph() -> onnx.ModelProto:
 
     Inputs: the pools, the denoiser's output `denoised [N, L, D]` (cond and uncond
     rows), `indices [N, 7]` and `coefficients [N, 4]` (see the module docs), and
-    `noise [N, L, D]` (read where sqrt(ab) or r sqrt(1-ab) is not zero). A candidate
+    `noise [N, L, D]` (always read, and multiplied by r sqrt(1-ab): it matters only where
+    that is not zero). A candidate
     with w = 0 is unguided: x0 = cond. Outputs: the pools' next copy and x0 [N, L, D]
     (read back only for the candidates the host needs it for: Back&Refine, the final
     decode, streaming).

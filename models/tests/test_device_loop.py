@@ -1,5 +1,6 @@
 """The device-loop graphs: committed as generated, and computing the host sampler's update."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,27 @@ def test_the_gather_reads_rows_by_slot_and_passes_t_and_kv_index_on():
     np.testing.assert_array_equal(self_cond, sc_pool[[3, 3, 0]])
     np.testing.assert_array_equal(t, [900, 900, 0])
     np.testing.assert_array_equal(kv_index, [5, 0, 0])
+
+
+def test_the_service_reads_the_same_columns():
+    """The column numbers in src/device_loop.rs are the generator's."""
+    source = (COMMITTED.parent / "device_loop.rs").read_text()
+    names = [
+        "STATE_ROW",
+        "T",
+        "KV_INDEX",
+        "COND_ROW",
+        "UNCOND_ROW",
+        "KEEP_SELF_COND",
+        "STATE_SLOT",
+        "INDEX_COLUMNS",
+        "GUIDE_COND",
+        "GUIDE_UNCOND",
+        "RENOISE_X0",
+        "RENOISE_NOISE",
+        "COEFFICIENT_COLUMNS",
+    ]
+    for name in names:
+        match = re.search(rf"^const {name}: usize = (\d+);$", source, re.MULTILINE)
+        assert match, f"src/device_loop.rs has no const {name}"
+        assert int(match.group(1)) == getattr(dl, name), name
