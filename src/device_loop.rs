@@ -119,7 +119,6 @@ struct LoopBucket {
 pub struct DeviceLoopState {
     gather: Session,
     update: Session,
-    transfer: Transfer,
     latent: (usize, usize),
     x_pool: [Tensor<f32>; 2],
     self_cond_pool: [Tensor<f32>; 2],
@@ -162,15 +161,13 @@ impl DeviceLoopState {
         let (l, d) = latent;
         let slots = slots.max(2);
         let pool = || Tensor::<f32>::new(device, [slots, l, d]).map_err(|e| e.to_string());
-        let transfer = calls.transfer();
-        let staging = match transfer {
+        let staging = match calls.transfer() {
             Transfer::InPlace => None,
             Transfer::Cuda(cuda) => Some(HostBuffer::new(cuda, l * d, 0.0)?),
         };
         let mut state = DeviceLoopState {
             gather,
             update,
-            transfer,
             latent,
             x_pool: [pool()?, pool()?],
             self_cond_pool: [pool()?, pool()?],
@@ -185,13 +182,13 @@ impl DeviceLoopState {
                 ..DeviceLoopStats::default()
             },
         };
-        // The pools start as zeros: slot 0 is read by padding rows before any write.
+        // Padding rows read the scratch slot 0 before any step writes it, so it starts as
+        // zeros. Every other slot is written when a row takes it (the row's first x_t and
+        // self_cond) before anything reads it.
         let zeros = Array2::<f32>::zeros(latent);
         for copy in 0..2 {
-            for slot in 0..slots {
-                state.write_slot(copy, slot, &zeros, State::X)?;
-                state.write_slot(copy, slot, &zeros, State::SelfCond)?;
-            }
+            state.write_slot(copy, 0, &zeros, State::X)?;
+            state.write_slot(copy, 0, &zeros, State::SelfCond)?;
         }
         for rows in calls.bucket_sizes() {
             let bucket = state.new_bucket(calls, device, rows, capture)?;
@@ -229,7 +226,7 @@ impl DeviceLoopState {
         capture: bool,
     ) -> Result<LoopBucket, String> {
         let (l, d) = self.latent;
-        let t = self.transfer;
+        let t = calls.transfer();
         let fail = |e: ort::Error| e.to_string();
         let inputs = calls
             .bucket_tensors(rows)

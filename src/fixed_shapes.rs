@@ -115,15 +115,7 @@ where
     /// the device holds exactly that already (as it does for `self_cond`, all zeros at
     /// every step without self-conditioning). Returns whether the device buffer changed.
     pub(crate) fn upload(&mut self, values: &[T], fill: T) -> Result<bool, String> {
-        let Buffer {
-            device,
-            host,
-            in_sync,
-        } = self;
-        let target: &mut [T] = match host {
-            Some(h) => h.values_mut(),
-            None => device.extract_tensor_mut().1,
-        };
+        let target = self.writable();
         if values.len() > target.len() {
             return Err(format!(
                 "{} values for a buffer of {}",
@@ -133,15 +125,13 @@ where
         }
         let (head, tail) = target.split_at_mut(values.len());
         let changed = write_changed(head, values) | fill_changed(tail, fill);
-        if *in_sync && !changed {
+        if self.in_sync && !changed {
             return Ok(false);
         }
-        *in_sync = false;
-        if let Some(h) = host {
-            // SAFETY: `device` is GPU memory of exactly the host copy's length.
-            unsafe { h.cuda().upload(device.data_ptr_mut(), h.values()) }?;
-        }
-        *in_sync = true;
+        self.in_sync = false;
+        let len = self.writable().len();
+        self.send(len)?;
+        self.in_sync = true;
         Ok(true)
     }
 
@@ -156,24 +146,35 @@ where
         if len == 0 {
             return Ok(());
         }
-        let target: &mut [T] = match &mut self.host {
-            Some(h) => h.values_mut(),
-            None => self.device.extract_tensor_mut().1,
-        };
+        let target = self.writable();
         let Some(prefix) = target.get_mut(..len) else {
             return Err(format!("{len} values for a buffer of {}", target.len()));
         };
         write(prefix);
-        if let Some(h) = &self.host {
-            let was_in_sync = std::mem::take(&mut self.in_sync);
-            // SAFETY: `device` is GPU memory of the host copy's length, at least `len`.
-            unsafe {
-                h.cuda()
-                    .upload(self.device.data_ptr_mut(), &h.values()[..len])
-            }?;
-            self.in_sync = was_in_sync;
-        }
+        let was_in_sync = std::mem::take(&mut self.in_sync);
+        self.send(len)?;
+        self.in_sync = was_in_sync;
         Ok(())
+    }
+
+    /// Where the host writes: the host copy on a GPU, the device buffer itself on the CPU.
+    fn writable(&mut self) -> &mut [T] {
+        match &mut self.host {
+            Some(h) => h.values_mut(),
+            None => self.device.extract_tensor_mut().1,
+        }
+    }
+
+    /// On a GPU, copies the first `len` values of the host copy to the device buffer.
+    fn send(&mut self, len: usize) -> Result<(), String> {
+        let Some(h) = &self.host else {
+            return Ok(());
+        };
+        let Some(values) = h.values().get(..len) else {
+            return Err(format!("{len} values for a buffer of {}", h.values().len()));
+        };
+        // SAFETY: `device` is GPU memory of the host copy's length, at least `len`.
+        unsafe { h.cuda().upload(self.device.data_ptr_mut(), values) }
     }
 
     /// The first `len` values of the device buffer (copied into the host copy on a GPU).

@@ -13,6 +13,7 @@
 //! `x_t` and zero `self_cond`) and after a Back&Refine restart, which the host computes
 //! from `x0` (its new `x_t` only; `self_cond` stays where the device put it).
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
@@ -46,8 +47,8 @@ impl Drop for StateSlot {
 /// scratch slot) and takes back those whose [`StateSlot`] was dropped.
 #[derive(Debug)]
 pub struct StateSlots {
-    /// Free slots, highest first (so the lowest is popped first).
-    free: Vec<usize>,
+    /// Free slots (the lowest is taken first).
+    free: BTreeSet<usize>,
     released: Arc<Mutex<Vec<usize>>>,
     capacity: usize,
 }
@@ -56,7 +57,7 @@ impl StateSlots {
     pub fn new(capacity: usize) -> StateSlots {
         let capacity = capacity.max(1);
         StateSlots {
-            free: (1..capacity).rev().collect(),
+            free: (1..capacity).collect(),
             released: Arc::new(Mutex::new(Vec::new())),
             capacity,
         }
@@ -67,8 +68,7 @@ impl StateSlots {
         let released =
             std::mem::take(&mut *self.released.lock().unwrap_or_else(|e| e.into_inner()));
         self.free.extend(released);
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
-        self.free.pop().map(|slot| StateSlot {
+        self.free.pop_first().map(|slot| StateSlot {
             slot,
             released: Arc::clone(&self.released),
         })
