@@ -186,6 +186,20 @@ fn prefetch_pool() -> &'static rayon::ThreadPool {
     })
 }
 
+/// Runs `call` (a model call that waits on a device) while the rows' next noise is
+/// drawn on the cores the host leaves idle. On a pool of its own: on the global one the
+/// draws would queue ahead of the call's own parallel work (writing its inputs) and hold
+/// up the device.
+fn drawing_noise_during<R>(rows: &mut [ActiveRow<'_>], call: impl FnOnce() -> R) -> R {
+    prefetch_pool().in_place_scope(|s| {
+        s.spawn(|_| {
+            use rayon::prelude::*;
+            rows.par_iter_mut().for_each(|r| r.row.prefetch_noise());
+        });
+        call()
+    })
+}
+
 /// Writes `parts` one after the other into `buffer` (`row` elements each, as long as
 /// all of them), split over the cores when `parallel`.
 fn stack_rows<'a>(
@@ -337,17 +351,7 @@ fn denoise_on_host<D: Denoiser>(
             let x_view = ArrayView3::from_shape(shape, &x).map_err(|_| StepError::Shape)?;
             let sc_view = ArrayView3::from_shape(shape, &sc).map_err(|_| StepError::Shape)?;
             let x0 = if overlap && first_call {
-                // The next noise draws, on the cores the host leaves idle while the device
-                // works. On a pool of their own: on the global one they would queue ahead
-                // of the call's own parallel work (writing its inputs) and hold up the
-                // device.
-                prefetch_pool().in_place_scope(|s| {
-                    s.spawn(|_| {
-                        use rayon::prelude::*;
-                        rows.par_iter_mut().for_each(|r| r.row.prefetch_noise());
-                    });
-                    denoiser.denoise(x_view, sc_view, &t, &kv)
-                })
+                drawing_noise_during(rows, || denoiser.denoise(x_view, sc_view, &t, &kv))
             } else {
                 denoiser.denoise(x_view, sc_view, &t, &kv)
             };
@@ -464,14 +468,7 @@ fn denoise_on_device<D: Denoiser>(
             .device_loop()
             .expect("the caller checked that the denoiser has a device loop");
         let out = if overlap && start == 0 {
-            // The rows' next noise, drawn while the device works (as on the host path).
-            prefetch_pool().in_place_scope(|s| {
-                s.spawn(|_| {
-                    use rayon::prelude::*;
-                    rows.par_iter_mut().for_each(|r| r.row.prefetch_noise());
-                });
-                device.step(calls)
-            })
+            drawing_noise_during(rows, || device.step(calls))
         } else {
             device.step(calls)
         };
