@@ -45,6 +45,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return _attend(q, k, v, heads)
 
 
+def attend_second_half_shared(
+    q: Tensor, kv: tuple[Tensor, Tensor], shared_kv: tuple[Tensor, Tensor], heads: int
+) -> Tensor:
+    """Cross-attention of `q [2P, N, D]` where the first P rows attend to their own K/V
+    (`kv`, `[P, M, D]` each) and the last P all attend to one K/V (`shared_kv`,
+    `[1, M, D]` each). The shared half runs as one query of P*N tokens: no per-row copy
+    of the shared K/V, one larger matmul. Reshapes by constants only (see above)."""
+    _, n, d = q.shape
+    halves = q.reshape(2, -1, int(n), int(d))
+    own = attend(halves[0], kv[0], kv[1], heads)
+    shared = attend(halves[1].reshape(1, -1, int(d)), shared_kv[0], shared_kv[1], heads)
+    return torch.cat([own, shared.reshape(-1, int(n), int(d))], dim=0)
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     scale = 1.0 / math.sqrt(int(q.shape[-1]))
@@ -174,12 +188,23 @@ class BertLayer(nn.Module):
     def image_kv(self, image: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross_key(image), self.cross_value(image)
 
-    def forward(self, h: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        second_half_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """`kv`: each row's cross-attention K and V. With `second_half_kv`, `kv` covers
+        the first half of the rows only and the second half attends to that one K/V."""
         a = attend(self.query(h), self.key(h), self.value(h), self.heads)
         h = self.attn_norm(h + self.attn_out(a))
         if self.has_cross:
             assert kv is not None
-            c = attend(self.cross_query(h), kv[0], kv[1], self.heads)
+            q = self.cross_query(h)
+            if second_half_kv is None:
+                c = attend(q, kv[0], kv[1], self.heads)
+            else:
+                c = attend_second_half_shared(q, kv, second_half_kv, self.heads)
             h = self.cross_norm(h + self.cross_out(c))
         return self.ffn_norm(h + self.ffn_out(F.gelu(self.ffn_in(h))))
 
@@ -294,6 +319,14 @@ def pooled_layer_kv(pool: Tensor, kv_index: Tensor, layers: int) -> Callable[[in
     return lambda j: flat.index_select(0, first + j)
 
 
+def slot_zero_layer_kv(pool: Tensor) -> Callable[[int], Tensor]:
+    """`j -> [1, N, H]`: entry j of slot 0 of `pool [S, 2*layers, N, H]`, which is row j
+    of the pool seen flat (a slice by constants: no index, no copy per row)."""
+    tokens, width = int(pool.shape[2]), int(pool.shape[3])
+    flat = pool.reshape(-1, tokens, width)
+    return lambda j: flat[j : j + 1]
+
+
 class Diffuser(nn.Module):
     """The denoiser: a post-LN BERT over concat(x_t, self_cond) with cross-attention to
     the image; predicts x0 as the first D channels of its last hidden state."""
@@ -332,14 +365,27 @@ class Diffuser(nn.Module):
         t: Tensor,
         image_kv: Tensor,
         kv_index: Tensor | None = None,
+        unconditional_half: bool = False,
     ) -> Tensor:
         """`image_kv [B, 2*layers, N, H]` holds each row's K/V; with `kv_index [B]` it is
-        a pool `[S, 2*layers, N, H]` and row b attends to slot `kv_index[b]`."""
-        layer_kv = (
-            pooled_layer_kv(image_kv, kv_index, len(self.layers))
-            if kv_index is not None
-            else lambda j: image_kv[:, j]
-        )
+        a pool `[S, 2*layers, N, H]` and row b attends to slot `kv_index[b]`.
+
+        `unconditional_half` (with `kv_index`; B even): the last B/2 rows attend to slot 0
+        whatever their `kv_index` says. The service keeps the null K/V of the
+        unconditional pass there and puts those passes in the second half of each call,
+        which then attends to it as one long query instead of copying it once per row."""
+        if unconditional_half:
+            assert kv_index is not None, "unconditional_half needs kv_index"
+            own_index = kv_index.reshape(2, -1)[0]
+            layer_kv = pooled_layer_kv(image_kv, own_index, len(self.layers))
+            shared_kv: Callable[[int], Tensor] | None = slot_zero_layer_kv(image_kv)
+        else:
+            layer_kv = (
+                pooled_layer_kv(image_kv, kv_index, len(self.layers))
+                if kv_index is not None
+                else lambda j: image_kv[:, j]
+            )
+            shared_kv = None
         if self.cfg.scale_input:
             x_t = x_t * self.input_scale[t][:, None, None]
         h = torch.cat([x_t, self_cond], dim=-1)
@@ -349,7 +395,9 @@ class Diffuser(nn.Module):
         pos = self.position_embeddings.weight[: int(h.shape[1])]
         h = self.dropout(self.embed_norm(h + pos))
         for i, layer in enumerate(self.layers):
-            h = layer(h, (layer_kv(2 * i), layer_kv(2 * i + 1)))
+            kv = (layer_kv(2 * i), layer_kv(2 * i + 1))
+            second = None if shared_kv is None else (shared_kv(2 * i), shared_kv(2 * i + 1))
+            h = layer(h, kv, second)
         return h[..., : self.latent_dim]
 
 
@@ -374,9 +422,11 @@ class Ladic(nn.Module):
         t: Tensor,
         image_kv: Tensor,
         kv_index: Tensor | None = None,
+        unconditional_half: bool = False,
     ) -> Tensor:
-        """x0 predictions; see `Diffuser.forward` for `image_kv` and `kv_index`."""
-        return self.diffuser(x_t, self_cond, t, image_kv, kv_index)
+        """x0 predictions; see `Diffuser.forward` for `image_kv`, `kv_index` and
+        `unconditional_half`."""
+        return self.diffuser(x_t, self_cond, t, image_kv, kv_index, unconditional_half)
 
     def decode(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """Latent -> (token ids, confidence = max softmax probability per position)."""

@@ -342,10 +342,12 @@ def convert_bundle(
     """Convert an fp32 bundle's graphs to fp16 or mixed (`convert_model`), in place
     (dst None) or into a copy.
 
-    The check (fp16 vs fp32 on random inputs, batches 1 and 3) runs before anything is
+    The check (fp16 vs fp32 on random inputs, `export.check_batches`) runs before anything is
     written; a graph off by more than MAX_RELATIVE_DIFF raises. Returns the differences,
     the conversion summaries and the graph sizes in bytes.
     """
+    from .export import check_batches, is_unconditional_half
+
     manifest = read_manifest(src)
     if manifest.get("precision", "fp32") != "fp32":
         raise ValueError(f"{src} is not an fp32 bundle (precision {manifest['precision']!r})")
@@ -357,7 +359,7 @@ def convert_bundle(
         fp16[name], summary[name] = convert_model(model, precision)
     diffs: dict[str, dict[str, float]] = {}
     if check:
-        for batch in (1, 3):
+        for batch in check_batches(is_unconditional_half(manifest)):
             for k, v in graph_differences(fp32, fp16, manifest, batch, seed=batch).items():
                 diffs[k] = {m: max(x, diffs.get(k, {}).get(m, 0.0)) for m, x in v.items()}
         bad = _worse(diffs)

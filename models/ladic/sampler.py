@@ -331,6 +331,13 @@ class OnnxBackend:
 
         self.encoder, self.denoiser, self.decoder = (
             session("encoder"), session("denoiser"), session("decoder"))
+        if graphs["denoiser"].get("unconditional_half", False):
+            # This sampler sends each row's K/V in its own order; such a denoiser would
+            # read half of them as the null K/V.
+            raise ValueError(
+                f"{bundle}: the denoiser is exported with --unconditional-half (for the "
+                "service's call layout); export the bundle without it for this sampler"
+            )
 
     @property
     def gathers_kv(self) -> bool:

@@ -205,6 +205,60 @@ def test_schedule_and_strides() -> None:
         assert -(-999 // stride) == steps
 
 
+@pytest.mark.parametrize("attention", ["unfused", "fused"])
+def test_unconditional_half_export(tmp_path: Path, attention: str) -> None:
+    """`--unconditional-half`: the second half of the rows attends to slot 0 whatever
+    kv_index says, its K/V taken by constant slices (one per layer's K and V, not a
+    gather per row), and the manifest says so."""
+    import onnx
+    import onnxruntime as ort
+
+    model = random_model("micro", seed=3)
+    tokenizer = placeholder_tokenizer(model.cfg, tmp_path / "tokenizer.json")
+    diffs = write_bundle(
+        model, tokenizer, tmp_path, "u", "u",
+        fused_attention=attention == "fused", unconditional_half=True,
+    )  # fmt: skip
+    assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["graphs"]["denoiser"]["unconditional_half"] is True
+    assert "unconditional_half" not in manifest["graphs"]["encoder"]
+
+    inputs = example_inputs(model.cfg, batch=6, seed=8)["denoiser"]
+    inputs["kv_index"] = torch.tensor([3, 1, 3, 5, 2, 4])  # the last three are ignored
+    sess = ort.InferenceSession(str(tmp_path / "denoiser.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        want = model.denoise(
+            inputs["x_t"], inputs["self_cond"], inputs["t"], inputs["image_kv"][[3, 1, 3, 0, 0, 0]]
+        )
+    assert np.abs(got - want.numpy()).max() <= 1e-4
+
+    graph = onnx.load(str(tmp_path / "denoiser.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert not set(ops) & {"Shape", "Size", "Range", "ConstantOfShape"}
+    flat = next(n for n in graph.node if "image_kv" in n.input).output[0]
+    readers = [n.op_type for n in graph.node if flat in n.input]
+    layers = model.cfg.diffuser.layers
+    assert sorted(readers) == sorted(["Gather"] * 2 * layers + ["Slice"] * 2 * layers)
+    with pytest.raises(ValueError, match="unconditional-half"):
+        OnnxBackend(str(tmp_path))
+
+
+def test_unconditional_half_fp16_conversion(tmp_path: Path) -> None:
+    """The fp16 conversion checks such a bundle at even batches and keeps its flag."""
+    from ladic.precision import convert_bundle
+
+    model = random_model("micro", seed=3)
+    tokenizer = placeholder_tokenizer(model.cfg, tmp_path / "tokenizer.json")
+    write_bundle(model, tokenizer, tmp_path, "u", "u", check=False, unconditional_half=True)
+    report = convert_bundle(tmp_path, precision="fp16")
+    assert report["diffs"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
+    assert manifest["graphs"]["denoiser"]["unconditional_half"] is True
+
+
 def test_committed_parity_fixtures_are_current(tmp_path: Path) -> None:
     """`python -m ladic.fixtures` reproduces what tests/fixtures/parity holds."""
     from ladic.fixtures import DEFAULT_OUT, main
