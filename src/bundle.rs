@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 
 /// The value of `format` every bundle carries.
 pub const BUNDLE_FORMAT: &str = "ladic-bundle";
-/// The `format_version`s this build can read.
-pub const SUPPORTED_FORMAT_VERSIONS: &[u64] = &[1];
+/// The `format_version`s this build can read. Version 2 adds the denoiser's
+/// `unconditional_half` ([`GraphSpec::unconditional_half`]), which a version-1 reader
+/// would ignore and so run wrong.
+pub const SUPPORTED_FORMAT_VERSIONS: &[u64] = &[1, 2];
+/// The first `format_version` that may set `unconditional_half`.
+pub const UNCONDITIONAL_HALF_FORMAT_VERSION: u64 = 2;
 
 /// Why a bundle could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +161,11 @@ pub struct GraphSpec {
     pub file: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Denoiser only (docs/bundle.md): the batch is even and its second half attends to
+    /// `image_kv[0]`, the null K/V, whatever `kv_index` says. Calls are laid out by
+    /// [`crate::call_layout`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unconditional_half: bool,
 }
 
 impl GraphSpec {
@@ -200,6 +209,12 @@ impl Manifest {
     /// K/V that rows index into) rather than one `image_kv` row per input row.
     pub fn denoiser_gathers_kv(&self) -> bool {
         self.graphs.denoiser.input(names::KV_INDEX).is_some()
+    }
+
+    /// Whether the denoiser reads the second half of each call's rows as unconditional
+    /// (see [`GraphSpec::unconditional_half`]).
+    pub fn denoiser_unconditional_half(&self) -> bool {
+        self.graphs.denoiser.unconditional_half
     }
 }
 
@@ -417,6 +432,22 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
     if gathers {
         expect_spec(&g.denoiser, "denoiser", KV_INDEX, true, DType::Int64, &[])?;
     }
+    if g.encoder.unconditional_half || g.decoder.unconditional_half {
+        return Err(invalid("only the denoiser may set unconditional_half"));
+    }
+    if g.denoiser.unconditional_half {
+        if !gathers {
+            return Err(invalid(
+                "the denoiser's unconditional_half needs its kv_index input",
+            ));
+        }
+        if m.format_version < UNCONDITIONAL_HALF_FORMAT_VERSION {
+            return Err(invalid(format!(
+                "the denoiser's unconditional_half needs format_version \
+                 {UNCONDITIONAL_HALF_FORMAT_VERSION} (older readers would ignore it)"
+            )));
+        }
+    }
     expect_spec(&g.denoiser, "denoiser", X0, false, DType::Float32, &[l, d])?;
     expect_spec(&g.decoder, "decoder", X0, true, DType::Float32, &[l, d])?;
     expect_spec(&g.decoder, "decoder", TOKEN_IDS, false, DType::Int64, &[l])?;
@@ -503,13 +534,13 @@ pub(crate) mod tests {
 
     #[test]
     fn refuses_unknown_version_before_parsing_the_rest() {
-        let text = r#"{"format": "ladic-bundle", "format_version": 2, "whatever": 1}"#;
+        let text = r#"{"format": "ladic-bundle", "format_version": 3, "whatever": 1}"#;
         let err = parse_manifest(text, Path::new("m.json")).unwrap_err();
         assert!(matches!(
             err,
-            BundleError::UnsupportedVersion { found: 2, .. }
+            BundleError::UnsupportedVersion { found: 3, .. }
         ));
-        assert!(err.to_string().contains("format_version 2"));
+        assert!(err.to_string().contains("format_version 3"));
     }
 
     #[test]
@@ -544,6 +575,31 @@ pub(crate) mod tests {
         let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
         let err = validate(&m).unwrap_err().to_string();
         assert!(err.contains("kv_index"), "{err}");
+    }
+
+    #[test]
+    fn unconditional_half_needs_version_2_and_kv_index() {
+        assert!(!example_manifest().denoiser_unconditional_half());
+        let parse = |v: &serde_json::Value| parse_manifest(&v.to_string(), Path::new("m.json"));
+        let mut v = example_manifest_json();
+        v["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
+        // A version-1 reader would ignore the key, so a version-1 bundle may not set it.
+        let err = validate(&parse(&v).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("format_version 2"), "{err}");
+        v["format_version"] = serde_json::json!(2);
+        let m = parse(&v).unwrap();
+        validate(&m).expect("valid at version 2");
+        assert!(m.denoiser_unconditional_half());
+        // Only with kv_index, and only on the denoiser.
+        let mut old = v.clone();
+        let inputs = old["graphs"]["denoiser"]["inputs"].as_array_mut().unwrap();
+        inputs.pop();
+        inputs[3]["shape"][0] = serde_json::json!("batch");
+        let err = validate(&parse(&old).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("kv_index"), "{err}");
+        v["graphs"]["encoder"]["unconditional_half"] = serde_json::json!(true);
+        let err = validate(&parse(&v).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("only the denoiser"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use ort::memory::Allocator;
 use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::Tensor;
 
+use crate::call_layout::HalfLayout;
 use crate::device_copy::HostBuffer;
 use crate::fixed_shapes::{Buffer, FixedShapeCalls, Transfer, bucket_rows};
 use crate::sampler::{DeviceRow, DeviceStep, StateSlots};
@@ -329,12 +330,15 @@ impl DeviceLoopState {
 
     /// One step over `rows` (see the module docs). `kv_index`: the K/V slot of each
     /// denoiser row, in the order of the rows, a guided row's conditional pass first.
+    /// `layout`: where those denoiser rows go in the batch, for a denoiser that reads
+    /// its second half as unconditional; without one they are consecutive.
     pub fn step(
         &mut self,
         calls: &mut FixedShapeCalls,
         denoiser: &mut Session,
         rows: Vec<DeviceRow<'_>>,
         kv_index: &[i64],
+        layout: Option<&HalfLayout>,
     ) -> Result<DeviceStep, String> {
         let (l, d) = self.latent;
         let (slot_of, new_slots) = self.slots.assign(&rows)?;
@@ -363,7 +367,18 @@ impl DeviceLoopState {
                 kv_index.len()
             ));
         }
-        let bucket_size = bucket_rows(denoiser_rows);
+        let batch_rows = match layout {
+            Some(layout) if layout.positions.len() != denoiser_rows => {
+                return Err(format!(
+                    "a layout of {} rows for {denoiser_rows} denoiser rows",
+                    layout.positions.len()
+                ));
+            }
+            Some(layout) => layout.rows,
+            None => denoiser_rows,
+        };
+        let position = |k: usize| layout.map_or(k, |layout| layout.positions[k]);
+        let bucket_size = bucket_rows(batch_rows);
         let Some(bucket) = self.buckets.get_mut(&bucket_size) else {
             return Err(format!(
                 "{denoiser_rows} rows in one denoiser call; the fixed shapes go up to {}",
@@ -372,15 +387,16 @@ impl DeviceLoopState {
         };
         let indices = &mut self.indices;
         indices.clear();
-        indices.resize(denoiser_rows * INDEX_COLUMNS, 0);
+        indices.resize(batch_rows * INDEX_COLUMNS, 0);
         let coefficients = &mut self.coefficients;
         coefficients.clear();
         coefficients.resize(rows.len() * COEFFICIENT_COLUMNS, 0.0);
         let mut next = 0;
         for (n, (row, &slot)) in rows.iter().zip(&slot_of).enumerate() {
-            let cond = next;
+            let cond = position(next);
             for _ in 0..row.denoiser_rows() {
-                let at = &mut indices[next * INDEX_COLUMNS..(next + 1) * INDEX_COLUMNS];
+                let p = position(next);
+                let at = &mut indices[p * INDEX_COLUMNS..(p + 1) * INDEX_COLUMNS];
                 at[STATE_ROW] = slot as i64;
                 at[T] = row.t_in;
                 at[KV_INDEX] = kv_index[next];
@@ -389,7 +405,7 @@ impl DeviceLoopState {
             let at = &mut indices[n * INDEX_COLUMNS..(n + 1) * INDEX_COLUMNS];
             at[COND_ROW] = cond as i64;
             // An unguided row's w = 0 makes the update take x0 = cond.
-            at[UNCOND_ROW] = (next - 1) as i64;
+            at[UNCOND_ROW] = position(next - 1) as i64;
             at[KEEP_SELF_COND] = i64::from(row.update.keep_self_cond);
             at[STATE_SLOT] = slot as i64;
             let at = &mut coefficients[n * COEFFICIENT_COLUMNS..(n + 1) * COEFFICIENT_COLUMNS];
@@ -428,7 +444,8 @@ impl DeviceLoopState {
         })?;
         let copy = self.current;
         bucket.gather[copy].run(&mut self.gather)?;
-        calls.run_written(denoiser, denoiser_rows)?;
+        calls.run_written(denoiser, batch_rows)?;
+        calls.stats.padding_rows += (batch_rows - denoiser_rows) as u64;
         bucket.update[copy].run(&mut self.update)?;
         self.current = 1 - copy;
         self.stats.steps += 1;

@@ -381,6 +381,19 @@ impl FixedShapeCalls {
         Ok(calls)
     }
 
+    /// Drops the 1-row bucket, for a denoiser that splits its batch in halves
+    /// (`unconditional_half`, [`crate::call_layout`]) and so runs even batches only.
+    /// Call it after [`allocate`](Self::allocate), before anything else uses the buckets.
+    pub fn drop_odd_buckets(&mut self) {
+        self.buckets.retain(|&rows, _| rows.is_multiple_of(2));
+        self.stats.buckets = self.buckets.len();
+        self.stats.pinned_host_buffers = self
+            .buckets
+            .values()
+            .map(|b| b.host_buffers_pinned())
+            .sum::<usize>();
+    }
+
     /// Runs every bucket once (the captures, with CUDA graphs): after every buffer that
     /// must outlive them is allocated (see the module docs).
     pub fn run_first(&mut self, session: &mut Session) -> Result<(), String> {

@@ -2,6 +2,7 @@
 //! captioner. README.md describes the service; docs/bundle.md the model bundle.
 
 pub mod bundle;
+pub mod call_layout;
 pub mod config;
 pub mod device_copy;
 pub mod device_loop;

@@ -18,6 +18,7 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::bundle::{Bundle, DType, GraphSpec, names};
+use crate::call_layout::HalfLayout;
 use crate::device_copy::CudaRuntime;
 use crate::device_loop::{DeviceLoopState, DeviceLoopStats};
 use crate::fixed_shapes::{FixedShapeCalls, FixedShapeStats, Transfer};
@@ -422,6 +423,9 @@ pub struct Models {
     kv_batch: Vec<f32>,
     /// Whether the denoiser takes `kv_index` (see [`names::KV_INDEX`]).
     gathers_kv: bool,
+    /// Whether the denoiser reads the second half of its batch as unconditional: every
+    /// call is then laid out by [`HalfLayout`] and runs on one session.
+    unconditional_half: bool,
     /// The images' K/V where the denoiser runs (with `gathers_kv` and the option on).
     kv_pool: Option<KvPool>,
     /// With `--cuda-graph`: the denoiser's fixed-shape calls, which then run every
@@ -625,6 +629,7 @@ impl Models {
             null_kv: Array3::zeros((0, 0, 0)),
             kv_batch: Vec::new(),
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
+            unconditional_half: bundle.manifest.denoiser_unconditional_half(),
             kv_pool: None,
             fixed_calls: None,
             device_loop: None,
@@ -659,16 +664,25 @@ impl Models {
                 // Every buffer in the denoiser's memory first, then the first runs (the
                 // captures): memory allocated after a capture may be where the captured
                 // graph keeps its intermediate tensors (src/fixed_shapes.rs).
+                // A denoiser that splits its batch in halves runs even batches only.
+                let max_rows = if models.unconditional_half {
+                    opts.max_batch_rows.max(2)
+                } else {
+                    opts.max_batch_rows
+                };
                 let mut calls = FixedShapeCalls::allocate(
                     &mut models.denoiser.sessions[0],
                     &allocator,
                     pool.tensor(),
                     latent,
-                    opts.max_batch_rows,
+                    max_rows,
                     capture,
                     transfer,
                 )
                 .map_err(pool_err)?;
+                if models.unconditional_half {
+                    calls.drop_odd_buckets();
+                }
                 let mut state = if opts.device_loop {
                     let slots =
                         device_loop_slots(opts.max_batch_rows, bundle.manifest.mbr.candidates);
@@ -696,6 +710,12 @@ impl Models {
                 }
             }
             models.kv_pool = Some(pool);
+        }
+        if models.unconditional_half {
+            tracing::info!(
+                "the denoiser reads the second half of each call as the unconditional pass \
+                 (one null K/V for all of it); calls run on one session"
+            );
         }
         tracing::info!(
             kv_index = models.gathers_kv,
@@ -907,8 +927,27 @@ impl Models {
 
     /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv_pool[kv_index[i]]`.
     /// With a bundle whose denoiser takes `kv_index` the pool is sent as is (each
-    /// distinct K/V once); with an older one the rows' K/V are gathered here.
+    /// distinct K/V once); with an older one the rows' K/V are gathered here. Not for a
+    /// denoiser that reads its second half as unconditional (use [`Denoiser::denoise`],
+    /// which lays the rows out for it).
     pub fn denoise_gathered(
+        &mut self,
+        x: ArrayView3<f32>,
+        self_cond: ArrayView3<f32>,
+        t: &[i64],
+        kv_pool: ArrayView4<f32>,
+        kv_index: &[i64],
+    ) -> Result<Array3<f32>, RuntimeError> {
+        if self.unconditional_half {
+            return Err(self.denoiser.fail(
+                "this denoiser reads the second half of its rows as unconditional; \
+                 its calls must be laid out for it (Denoiser::denoise)",
+            ));
+        }
+        self.run_gathered(x, self_cond, t, kv_pool, kv_index)
+    }
+
+    fn run_gathered(
         &mut self,
         x: ArrayView3<f32>,
         self_cond: ArrayView3<f32>,
@@ -964,70 +1003,65 @@ impl Models {
             )));
         }
         let kv = &kv;
-        let parts = self
-            .denoiser
-            .run_rows(self.helpers.as_ref(), rows, |session, range| {
-                let fail = |reason: String| RuntimeError::Inference {
-                    graph: "denoiser",
-                    reason,
-                };
-                let tensor_err = |e: ort::Error| fail(e.to_string());
-                let x_part = x.slice(s![range.clone(), .., ..]);
-                let x_t = TensorRef::from_array_view(x_part).map_err(tensor_err)?;
-                let sc_part = TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..]))
+        // Row slices would each need the halves' layout: one slice.
+        let helpers = self.helpers.as_ref().filter(|_| !self.unconditional_half);
+        let parts = self.denoiser.run_rows(helpers, rows, |session, range| {
+            let fail = |reason: String| RuntimeError::Inference {
+                graph: "denoiser",
+                reason,
+            };
+            let tensor_err = |e: ort::Error| fail(e.to_string());
+            let x_part = x.slice(s![range.clone(), .., ..]);
+            let x_t = TensorRef::from_array_view(x_part).map_err(tensor_err)?;
+            let sc_part = TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..]))
+                .map_err(tensor_err)?;
+            let t_part = TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()]))
+                .map_err(tensor_err)?;
+            let index =
+                TensorRef::from_array_view(ndarray::ArrayView1::from(&kv_index[range.clone()]))
                     .map_err(tensor_err)?;
-                let t_part =
-                    TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()]))
-                        .map_err(tensor_err)?;
-                let index =
-                    TensorRef::from_array_view(ndarray::ArrayView1::from(&kv_index[range.clone()]))
-                        .map_err(tensor_err)?;
-                // Every slice gets the whole pool and its rows' indices into it.
-                let outputs = match kv {
-                    KvInput::PerRow(per_row) => {
-                        let kv_part = TensorRef::from_array_view(per_row.slice(s![
-                            range.clone(),
-                            ..,
-                            ..,
-                            ..
-                        ]))
-                        .map_err(tensor_err)?;
-                        session.run(ort::inputs![
-                            names::X_T => x_t,
-                            names::SELF_COND => sc_part,
-                            names::T => t_part,
-                            names::IMAGE_KV => kv_part,
-                        ])
-                    }
-                    KvInput::Pool(pool) => {
-                        let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
-                        session.run(ort::inputs![
-                            names::X_T => x_t,
-                            names::SELF_COND => sc_part,
-                            names::T => t_part,
-                            names::IMAGE_KV => pool,
-                            names::KV_INDEX => index,
-                        ])
-                    }
-                    KvInput::Resident(pool) => session.run(ort::inputs![
+            // Every slice gets the whole pool and its rows' indices into it.
+            let outputs = match kv {
+                KvInput::PerRow(per_row) => {
+                    let kv_part =
+                        TensorRef::from_array_view(per_row.slice(s![range.clone(), .., .., ..]))
+                            .map_err(tensor_err)?;
+                    session.run(ort::inputs![
                         names::X_T => x_t,
                         names::SELF_COND => sc_part,
                         names::T => t_part,
-                        names::IMAGE_KV => *pool,
+                        names::IMAGE_KV => kv_part,
+                    ])
+                }
+                KvInput::Pool(pool) => {
+                    let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
+                    session.run(ort::inputs![
+                        names::X_T => x_t,
+                        names::SELF_COND => sc_part,
+                        names::T => t_part,
+                        names::IMAGE_KV => pool,
                         names::KV_INDEX => index,
-                    ]),
+                    ])
                 }
-                .map_err(tensor_err)?;
-                let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
-                if x0.dim() != x_part.dim() {
-                    return Err(fail(format!(
-                        "x0 has shape {:?}; expected {:?}",
-                        x0.dim(),
-                        x_part.dim()
-                    )));
-                }
-                Ok(x0)
-            })?;
+                KvInput::Resident(pool) => session.run(ort::inputs![
+                    names::X_T => x_t,
+                    names::SELF_COND => sc_part,
+                    names::T => t_part,
+                    names::IMAGE_KV => *pool,
+                    names::KV_INDEX => index,
+                ]),
+            }
+            .map_err(tensor_err)?;
+            let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
+            if x0.dim() != x_part.dim() {
+                return Err(fail(format!(
+                    "x0 has shape {:?}; expected {:?}",
+                    x0.dim(),
+                    x_part.dim()
+                )));
+            }
+            Ok(x0)
+        })?;
         join_rows(&self.denoiser, parts)
     }
 
@@ -1085,17 +1119,54 @@ impl DeviceLoop for Models {
             ));
         };
         // Each row's conditional pass, then its unconditional one if guided.
-        let mut kv = Vec::with_capacity(2 * rows.len());
-        for row in &rows {
-            kv.push(row.kv);
+        fn passes<'a>(row: &DeviceRow<'a>) -> Vec<KvRef<'a>> {
+            let mut kv = vec![row.kv];
             if row.denoiser_rows() == 2 {
                 kv.push(KvRef::Null);
             }
+            kv
         }
-        let kv_index = pool.assign(&kv).map_err(fail)?;
-        state
-            .step(calls, &mut self.denoiser.sessions[0], rows, &kv_index)
-            .map_err(fail)
+        if !self.unconditional_half {
+            let kv: Vec<KvRef<'_>> = rows.iter().flat_map(passes).collect();
+            let kv_index = pool.assign(&kv).map_err(fail)?;
+            return state
+                .step(calls, &mut self.denoiser.sessions[0], rows, &kv_index, None)
+                .map_err(fail);
+        }
+        // The batch's halves (HalfLayout), in as many steps as the largest fixed shape
+        // needs; a guided row's two passes stay in one. Each step updates the pools'
+        // next copy from the last, so the rows of a later one read what an earlier one
+        // left of them, unchanged.
+        let null = |kv: &KvRef<'_>| matches!(kv, KvRef::Null);
+        let parts = HalfLayout::split(
+            rows.len(),
+            |i| passes(&rows[i]).iter().map(null).collect(),
+            calls.max_rows(),
+        );
+        let mut out = DeviceStep {
+            new_slots: Vec::with_capacity(rows.len()),
+            x0: Vec::with_capacity(rows.len()),
+        };
+        let mut rows = rows.into_iter();
+        for part in parts {
+            let part: Vec<DeviceRow<'_>> = rows.by_ref().take(part.len()).collect();
+            let kv: Vec<KvRef<'_>> = part.iter().flat_map(passes).collect();
+            let flags: Vec<bool> = kv.iter().map(null).collect();
+            let layout = HalfLayout::new(&flags, crate::fixed_shapes::bucket_rows);
+            let kv_index = pool.assign(&kv).map_err(fail)?;
+            let step = state
+                .step(
+                    calls,
+                    &mut self.denoiser.sessions[0],
+                    part,
+                    &kv_index,
+                    Some(&layout),
+                )
+                .map_err(fail)?;
+            out.new_slots.extend(step.new_slots);
+            out.x0.extend(step.x0);
+        }
+        Ok(out)
     }
 }
 
@@ -1115,6 +1186,91 @@ impl Denoiser for Models {
     }
 
     fn denoise(
+        &mut self,
+        x: ArrayView3<f32>,
+        self_cond: ArrayView3<f32>,
+        t: &[i64],
+        kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, RuntimeError> {
+        if self.unconditional_half {
+            self.denoise_in_halves(x, self_cond, t, kv)
+        } else {
+            self.denoise_rows(x, self_cond, t, kv)
+        }
+    }
+
+    fn decode(&mut self, x0: ArrayView3<f32>) -> Result<(Array2<i64>, Array2<f32>), RuntimeError> {
+        Models::decode(self, x0)
+    }
+}
+
+impl Models {
+    /// [`Denoiser::denoise`] for a denoiser that reads the second half of its batch as
+    /// unconditional: the rows laid out by [`HalfLayout`], in as many calls as the
+    /// largest fixed shape needs, and the results put back in the rows' order.
+    fn denoise_in_halves(
+        &mut self,
+        x: ArrayView3<f32>,
+        self_cond: ArrayView3<f32>,
+        t: &[i64],
+        kv: &[KvRef<'_>],
+    ) -> Result<Array3<f32>, RuntimeError> {
+        let (n, l, d) = x.dim();
+        if self_cond.dim() != x.dim() || t.len() != n || kv.len() != n {
+            return Err(self.denoiser.fail(format!(
+                "inputs disagree on the rows: x {n}, self_cond {}, t {}, kv {}",
+                self_cond.dim().0,
+                t.len(),
+                kv.len()
+            )));
+        }
+        let null: Vec<bool> = kv.iter().map(|k| matches!(k, KvRef::Null)).collect();
+        let max_rows = self
+            .fixed_calls
+            .as_ref()
+            .map_or(usize::MAX, FixedShapeCalls::max_rows);
+        // A guided caption's two passes (a row on an image's K/V, then one on the null
+        // K/V) stay in one call, as in the device loop's steps.
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        for i in 0..n {
+            match groups.last_mut() {
+                Some(last) if null[i] && last.len() == 1 && !null[last.start] => last.end += 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
+        let parts = HalfLayout::split(groups.len(), |g| null[groups[g].clone()].to_vec(), max_rows)
+            .into_iter()
+            .map(|calls| groups[calls.start].start..groups[calls.end - 1].end);
+        let mut out = Array3::<f32>::zeros((n, l, d));
+        for part in parts {
+            let layout = HalfLayout::new(&null[part.clone()], |rows| self.padded_rows(rows));
+            // Padding rows: zeros at t = 0 on the null K/V, as the fixed shapes pad.
+            let mut xs = Array3::<f32>::zeros((layout.rows, l, d));
+            let mut scs = Array3::<f32>::zeros((layout.rows, l, d));
+            let mut ts = vec![0i64; layout.rows];
+            let mut kvs = vec![KvRef::Null; layout.rows];
+            for (i, &at) in part.clone().zip(&layout.positions) {
+                xs.index_axis_mut(Axis(0), at)
+                    .assign(&x.index_axis(Axis(0), i));
+                scs.index_axis_mut(Axis(0), at)
+                    .assign(&self_cond.index_axis(Axis(0), i));
+                ts[at] = t[i];
+                kvs[at] = kv[i];
+            }
+            let x0 = self.denoise_rows(xs.view(), scs.view(), &ts, &kvs)?;
+            if let Some(calls) = self.fixed_calls.as_mut() {
+                calls.stats.padding_rows += layout.padding() as u64;
+            }
+            for (i, &at) in part.zip(&layout.positions) {
+                out.index_axis_mut(Axis(0), i)
+                    .assign(&x0.index_axis(Axis(0), at));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One denoiser call on the rows as they are.
+    fn denoise_rows(
         &mut self,
         x: ArrayView3<f32>,
         self_cond: ArrayView3<f32>,
@@ -1147,6 +1303,11 @@ impl Denoiser for Models {
         let mut slot_of: std::collections::HashMap<*const f32, i64> =
             std::collections::HashMap::new();
         let mut kv_index = Vec::with_capacity(kv.len());
+        if self.unconditional_half {
+            // The denoiser's second half reads slot 0: the null K/V goes there.
+            pool.extend(self.null_kv.iter().copied());
+            slot_of.insert(self.null_kv.as_ptr(), 0);
+        }
         for src in kv {
             let a = match src {
                 KvRef::Image(a) => a.as_ref(),
@@ -1179,13 +1340,9 @@ impl Denoiser for Models {
                 graph: "denoiser",
                 reason: e.to_string(),
             })
-            .and_then(|pool| self.denoise_gathered(x, self_cond, t, pool, &kv_index));
+            .and_then(|pool| self.run_gathered(x, self_cond, t, pool, &kv_index));
         self.kv_batch = pool;
         result
-    }
-
-    fn decode(&mut self, x0: ArrayView3<f32>) -> Result<(Array2<i64>, Array2<f32>), RuntimeError> {
-        Models::decode(self, x0)
     }
 }
 

@@ -337,7 +337,7 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
                 })
                 .collect();
             let out = state
-                .step(calls, denoiser, rows, &kv_index)
+                .step(calls, denoiser, rows, &kv_index, None)
                 .expect("a step");
             for (slot, new) in slots[which].iter_mut().zip(out.new_slots) {
                 if new.is_some() {

@@ -19,6 +19,27 @@ fn parity_bundle() -> Bundle {
     Bundle::load(&dir).expect("parity bundle loads")
 }
 
+/// The parity bundle with the same denoiser exported with `--unconditional-half`, in `out`.
+fn unconditional_half_bundle(out: &std::path::Path) -> Bundle {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    for entry in std::fs::read_dir(fixtures.join("bundle")).expect("parity bundle") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), out.join(entry.file_name())).expect("copy");
+    }
+    std::fs::copy(
+        fixtures.join("unconditional-half-denoiser.onnx"),
+        out.join("denoiser.onnx"),
+    )
+    .expect("unconditional-half denoiser");
+    let path = out.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    manifest["format_version"] = serde_json::json!(2);
+    manifest["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
+    std::fs::write(&path, manifest.to_string()).expect("write manifest");
+    Bundle::load(out).expect("unconditional-half bundle loads")
+}
+
 fn options(device_loop: bool, max_batch_rows: usize) -> SessionOptions {
     SessionOptions {
         device: DeviceChoice::Cpu,
@@ -32,9 +53,12 @@ fn options(device_loop: bool, max_batch_rows: usize) -> SessionOptions {
 }
 
 fn load(device_loop: bool, max_batch_rows: usize) -> Models {
+    load_bundle(&parity_bundle(), device_loop, max_batch_rows)
+}
+
+fn load_bundle(bundle: &Bundle, device_loop: bool, max_batch_rows: usize) -> Models {
     let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
-    Models::load(&rt, &parity_bundle(), &options(device_loop, max_batch_rows))
-        .expect("sessions load")
+    Models::load(&rt, bundle, &options(device_loop, max_batch_rows)).expect("sessions load")
 }
 
 fn params(
@@ -158,6 +182,28 @@ fn the_device_loop_ends_every_row_as_the_host_loop_does() {
             // restart (x_t), not at every step.
             assert_eq!(stats.states_sent, 2 * (2 * 10 + restarts), "{stats:?}");
         }
+    }
+}
+
+#[test]
+fn with_an_unconditional_half_denoiser_the_device_loop_still_ends_rows_as_the_host_loop() {
+    // Both lay each call out in halves (src/call_layout.rs) and split it the same way
+    // where it does not fit the largest fixed shape: 16 rows here, while a step of all
+    // 10 rows (6 guided, so 10 on images' K/V) needs 2 x 10.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundle = unconditional_half_bundle(dir.path());
+    for trace in [true, false] {
+        let mut host = load_bundle(&bundle, false, 16);
+        let (want, want_snapshots) = run(&mut host, 16, trace);
+        assert!(want.iter().all(|(_, out)| out.is_some()));
+        let mut models = load_bundle(&bundle, true, 16);
+        let (got, snapshots) = run(&mut models, 16, trace);
+        assert_eq!(got, want, "trace {trace}");
+        assert_eq!(snapshots, want_snapshots);
+        // The layouts padded the unguided rows' second halves.
+        let padded = |m: &Models| m.fixed_shape_stats().expect("fixed shapes").padding_rows;
+        assert!(padded(&host) > 0 && padded(&models) == padded(&host));
+        assert_eq!(models.device_loop_stats().expect("device loop").1, 0);
     }
 }
 

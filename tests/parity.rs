@@ -91,16 +91,29 @@ fn rust_sampler_matches_the_python_reference() {
     assert!(!legacy.manifest.denoiser_gathers_kv());
     let fused_dir = tempfile::tempdir().expect("temp dir");
     let fused = fused_bundle(&dir, fused_dir.path());
+    // The same weights with a denoiser that reads the second half of its batch as the
+    // unconditional pass: the service lays out each call for it (on the sliced CPU path
+    // too, in one slice), and splits calls that do not fit the largest fixed shape (2
+    // rows below: every guided pair, and each unguided row alone).
+    let half_dir = tempfile::tempdir().expect("temp dir");
+    let half = unconditional_half_bundle(&dir, half_dir.path());
+    assert!(half.manifest.denoiser_unconditional_half());
     // Then the denoiser calls of `--cuda-graph` (padded to fixed shapes, in bound
     // buffers; nothing is captured on the CPU), and last those with the rows' state
     // kept in the device's memory (`--device-loop`).
-    for (bundle, row_parallelism, cuda_graph, device_loop) in [
-        (&bundle, 1, false, false),
-        (&bundle, 3, false, false),
-        (&legacy, 2, false, false),
-        (&fused, 2, false, false),
-        (&bundle, 1, true, false),
-        (&bundle, 1, true, true),
+    for (bundle, row_parallelism, cuda_graph, device_loop, max_batch_rows) in [
+        (&bundle, 1, false, false, 64),
+        (&bundle, 3, false, false, 64),
+        (&legacy, 2, false, false, 64),
+        (&fused, 2, false, false, 64),
+        (&bundle, 1, true, false, 64),
+        (&bundle, 1, true, true, 64),
+        (&half, 1, false, false, 64),
+        (&half, 3, false, false, 64),
+        (&half, 1, true, false, 64),
+        (&half, 1, true, false, 2),
+        (&half, 1, true, true, 64),
+        (&half, 1, true, true, 2),
     ] {
         let opts = SessionOptions {
             device: DeviceChoice::Cpu,
@@ -109,7 +122,7 @@ fn rust_sampler_matches_the_python_reference() {
             kv_pool: true,
             cuda_graph,
             device_loop,
-            max_batch_rows: 64,
+            max_batch_rows,
         };
         let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
         assert_eq!(models.row_parallelism, row_parallelism);
@@ -145,6 +158,25 @@ fn fused_bundle(fixtures: &Path, out: &Path) -> Bundle {
         std::fs::write(out.join(graph), bytes).expect("write graph");
     }
     Bundle::load(out).expect("fused bundle loads")
+}
+
+/// The parity bundle with tests/fixtures/parity/unconditional-half-denoiser.onnx (the
+/// same weights exported with `--unconditional-half`) and its manifest changed to match,
+/// written to `out`.
+fn unconditional_half_bundle(fixtures: &Path, out: &Path) -> Bundle {
+    copy_files(&fixtures.join("bundle"), out);
+    std::fs::copy(
+        fixtures.join("unconditional-half-denoiser.onnx"),
+        out.join("denoiser.onnx"),
+    )
+    .expect("unconditional-half denoiser (python -m ladic.fixtures)");
+    let path = out.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    manifest["format_version"] = serde_json::json!(2);
+    manifest["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
+    std::fs::write(&path, manifest.to_string()).expect("write manifest");
+    Bundle::load(out).expect("unconditional-half bundle loads")
 }
 
 fn copy_files(from: &Path, to: &Path) {

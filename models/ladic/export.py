@@ -38,6 +38,9 @@ from .model import Ladic, fused_attention_export
 
 FORMAT = "ladic-bundle"
 FORMAT_VERSION = 1
+# The first version that may set the denoiser's `unconditional_half` (docs/bundle.md):
+# readers of version 1 would ignore it and run such a bundle wrong, so they must refuse it.
+UNCONDITIONAL_HALF_FORMAT_VERSION = 2
 EXPORTER = "ladic.export 0.1.0"
 OPSET = 17
 
@@ -267,7 +270,9 @@ def manifest(
     t = cfg.text
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": (
+            UNCONDITIONAL_HALF_FORMAT_VERSION if unconditional_half else FORMAT_VERSION
+        ),
         "name": name,
         "description": description,
         "created_by": EXPORTER,

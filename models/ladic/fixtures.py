@@ -4,7 +4,9 @@ Writes `tests/fixtures/parity/bundle/` (a few-kilobyte random-weight bundle),
 `tests/fixtures/parity/legacy-denoiser.onnx` (the same denoiser without `kv_index`, as
 bundles were written before it, for the service's compatibility test),
 `tests/fixtures/parity/fused/` (the same three graphs exported with `--attention fused`,
-which the service must run to the same results) and
+which the service must run to the same results),
+`tests/fixtures/parity/unconditional-half-denoiser.onnx` (the same denoiser exported with
+`--unconditional-half`, which the service must lay its calls out for) and
 `tests/fixtures/parity/cases.json`: for plain sampling, Back&Refine and MBR, the input
 pixels, every noise draw, the x0 after every iteration, and the expected ids and text,
 all computed through ONNX Runtime so the Rust service must reproduce them.
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_graphs(model, Path(tmp), gather_kv=False)
         shutil.copyfile(Path(tmp) / "denoiser.onnx", args.out / "legacy-denoiser.onnx")
+        export_graphs(model, Path(tmp), unconditional_half=True)
+        shutil.copyfile(
+            Path(tmp) / "denoiser.onnx", args.out / "unconditional-half-denoiser.onnx"
+        )
     (args.out / "fused").mkdir(exist_ok=True)
     export_graphs(model, args.out / "fused", fused_attention=True)
     backend = OnnxBackend(str(bundle))

@@ -223,6 +223,7 @@ def test_unconditional_half_export(tmp_path: Path, attention: str) -> None:
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["graphs"]["denoiser"]["unconditional_half"] is True
     assert "unconditional_half" not in manifest["graphs"]["encoder"]
+    assert manifest["format_version"] == 2  # version-1 readers must refuse it
 
     inputs = example_inputs(model.cfg, batch=6, seed=8)["denoiser"]
     inputs["kv_index"] = torch.tensor([3, 1, 3, 5, 2, 4])  # the last three are ignored

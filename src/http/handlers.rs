@@ -530,6 +530,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             "max_len": m.text.max_len,
             "vocab_size": m.text.vocab_size,
             "num_timesteps": m.schedule.num_timesteps,
+            "unconditional_half": m.denoiser_unconditional_half(),
         },
         "defaults": {
             "steps": d.steps,
