@@ -13,15 +13,17 @@
 #                   DIR/matrix, one folder per pass plus matrix.md and matrix.json
 #   --budget S      whole run, in seconds (default 540); a pass starts only when at least
 #                   PASS_MIN seconds (default 75) are left, and gets what is left
-#   --passes LIST   in this order (default "graph loop plain fused-loop fused-loop-fp16
-#                   fused-graph workers2 fused"; the last ones are skipped when the
-#                   budget runs out):
+#   --passes LIST   in this order (default "graph loop plain fused-loop half-loop
+#                   fused-loop-fp16 fused-graph workers2 fused"; the last ones are
+#                   skipped when the budget runs out):
 #                     plain        the default server
 #                     graph        --cuda-graph true
 #                     loop         --cuda-graph true --device-loop true
 #                     fused        bundle exported with --attention fused
 #                     fused-graph  fused and graph
 #                     fused-loop   fused and loop
+#                     half-loop    fused-loop on the bundle exported with
+#                                  --unconditional-half (the null K/V attended once)
 #                     fused-loop-fp16  fused-loop on the bundle converted to fp16
 #                     workers2     --workers 2 (two batches in flight, one per worker)
 #   --device, --config, --quick   passed to every pass (see scripts/bench-gpu.sh)
@@ -39,7 +41,7 @@ usage() { sed -n '6,28p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540
-PASSES="graph loop plain fused-loop fused-loop-fp16 fused-graph workers2 fused"
+PASSES="graph loop plain fused-loop half-loop fused-loop-fp16 fused-graph workers2 fused"
 COMMON=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -73,6 +75,7 @@ pass_flags() {
     fused-graph) echo "--attention fused|--cuda-graph true" ;;
     loop) echo "--attention unfused|--cuda-graph true --device-loop true" ;;
     fused-loop) echo "--attention fused|--cuda-graph true --device-loop true" ;;
+    half-loop) echo "--attention fused --unconditional-half|--cuda-graph true --device-loop true" ;;
     fused-loop-fp16) echo "--attention fused --precision fp16|--cuda-graph true --device-loop true" ;;
     workers2) echo "--attention unfused|--workers 2" ;;
     *) return 1 ;;
@@ -137,7 +140,8 @@ for name in sys.argv[2:]:
 # what its baseline does (random weights: a tiny numerical difference can still flip a
 # word now and then; a broken copy or binding flips nearly all of them).
 BASELINE = {"graph": "plain", "workers2": "plain", "fused-graph": "fused",
-            "loop": "graph", "fused-loop": "fused-graph", "fused-loop-fp16": "fused-loop"}
+            "loop": "graph", "fused-loop": "fused-graph", "fused-loop-fp16": "fused-loop",
+            "half-loop": "fused-loop"}
 def same(name):
     base = BASELINE.get(name)
     if base not in table or name not in table:

@@ -5,7 +5,7 @@
 #   scripts/bench-gpu.sh --binary PATH [--out DIR] [--device cuda|cpu]
 #                        [--config base|tiny|micro] [--quick] [--check-export]
 #                        [--budget SECONDS] [--no-reference] [--attention fused|unfused]
-#                        [--precision fp32|fp16|mixed]
+#                        [--precision fp32|fp16|mixed] [--unconditional-half]
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
@@ -25,6 +25,8 @@
 #                   ONNX Runtime MultiHeadAttention node each; bundle-CONFIG-fused)
 #   --precision P   the bundle's graphs in fp32 (default), fp16 or mixed (the exporter's
 #                   --precision; bundle-CONFIG[-fused]-P); the reference is unchanged
+#   --unconditional-half  export the denoiser with --unconditional-half (the second half
+#                   of each call attends to the null K/V once; bundle-CONFIG[-fused]-half)
 #
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
@@ -55,7 +57,7 @@ die() { printf '[%4ds] ERROR: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench DEVICE=cuda CONFIG="" QUICK=0 CHECK_EXPORT=0 BUDGET=480
-REFERENCE=1 ATTENTION=unfused PRECISION=fp32
+REFERENCE=1 ATTENTION=unfused PRECISION=fp32 HALF=0
 while [[ $# -gt 0 ]]; do
   case $1 in
     --binary) BINARY=${2:?}; shift 2 ;;
@@ -68,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --no-reference) REFERENCE=0; shift ;;
     --attention) ATTENTION=${2:?}; shift 2 ;;
     --precision) PRECISION=${2:?}; shift 2 ;;
+    --unconditional-half) HALF=1; shift ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -93,6 +96,7 @@ fi
 mkdir -p "$WORK" "$RES"
 NAME=$CONFIG
 [[ $ATTENTION == fused ]] && NAME=$CONFIG-fused
+[[ $HALF == 1 ]] && NAME=$NAME-half
 [[ $PRECISION == fp32 ]] || NAME=$NAME-$PRECISION
 BUNDLE=$WORK/bundle-$NAME
 # Results of an earlier run in the same folder would mix with this one's.
@@ -180,6 +184,7 @@ fi
 [[ $CHECK_EXPORT == 1 ]] || EXPORT_FLAGS+=(--no-check)
 EXPORT_FLAGS+=(--attention "$ATTENTION")
 [[ $PRECISION == fp32 ]] || EXPORT_FLAGS+=(--precision "$PRECISION")
+[[ $HALF == 0 ]] || EXPORT_FLAGS+=(--unconditional-half)
 [[ -n $(pyinfo tokenizers) ]] \
   || log "fallback: the tokenizers package is missing -> the exporter writes tokenizer.json as plain JSON"
 
