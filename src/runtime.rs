@@ -421,6 +421,9 @@ pub struct Models {
     /// The K/V pool of the last denoiser call, kept so that each call copies the
     /// distinct K/V into memory that is already mapped instead of a fresh allocation.
     kv_batch: Vec<f32>,
+    /// The inputs of the last call laid out in halves (`unconditional_half`), kept for
+    /// the same reason.
+    layout_buffers: (Vec<f32>, Vec<f32>),
     /// Whether the denoiser takes `kv_index` (see [`names::KV_INDEX`]).
     gathers_kv: bool,
     /// Whether the denoiser reads the second half of its batch as unconditional: every
@@ -628,6 +631,7 @@ impl Models {
             decoder,
             null_kv: Array3::zeros((0, 0, 0)),
             kv_batch: Vec::new(),
+            layout_buffers: (Vec::new(), Vec::new()),
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
             unconditional_half: bundle.manifest.denoiser_unconditional_half(),
             kv_pool: None,
@@ -1244,20 +1248,45 @@ impl Models {
         let mut out = Array3::<f32>::zeros((n, l, d));
         for part in parts {
             let layout = HalfLayout::new(&null[part.clone()], |rows| self.padded_rows(rows));
-            // Padding rows: zeros at t = 0 on the null K/V, as the fixed shapes pad.
-            let mut xs = Array3::<f32>::zeros((layout.rows, l, d));
-            let mut scs = Array3::<f32>::zeros((layout.rows, l, d));
-            let mut ts = vec![0i64; layout.rows];
-            let mut kvs = vec![KvRef::Null; layout.rows];
+            // The call's row at each batch row; None: padding, zeros at t = 0 on the null
+            // K/V, as the fixed shapes pad.
+            let mut source: Vec<Option<usize>> = vec![None; layout.rows];
             for (i, &at) in part.clone().zip(&layout.positions) {
-                xs.index_axis_mut(Axis(0), at)
-                    .assign(&x.index_axis(Axis(0), i));
-                scs.index_axis_mut(Axis(0), at)
-                    .assign(&self_cond.index_axis(Axis(0), i));
-                ts[at] = t[i];
-                kvs[at] = kv[i];
+                source[at] = Some(i);
             }
-            let x0 = self.denoise_rows(xs.view(), scs.view(), &ts, &kvs)?;
+            let ts: Vec<i64> = source.iter().map(|s| s.map_or(0, |i| t[i])).collect();
+            let kvs: Vec<KvRef<'_>> = source
+                .iter()
+                .map(|s| s.map_or(KvRef::Null, |i| kv[i]))
+                .collect();
+            // Into buffers kept from the last call, as the sampler stacks its inputs:
+            // fresh multi-megabyte arrays cost more than the copies.
+            let (mut xs, mut scs) = std::mem::take(&mut self.layout_buffers);
+            let row = l * d;
+            for (buffer, input) in [(&mut xs, &x), (&mut scs, &self_cond)] {
+                buffer.resize(layout.rows * row, 0.0);
+                for (target, from) in buffer.chunks_mut(row).zip(&source) {
+                    let Some(i) = from else {
+                        target.fill(0.0);
+                        continue;
+                    };
+                    let values = input.index_axis(Axis(0), *i);
+                    match values.as_slice() {
+                        Some(values) => target.copy_from_slice(values),
+                        None => target.iter_mut().zip(values).for_each(|(t, &v)| *t = v),
+                    }
+                }
+            }
+            let shape = (layout.rows, l, d);
+            let result = match (
+                ArrayView3::from_shape(shape, &xs),
+                ArrayView3::from_shape(shape, &scs),
+            ) {
+                (Ok(xv), Ok(sv)) => self.denoise_rows(xv, sv, &ts, &kvs),
+                _ => Err(self.denoiser.fail("laid-out inputs of the wrong length")),
+            };
+            self.layout_buffers = (xs, scs);
+            let x0 = result?;
             if let Some(calls) = self.fixed_calls.as_mut() {
                 calls.stats.padding_rows += layout.padding() as u64;
             }
