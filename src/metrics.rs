@@ -115,7 +115,8 @@ impl Metrics {
         )?;
         let denoiser_padding_rows_total = IntCounter::new(
             "denoiser_padding_rows_total",
-            "Rows run only to pad a denoiser call to its fixed row count (--cuda-graph).",
+            "Rows run only to pad denoiser calls: to a fixed row count (--cuda-graph), or \
+             the halves of a denoiser exported --unconditional-half.",
         )?;
         let model_load_seconds = Gauge::new(
             "model_load_seconds",

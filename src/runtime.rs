@@ -424,6 +424,9 @@ pub struct Models {
     /// The inputs of the last call laid out in halves (`unconditional_half`), kept for
     /// the same reason.
     layout_buffers: (Vec<f32>, Vec<f32>),
+    /// Padding rows of calls laid out in halves without fixed shapes (those with fixed
+    /// shapes count in the fixed-shape calls' stats).
+    layout_padding_rows: u64,
     /// Whether the denoiser takes `kv_index` (see [`names::KV_INDEX`]).
     gathers_kv: bool,
     /// Whether the denoiser reads the second half of its batch as unconditional: every
@@ -439,7 +442,9 @@ pub struct Models {
     device_loop: Option<DeviceLoopState>,
     image_size: usize,
     pub device: ActiveDevice,
-    /// Sessions per graph (row slices that run at once); 1 on CUDA.
+    /// Sessions of the encoder and decoder (row slices that run at once), and of the
+    /// denoiser unless it reads its second half as unconditional (then 1, on as many
+    /// threads); 1 on CUDA.
     pub row_parallelism: usize,
     /// Threads that run the row slices after the first (`row_parallelism - 1`).
     helpers: Option<rayon::ThreadPool>,
@@ -590,9 +595,22 @@ impl Models {
                     Err(reason) => return Err(session_err(reason)),
                 }
             }
+            // A denoiser that reads its second half as unconditional runs each call in
+            // one piece (the halves' layout spans the call): one session on the threads
+            // that the row slices would have had.
+            let (copies, session_opts) =
+                if name == "denoiser" && bundle.manifest.denoiser_unconditional_half() {
+                    let mut one = opts.clone();
+                    if opts.intra_op_threads > 0 {
+                        one.intra_op_threads = opts.intra_op_threads * opts.row_parallelism.max(1);
+                    }
+                    (1, one)
+                } else {
+                    (opts.row_parallelism.max(1), opts.clone())
+                };
             if sessions.is_empty() {
-                for _ in 0..opts.row_parallelism.max(1) {
-                    let session = base_builder(rt, opts)
+                for _ in 0..copies {
+                    let session = base_builder(rt, &session_opts)
                         .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
                         .map_err(session_err)?;
                     check_graph(name, &session, spec)?;
@@ -610,7 +628,7 @@ impl Models {
             unreachable!("three graphs were pushed")
         };
         let size = bundle.manifest.image.size as usize;
-        let row_parallelism = denoiser.sessions.len();
+        let row_parallelism = encoder.sessions.len();
         let helpers = if row_parallelism > 1 {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(row_parallelism - 1)
@@ -632,6 +650,7 @@ impl Models {
             null_kv: Array3::zeros((0, 0, 0)),
             kv_batch: Vec::new(),
             layout_buffers: (Vec::new(), Vec::new()),
+            layout_padding_rows: 0,
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
             unconditional_half: bundle.manifest.denoiser_unconditional_half(),
             kv_pool: None,
@@ -717,8 +736,10 @@ impl Models {
         }
         if models.unconditional_half {
             tracing::info!(
+                denoiser_sessions = models.denoiser.sessions.len(),
                 "the denoiser reads the second half of each call as the unconditional pass \
-                 (one null K/V for all of it); calls run on one session"
+                 (one null K/V for all of it); its calls are laid out in halves and not \
+                 sliced"
             );
         }
         tracing::info!(
@@ -820,6 +841,15 @@ impl Models {
             Some(_) => crate::fixed_shapes::bucket_rows(rows),
             None => rows,
         }
+    }
+
+    /// Rows run so far only to fill denoiser calls: the fixed-shape buckets' padding,
+    /// and the padding of calls laid out in halves ([`HalfLayout`]).
+    pub fn padding_rows_total(&self) -> u64 {
+        self.fixed_calls
+            .as_ref()
+            .map_or(0, |calls| calls.stats.padding_rows)
+            + self.layout_padding_rows
     }
 
     /// The fixed-shape calls' counters, with `--cuda-graph`.
@@ -1007,65 +1037,72 @@ impl Models {
             )));
         }
         let kv = &kv;
-        // Row slices would each need the halves' layout: one slice.
-        let helpers = self.helpers.as_ref().filter(|_| !self.unconditional_half);
-        let parts = self.denoiser.run_rows(helpers, rows, |session, range| {
-            let fail = |reason: String| RuntimeError::Inference {
-                graph: "denoiser",
-                reason,
-            };
-            let tensor_err = |e: ort::Error| fail(e.to_string());
-            let x_part = x.slice(s![range.clone(), .., ..]);
-            let x_t = TensorRef::from_array_view(x_part).map_err(tensor_err)?;
-            let sc_part = TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..]))
-                .map_err(tensor_err)?;
-            let t_part = TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()]))
-                .map_err(tensor_err)?;
-            let index =
-                TensorRef::from_array_view(ndarray::ArrayView1::from(&kv_index[range.clone()]))
+        // (A denoiser that reads its second half as unconditional has one session, so
+        // its calls, laid out in halves, are never sliced.)
+        let parts = self
+            .denoiser
+            .run_rows(self.helpers.as_ref(), rows, |session, range| {
+                let fail = |reason: String| RuntimeError::Inference {
+                    graph: "denoiser",
+                    reason,
+                };
+                let tensor_err = |e: ort::Error| fail(e.to_string());
+                let x_part = x.slice(s![range.clone(), .., ..]);
+                let x_t = TensorRef::from_array_view(x_part).map_err(tensor_err)?;
+                let sc_part = TensorRef::from_array_view(sc.slice(s![range.clone(), .., ..]))
                     .map_err(tensor_err)?;
-            // Every slice gets the whole pool and its rows' indices into it.
-            let outputs = match kv {
-                KvInput::PerRow(per_row) => {
-                    let kv_part =
-                        TensorRef::from_array_view(per_row.slice(s![range.clone(), .., .., ..]))
-                            .map_err(tensor_err)?;
-                    session.run(ort::inputs![
+                let t_part =
+                    TensorRef::from_array_view(ndarray::ArrayView1::from(&t[range.clone()]))
+                        .map_err(tensor_err)?;
+                let index =
+                    TensorRef::from_array_view(ndarray::ArrayView1::from(&kv_index[range.clone()]))
+                        .map_err(tensor_err)?;
+                // Every slice gets the whole pool and its rows' indices into it.
+                let outputs = match kv {
+                    KvInput::PerRow(per_row) => {
+                        let kv_part = TensorRef::from_array_view(per_row.slice(s![
+                            range.clone(),
+                            ..,
+                            ..,
+                            ..
+                        ]))
+                        .map_err(tensor_err)?;
+                        session.run(ort::inputs![
+                            names::X_T => x_t,
+                            names::SELF_COND => sc_part,
+                            names::T => t_part,
+                            names::IMAGE_KV => kv_part,
+                        ])
+                    }
+                    KvInput::Pool(pool) => {
+                        let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
+                        session.run(ort::inputs![
+                            names::X_T => x_t,
+                            names::SELF_COND => sc_part,
+                            names::T => t_part,
+                            names::IMAGE_KV => pool,
+                            names::KV_INDEX => index,
+                        ])
+                    }
+                    KvInput::Resident(pool) => session.run(ort::inputs![
                         names::X_T => x_t,
                         names::SELF_COND => sc_part,
                         names::T => t_part,
-                        names::IMAGE_KV => kv_part,
-                    ])
-                }
-                KvInput::Pool(pool) => {
-                    let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
-                    session.run(ort::inputs![
-                        names::X_T => x_t,
-                        names::SELF_COND => sc_part,
-                        names::T => t_part,
-                        names::IMAGE_KV => pool,
+                        names::IMAGE_KV => *pool,
                         names::KV_INDEX => index,
-                    ])
+                    ]),
                 }
-                KvInput::Resident(pool) => session.run(ort::inputs![
-                    names::X_T => x_t,
-                    names::SELF_COND => sc_part,
-                    names::T => t_part,
-                    names::IMAGE_KV => *pool,
-                    names::KV_INDEX => index,
-                ]),
-            }
-            .map_err(tensor_err)?;
-            let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
-            if x0.dim() != x_part.dim() {
-                return Err(fail(format!(
-                    "x0 has shape {:?}; expected {:?}",
-                    x0.dim(),
-                    x_part.dim()
-                )));
-            }
-            Ok(x0)
-        })?;
+                .map_err(tensor_err)?;
+                let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
+                if x0.dim() != x_part.dim() {
+                    return Err(fail(format!(
+                        "x0 has shape {:?}; expected {:?}",
+                        x0.dim(),
+                        x_part.dim()
+                    )));
+                }
+                Ok(x0)
+            })?;
         join_rows(&self.denoiser, parts)
     }
 
@@ -1287,8 +1324,9 @@ impl Models {
             };
             self.layout_buffers = (xs, scs);
             let x0 = result?;
-            if let Some(calls) = self.fixed_calls.as_mut() {
-                calls.stats.padding_rows += layout.padding() as u64;
+            match self.fixed_calls.as_mut() {
+                Some(calls) => calls.stats.padding_rows += layout.padding() as u64,
+                None => self.layout_padding_rows += layout.padding() as u64,
             }
             for (i, &at) in part.zip(&layout.positions) {
                 out.index_axis_mut(Axis(0), i)

@@ -101,25 +101,29 @@ fn rust_sampler_matches_the_python_reference() {
     // Then the denoiser calls of `--cuda-graph` (padded to fixed shapes, in bound
     // buffers; nothing is captured on the CPU), and last those with the rows' state
     // kept in the device's memory (`--device-loop`).
-    for (bundle, row_parallelism, cuda_graph, device_loop, max_batch_rows) in [
-        (&bundle, 1, false, false, 64),
-        (&bundle, 3, false, false, 64),
-        (&legacy, 2, false, false, 64),
-        (&fused, 2, false, false, 64),
-        (&bundle, 1, true, false, 64),
-        (&bundle, 1, true, true, 64),
-        (&half, 1, false, false, 64),
-        (&half, 3, false, false, 64),
-        (&half, 1, true, false, 64),
-        (&half, 1, true, false, 2),
-        (&half, 1, true, true, 64),
-        (&half, 1, true, true, 2),
+    // `kv_pool` false: each call sends its distinct K/V from the host (the null K/V in
+    // slot 0 for the halves' layout).
+    for (bundle, row_parallelism, kv_pool, cuda_graph, device_loop, max_batch_rows) in [
+        (&bundle, 1, true, false, false, 64),
+        (&bundle, 3, true, false, false, 64),
+        (&legacy, 2, true, false, false, 64),
+        (&fused, 2, true, false, false, 64),
+        (&bundle, 1, true, true, false, 64),
+        (&bundle, 1, true, true, true, 64),
+        (&half, 1, true, false, false, 64),
+        (&half, 3, true, false, false, 64),
+        (&half, 1, false, false, false, 64),
+        (&half, 3, false, false, false, 64),
+        (&half, 1, true, true, false, 64),
+        (&half, 1, true, true, false, 2),
+        (&half, 1, true, true, true, 64),
+        (&half, 1, true, true, true, 2),
     ] {
         let opts = SessionOptions {
             device: DeviceChoice::Cpu,
             intra_op_threads: 1,
             row_parallelism,
-            kv_pool: true,
+            kv_pool,
             cuda_graph,
             device_loop,
             max_batch_rows,
@@ -128,6 +132,11 @@ fn rust_sampler_matches_the_python_reference() {
         assert_eq!(models.row_parallelism, row_parallelism);
         for case in &cases {
             replay(case, &mut models, &text, &schedule, (l, d), size);
+        }
+        // The unguided case pads each call's second half (the /metrics counter).
+        let halves = bundle.manifest.denoiser_unconditional_half();
+        if halves || !cuda_graph {
+            assert_eq!(models.padding_rows_total() > 0, halves);
         }
         if cuda_graph {
             let stats = models.fixed_shape_stats().expect("fixed-shape calls");

@@ -110,6 +110,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{bundle}: " + ", ".join(each))
         return
 
+    halves = [
+        b for b in (args.a, args.b)
+        if json.loads((b / "manifest.json").read_text())["graphs"]["denoiser"].get(
+            "unconditional_half", False)
+    ]  # fmt: skip
+    if args.graph == "denoiser" and halves and any(int(b) % 2 for b in args.batch.split(",")):
+        p.error(f"{halves[0]} splits its denoiser's batch in halves: give even --batch sizes")
+
     def session(bundle: Path, profile: bool = False) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         if profile:

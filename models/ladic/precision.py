@@ -50,6 +50,7 @@ from .sampler import (
     TextIds,
     caption_images,
     clean_ids,
+    refuse_unconditional_half,
 )
 
 # What a bundle's manifest says in "precision"; the graphs' inputs and outputs are the
@@ -396,6 +397,7 @@ class ProviderBackend(OnnxBackend):
 
     def __init__(self, bundle: Path, providers: list[str], threads: int = 0) -> None:
         self.manifest = read_manifest(bundle)
+        refuse_unconditional_half(self.manifest, bundle)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

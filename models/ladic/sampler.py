@@ -309,6 +309,16 @@ def ids_to_text(tokenizer, ids: list[int]) -> str:  # type: ignore[no-untyped-de
     return text.strip().rstrip(".").strip() + "."
 
 
+def refuse_unconditional_half(manifest: dict, bundle: object) -> None:  # type: ignore[type-arg]
+    """This sampler sends each row's K/V in its own order; a denoiser exported with
+    --unconditional-half would read the second half of them as the null K/V."""
+    if manifest["graphs"]["denoiser"].get("unconditional_half", False):
+        raise ValueError(
+            f"{bundle}: the denoiser is exported with --unconditional-half (for the "
+            "service's call layout); export the bundle without it for this sampler"
+        )
+
+
 class OnnxBackend:
     """The exported bundle's three graphs in ONNX Runtime, behind the Backend interface."""
 
@@ -331,13 +341,7 @@ class OnnxBackend:
 
         self.encoder, self.denoiser, self.decoder = (
             session("encoder"), session("denoiser"), session("decoder"))
-        if graphs["denoiser"].get("unconditional_half", False):
-            # This sampler sends each row's K/V in its own order; such a denoiser would
-            # read half of them as the null K/V.
-            raise ValueError(
-                f"{bundle}: the denoiser is exported with --unconditional-half (for the "
-                "service's call layout); export the bundle without it for this sampler"
-            )
+        refuse_unconditional_half(self.manifest, bundle)
 
     @property
     def gathers_kv(self) -> bool:

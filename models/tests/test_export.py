@@ -242,8 +242,35 @@ def test_unconditional_half_export(tmp_path: Path, attention: str) -> None:
     readers = [n.op_type for n in graph.node if flat in n.input]
     layers = model.cfg.diffuser.layers
     assert sorted(readers) == sorted(["Gather"] * 2 * layers + ["Slice"] * 2 * layers)
-    with pytest.raises(ValueError, match="unconditional-half"):
-        OnnxBackend(str(tmp_path))
+    from ladic.precision import PROVIDERS, ProviderBackend
+
+    for backend in (lambda: OnnxBackend(str(tmp_path)),
+                    lambda: ProviderBackend(tmp_path, PROVIDERS["cpu"])):  # fmt: skip
+        with pytest.raises(ValueError, match="unconditional-half"):
+            backend()
+
+
+def test_committed_unconditional_half_fixture_ignores_the_second_halfs_kv_index() -> None:
+    """tests/fixtures/parity/unconditional-half-denoiser.onnx (the service's tests rely on
+    it) is such a denoiser: the second half's kv_index changes nothing, and the first
+    half's K/V and slot 0 give what the plain parity denoiser gives."""
+    import onnxruntime as ort
+
+    from ladic.fixtures import DEFAULT_OUT
+
+    def session(path: Path) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    half = session(DEFAULT_OUT / "unconditional-half-denoiser.onnx")
+    plain = session(DEFAULT_OUT / "bundle" / "denoiser.onnx")
+    model = random_model("micro", seed=7)  # the fixtures' weights
+    feed = {k: v.numpy() for k, v in example_inputs(model.cfg, batch=4, seed=9)["denoiser"].items()}
+    feed["kv_index"] = np.array([1, 3, 2, 4], dtype=np.int64)
+    got = half.run(None, feed)[0]
+    other = half.run(None, {**feed, "kv_index": np.array([1, 3, 0, 0], dtype=np.int64)})[0]
+    want = plain.run(None, {**feed, "kv_index": np.array([1, 3, 0, 0], dtype=np.int64)})[0]
+    assert np.array_equal(got, other)
+    assert np.abs(got - want).max() <= 1e-5
 
 
 def test_unconditional_half_fp16_conversion(tmp_path: Path) -> None:

@@ -73,9 +73,10 @@ pub(super) trait Backend: Denoiser<Error = RuntimeError> {
         usize::MAX
     }
 
-    /// The rows a denoiser call of `rows` rows runs at (more with fixed shapes).
-    fn padded_rows(&self, rows: usize) -> usize {
-        rows
+    /// Rows run so far only to fill denoiser calls (fixed shapes, a batch laid out in
+    /// halves).
+    fn padding_rows_total(&self) -> u64 {
+        0
     }
 }
 
@@ -88,8 +89,8 @@ impl Backend for Models {
         Models::max_images_in_flight(self)
     }
 
-    fn padded_rows(&self, rows: usize) -> usize {
-        Models::padded_rows(self, rows)
+    fn padding_rows_total(&self) -> u64 {
+        Models::padding_rows_total(self)
     }
 }
 
@@ -100,17 +101,17 @@ struct Instrumented<'a, B> {
 }
 
 impl<B: Backend> Instrumented<'_, B> {
-    fn record_denoiser_call(&self, start: Instant, rows: usize, ok: bool) {
+    /// `padding_before`: the backend's padding count before the call.
+    fn record_denoiser_call(&self, start: Instant, rows: usize, padding_before: u64) {
         self.metrics
             .denoiser_step_duration_seconds
             .observe(start.elapsed().as_secs_f64());
         self.metrics.batch_rows.observe(rows as f64);
-        if ok {
-            let padding = self.models.padded_rows(rows).saturating_sub(rows);
-            self.metrics
-                .denoiser_padding_rows_total
-                .inc_by(padding as u64);
-        }
+        let padding = self
+            .models
+            .padding_rows_total()
+            .saturating_sub(padding_before);
+        self.metrics.denoiser_padding_rows_total.inc_by(padding);
     }
 }
 
@@ -120,6 +121,7 @@ impl<B: Backend> DeviceLoop for Instrumented<'_, B> {
     fn step(&mut self, rows: Vec<DeviceRow<'_>>) -> Result<DeviceStep, RuntimeError> {
         let denoiser_rows = rows.iter().map(DeviceRow::denoiser_rows).sum();
         let start = Instant::now();
+        let padding_before = self.models.padding_rows_total();
         let Some(device) = self.models.device_loop() else {
             return Err(RuntimeError::Inference {
                 graph: "denoiser",
@@ -127,7 +129,7 @@ impl<B: Backend> DeviceLoop for Instrumented<'_, B> {
             });
         };
         let out = device.step(rows);
-        self.record_denoiser_call(start, denoiser_rows, out.is_ok());
+        self.record_denoiser_call(start, denoiser_rows, padding_before);
         out
     }
 }
@@ -147,8 +149,9 @@ impl<B: Backend> Denoiser for Instrumented<'_, B> {
         kv: &[KvRef<'_>],
     ) -> Result<Array3<f32>, RuntimeError> {
         let start = Instant::now();
+        let padding_before = self.models.padding_rows_total();
         let out = Denoiser::denoise(self.models, x, self_cond, t, kv);
-        self.record_denoiser_call(start, t.len(), out.is_ok());
+        self.record_denoiser_call(start, t.len(), padding_before);
         out
     }
 
