@@ -3,7 +3,8 @@
 //! host loop of the same fixed-shape calls, while their state crosses to the device only
 //! when a row starts or restarts, and their x0 comes back only when the host needs it.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
 use ladic_serve::bundle::Bundle;
@@ -15,29 +16,7 @@ use ladic_serve::sampler::{
 use ndarray::Array4;
 
 fn parity_bundle() -> Bundle {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bundle");
-    Bundle::load(&dir).expect("parity bundle loads")
-}
-
-/// The parity bundle with the same denoiser exported with `--unconditional-half`, in `out`.
-fn unconditional_half_bundle(out: &std::path::Path) -> Bundle {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
-    for entry in std::fs::read_dir(fixtures.join("bundle")).expect("parity bundle") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), out.join(entry.file_name())).expect("copy");
-    }
-    std::fs::copy(
-        fixtures.join("unconditional-half-denoiser.onnx"),
-        out.join("denoiser.onnx"),
-    )
-    .expect("unconditional-half denoiser");
-    let path = out.join("manifest.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
-    manifest["format_version"] = serde_json::json!(2);
-    manifest["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
-    std::fs::write(&path, manifest.to_string()).expect("write manifest");
-    Bundle::load(out).expect("unconditional-half bundle loads")
+    Bundle::load(&common::parity_fixtures().join("bundle")).expect("parity bundle loads")
 }
 
 fn options(device_loop: bool, max_batch_rows: usize) -> SessionOptions {
@@ -191,7 +170,7 @@ fn with_an_unconditional_half_denoiser_the_device_loop_still_ends_rows_as_the_ho
     // where it does not fit the largest fixed shape: 16 rows here, while a step of all
     // 10 rows (6 guided, so 10 on images' K/V) needs 2 x 10.
     let dir = tempfile::tempdir().expect("temp dir");
-    let bundle = unconditional_half_bundle(dir.path());
+    let bundle = common::unconditional_half_bundle(dir.path());
     for trace in [true, false] {
         let mut host = load_bundle(&bundle, false, 16);
         let (want, want_snapshots) = run(&mut host, 16, trace);

@@ -3,6 +3,8 @@
 //! same noise in, so the same x0 at every iteration (within 1e-4), the same token ids,
 //! the same MBR choice and the same caption must come out.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,7 +49,7 @@ struct Step {
 }
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+    common::parity_fixtures()
 }
 
 #[test]
@@ -87,7 +89,7 @@ fn rust_sampler_matches_the_python_reference() {
     // exported with fused attention (ONNX Runtime's MultiHeadAttention nodes).
     assert!(m.denoiser_gathers_kv(), "the parity bundle is current");
     let legacy_dir = tempfile::tempdir().expect("temp dir");
-    let legacy = legacy_bundle(&dir, legacy_dir.path());
+    let legacy = legacy_bundle(legacy_dir.path());
     assert!(!legacy.manifest.denoiser_gathers_kv());
     let fused_dir = tempfile::tempdir().expect("temp dir");
     let fused = fused_bundle(&dir, fused_dir.path());
@@ -96,7 +98,7 @@ fn rust_sampler_matches_the_python_reference() {
     // too, in one slice), and splits calls that do not fit the largest fixed shape (2
     // rows below: every guided pair, and each unguided row alone).
     let half_dir = tempfile::tempdir().expect("temp dir");
-    let half = unconditional_half_bundle(&dir, half_dir.path());
+    let half = common::unconditional_half_bundle(half_dir.path());
     assert!(half.manifest.denoiser_unconditional_half());
     // Then the denoiser calls of `--cuda-graph` (padded to fixed shapes, in bound
     // buffers; nothing is captured on the CPU), and last those with the rows' state
@@ -169,25 +171,6 @@ fn fused_bundle(fixtures: &Path, out: &Path) -> Bundle {
     Bundle::load(out).expect("fused bundle loads")
 }
 
-/// The parity bundle with tests/fixtures/parity/unconditional-half-denoiser.onnx (the
-/// same weights exported with `--unconditional-half`) and its manifest changed to match,
-/// written to `out`.
-fn unconditional_half_bundle(fixtures: &Path, out: &Path) -> Bundle {
-    copy_files(&fixtures.join("bundle"), out);
-    std::fs::copy(
-        fixtures.join("unconditional-half-denoiser.onnx"),
-        out.join("denoiser.onnx"),
-    )
-    .expect("unconditional-half denoiser (python -m ladic.fixtures)");
-    let path = out.join("manifest.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
-    manifest["format_version"] = serde_json::json!(2);
-    manifest["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
-    std::fs::write(&path, manifest.to_string()).expect("write manifest");
-    Bundle::load(out).expect("unconditional-half bundle loads")
-}
-
 fn copy_files(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).expect("parity bundle") {
         let entry = entry.expect("entry");
@@ -197,25 +180,16 @@ fn copy_files(from: &Path, to: &Path) {
 
 /// The parity bundle with tests/fixtures/parity/legacy-denoiser.onnx (no `kv_index`)
 /// and its manifest changed to match, written to `out`.
-fn legacy_bundle(fixtures: &Path, out: &Path) -> Bundle {
-    copy_files(&fixtures.join("bundle"), out);
-    std::fs::copy(
-        fixtures.join("legacy-denoiser.onnx"),
-        out.join("denoiser.onnx"),
-    )
-    .expect("legacy denoiser (python -m ladic.fixtures)");
-    let path = out.join("manifest.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
-    let inputs = manifest["graphs"]["denoiser"]["inputs"]
-        .as_array_mut()
-        .expect("inputs");
-    inputs.retain(|i| i["name"] != "kv_index");
-    for input in inputs.iter_mut().filter(|i| i["name"] == "image_kv") {
-        input["shape"][0] = serde_json::json!("batch");
-    }
-    std::fs::write(&path, manifest.to_string()).expect("write manifest");
-    Bundle::load(out).expect("legacy bundle loads")
+fn legacy_bundle(out: &Path) -> Bundle {
+    common::parity_bundle_with(out, "legacy-denoiser.onnx", |manifest| {
+        let inputs = manifest["graphs"]["denoiser"]["inputs"]
+            .as_array_mut()
+            .expect("inputs");
+        inputs.retain(|i| i["name"] != "kv_index");
+        for input in inputs.iter_mut().filter(|i| i["name"] == "image_kv") {
+            input["shape"][0] = serde_json::json!("batch");
+        }
+    })
 }
 
 fn replay(

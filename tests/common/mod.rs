@@ -213,3 +213,40 @@ pub fn lying_png(w: u32, h: u32) -> Vec<u8> {
     png.extend_from_slice(&crc32(idat).to_be_bytes());
     png
 }
+
+/// tests/fixtures/parity: the parity bundle and other exports of its weights
+/// (`python -m ladic.fixtures`).
+pub fn parity_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+/// The parity bundle copied to `out`, its denoiser replaced by `denoiser` (a file of
+/// [`parity_fixtures`]) and its manifest changed by `edit`.
+pub fn parity_bundle_with(
+    out: &std::path::Path,
+    denoiser: &str,
+    edit: impl FnOnce(&mut Value),
+) -> ladic_serve::bundle::Bundle {
+    let fixtures = parity_fixtures();
+    for entry in std::fs::read_dir(fixtures.join("bundle")).expect("parity bundle") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), out.join(entry.file_name())).expect("copy");
+    }
+    std::fs::copy(fixtures.join(denoiser), out.join("denoiser.onnx"))
+        .unwrap_or_else(|e| panic!("{denoiser} (python -m ladic.fixtures): {e}"));
+    let path = out.join("manifest.json");
+    let mut manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    edit(&mut manifest);
+    std::fs::write(&path, manifest.to_string()).expect("write manifest");
+    ladic_serve::bundle::Bundle::load(out).expect("the changed parity bundle loads")
+}
+
+/// The parity bundle with the same weights' denoiser exported with
+/// `--unconditional-half`, written to `out`.
+pub fn unconditional_half_bundle(out: &std::path::Path) -> ladic_serve::bundle::Bundle {
+    parity_bundle_with(out, "unconditional-half-denoiser.onnx", |manifest| {
+        manifest["format_version"] = serde_json::json!(2);
+        manifest["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
+    })
+}
