@@ -566,3 +566,62 @@ async fn device_loop_flag_serves_the_same_captions() {
     on_device.stop().await;
     plain.stop().await;
 }
+
+/// A bundle whose denoiser reads the second half of each call as the unconditional pass
+/// (`--unconditional-half`; the parity bundle's weights, random): the server lays its
+/// calls out for it, on the host path and on the device loop, and answers as the same
+/// weights exported without it, for guided and unguided requests sent together; the
+/// unguided ones' padding shows in `/metrics`.
+#[tokio::test]
+async fn unconditional_half_bundle_serves_the_same_captions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let half = common::unconditional_half_bundle(dir.path());
+    let server_on = |bundle: &std::path::Path, on_device: bool| {
+        let mut args = test_args();
+        args.model.bundle = bundle.to_path_buf();
+        args.model.cuda_graph = on_device;
+        args.model.device_loop = on_device;
+        TestServer::start(args)
+    };
+    let plain = server_on(&common::parity_fixtures().join("bundle"), false).await;
+    let host = server_on(&half.dir, false).await;
+    let on_device = server_on(&half.dir, true).await;
+    let info: Value = host.get("/info").await.json().await.unwrap();
+    assert_eq!(info["bundle"]["unconditional_half"], true, "{info}");
+    let paths = [
+        "/caption?steps=6&seed=3&back_refine=true&candidates=2",
+        "/caption?steps=4&seed=11&guidance=0&candidates=3",
+        "/caption?steps=9&seed=5",
+    ];
+    for variant in [0u8, 3] {
+        let png = scene_png(variant);
+        for server in [&host, &on_device] {
+            let requests = paths.map(|path| {
+                let png = png.clone();
+                async move { server.post_png_json(path, png).await }
+            });
+            let answers = futures_util::future::join_all(requests).await;
+            for (path, (status, got)) in paths.iter().zip(answers) {
+                assert_eq!(status, 200, "{got}");
+                let (_, want) = plain.post_png_json(path, png.clone()).await;
+                let captions = |v: &Value| -> Vec<Value> {
+                    let all = v["candidates"].as_array().expect("candidates");
+                    all.iter().map(|c| c["caption"].clone()).collect()
+                };
+                assert_eq!(captions(&got), captions(&want), "scene {variant}, {path}");
+                assert_ne!(want["caption"], "", "random weights still say something");
+            }
+        }
+    }
+    for server in [&host, &on_device] {
+        let metrics = server.metrics_text().await;
+        let padding = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ladic_denoiser_padding_rows_total "))
+            .expect("the padding counter");
+        assert!(padding.trim().parse::<f64>().unwrap() > 0.0, "{padding}");
+    }
+    for server in [plain, host, on_device] {
+        server.stop().await;
+    }
+}
