@@ -734,6 +734,13 @@ impl Models {
             }
             models.kv_pool = Some(pool);
         }
+        if models.unconditional_half && bundle.manifest.sampler.guidance == 0.0 {
+            tracing::warn!(
+                "the bundle's default guidance is 0, but its denoiser is exported \
+                 --unconditional-half: unguided calls run twice their rows (padding); \
+                 export it without that option for unguided traffic"
+            );
+        }
         if models.unconditional_half {
             tracing::info!(
                 denoiser_sessions = models.denoiser.sessions.len(),
