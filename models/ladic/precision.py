@@ -69,8 +69,9 @@ KEEP_FP32_OPS = frozenset({"ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "TopK"}
 # Ops that only move or select data: they stay fp32 when they read an fp32 graph input
 # (directly or through others of them), so that the input is cast after them, on what
 # they select. The denoiser gathers each row's K/V for each layer from the `image_kv`
-# pool: cast first, the whole pool (every slot) would be read and converted per call.
-DATA_MOVEMENT_OPS = frozenset({"Reshape", "Gather", "Squeeze", "Unsqueeze", "Flatten"})
+# pool (and, exported --unconditional-half, slices slot 0's): cast first, the whole pool
+# (every slot) would be read and converted per call.
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Gather", "Slice", "Squeeze", "Unsqueeze", "Flatten"})
 # A node of these types stays fp32 too when every consumer of its outputs does.
 FOLLOW_FP32_OPS = frozenset({"Softmax", "LogSoftmax"})
 # Ops whose float inputs or outputs are not all of one type (or that hold subgraphs):

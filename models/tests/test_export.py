@@ -285,6 +285,17 @@ def test_unconditional_half_fp16_conversion(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["precision"] == "fp16"
     assert manifest["graphs"]["denoiser"]["unconditional_half"] is True
+    # The pool is cast after what selects from it (each row's K/V, slot 0's), never
+    # whole: its reshaped form feeds only Gather and Slice nodes, which stay fp32.
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "denoiser.onnx")).graph
+    flat = next(n for n in graph.node if "image_kv" in n.input)
+    assert flat.op_type == "Reshape"
+    readers = [n for n in graph.node if flat.output[0] in n.input]
+    assert {n.op_type for n in readers} == {"Gather", "Slice"}
+    cast_inputs = {n.input[0] for n in graph.node if n.op_type == "Cast"}
+    assert not {"image_kv", flat.output[0]} & cast_inputs
 
 
 def test_committed_parity_fixtures_are_current(tmp_path: Path) -> None:
