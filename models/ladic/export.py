@@ -531,6 +531,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(fewer kernels; flash attention on CUDA); unfused: standard ONNX ops only",
     )
     p.add_argument(
+        "--kv-precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="with --precision fp16: the image K/V between the encoder and the denoiser in\n"
+        "fp16 too (half the bytes of the service's K/V pool and of every row's gather)",
+    )
+    p.add_argument(
         "--unconditional-half",
         action="store_true",
         help="the denoiser reads the second half of each call's rows as the unconditional\n"
@@ -551,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.kv_precision != "fp32" and args.precision != "fp16":
+        raise SystemExit("--kv-precision fp16 needs --precision fp16")
     if args.no_onnx_package:
         if args.precision != "fp32":
             raise SystemExit("--no-onnx-package: --precision fp16/mixed needs the onnx package")
@@ -596,7 +605,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.precision != "fp32":
         from .precision import convert_bundle, print_conversion
 
-        print_conversion(convert_bundle(out, precision=args.precision, check=not args.no_check))
+        report = convert_bundle(
+            out, precision=args.precision, check=not args.no_check, kv_precision=args.kv_precision
+        )
+        print_conversion(report)
     print(f"wrote {out} (precision {args.precision})")
 
 

@@ -132,7 +132,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
 
 def fp32_nodes(
     graph: onnx.GraphProto, keep_ops: frozenset[str] = KEEP_FP32_OPS,
-    fp16_ops: frozenset[str] | None = None,
+    fp16_ops: frozenset[str] | None = None, fp16_inputs: frozenset[str] = frozenset(),
 ) -> set[int]:
     """Indices of the nodes that stay fp32: `keep_ops` (or, given `fp16_ops`, every op
     not in it), data movement on graph inputs (`DATA_MOVEMENT_OPS`), Softmaxes that
@@ -146,7 +146,8 @@ def fp32_nodes(
         return op in keep_ops or (fp16_ops is not None and op not in fp16_ops)
 
     keep = {i for i, n in enumerate(graph.node) if kept_op(n.op_type)}
-    moved = {i.name for i in graph.input}
+    # (An input that arrives in fp16 is moved in fp16: nothing to cast after the move.)
+    moved = {i.name for i in graph.input if i.name not in fp16_inputs}
     for i, n in enumerate(graph.node):  # in topological order
         if n.op_type in DATA_MOVEMENT_OPS and n.input and n.input[0] in moved:
             keep.add(i)
@@ -177,7 +178,7 @@ def fp32_nodes(
 
 def convert_model(
     model: onnx.ModelProto, precision: str = "fp16", keep_ops: frozenset[str] = KEEP_FP32_OPS,
-    fp16_ops: frozenset[str] | None = None,
+    fp16_ops: frozenset[str] | None = None, fp16_io: frozenset[str] = frozenset(),
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """An fp32 graph with fp16 weights and compute, its inputs and outputs unchanged.
 
@@ -189,8 +190,13 @@ def convert_model(
         raise ValueError(f"cannot convert to {precision!r}")
     if precision == "mixed" and fp16_ops is None:
         fp16_ops = MIXED_FP16_OPS
+    if fp16_io and precision != "fp16":
+        raise ValueError("float16 inputs and outputs need precision fp16")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
+    unknown = fp16_io - {v.name for v in chain(g.input, g.output)}
+    if unknown:
+        raise ValueError(f"not inputs or outputs of the graph: {sorted(unknown)}")
     for n in g.node:
         if n.op_type in UNSUPPORTED_OPS or any(a.g.node or a.graphs for a in n.attribute):
             raise NotImplementedError(f"fp16 conversion does not handle {n.op_type} ({n.name})")
@@ -208,7 +214,7 @@ def convert_model(
             raise ValueError(f"no type inferred for tensor {name!r}")
         return elem[name] == FLOAT
 
-    keep = fp32_nodes(g, keep_ops, fp16_ops)
+    keep = fp32_nodes(g, keep_ops, fp16_ops, fp16_io)
     consumers = _consumers(g)
     float_nodes = [
         i for i, n in enumerate(g.node)
@@ -218,7 +224,7 @@ def convert_model(
     kept = Counter(g.node[i].op_type for i in float_nodes if i in keep)
     # Float tensors that stay fp32: graph inputs, the outputs of kept nodes, and the
     # initializers that a kept node reads.
-    fp32_tensors = {i.name for i in g.input if is_float(i.name)}
+    fp32_tensors = {i.name for i in g.input if is_float(i.name) and i.name not in fp16_io}
     for i in keep:
         fp32_tensors.update(o for o in g.node[i].output if is_float(o))
     fp32_tensors.update(
@@ -226,10 +232,16 @@ def convert_model(
         if t.data_type == FLOAT and any(c in keep for c in consumers[t.name])
     )
     init_names = {t.name for t in g.initializer}
-    fp16_outputs = [o.name for o in g.output if is_float(o.name) and o.name not in fp32_tensors]
+    fp16_outputs = [
+        o.name for o in g.output
+        if is_float(o.name) and o.name not in fp32_tensors and o.name not in fp16_io
+    ]
     for name in fp16_outputs:
         if name in init_names or name in fp32_tensors:
             raise NotImplementedError(f"graph output {name!r} is not computed by a node")
+    for o in g.output:
+        if o.name in fp16_io and (o.name in fp32_tensors or o.name in init_names):
+            raise NotImplementedError(f"output {o.name!r} is not computed in fp16")
 
     nodes: list[onnx.NodeProto] = []
     casts: dict[tuple[str, int], str] = {}
@@ -263,6 +275,12 @@ def convert_model(
                     seq[k] = renamed[name]
     for name, tmp in renamed.items():
         nodes.append(helper.make_node("Cast", [tmp], [name], name=f"Cast_{name}_fp32", to=FLOAT))
+
+    # The inputs and outputs asked for in fp16 are declared so (the outputs are computed
+    # in fp16 already, above).
+    for v in chain(g.input, g.output):
+        if v.name in fp16_io:
+            v.type.tensor_type.elem_type = FLOAT16
 
     inits = []
     for t in g.initializer:
@@ -316,8 +334,16 @@ def graph_differences(
     for name in GRAPHS:
         feed = {k: v.numpy() for k, v in examples[name].items()}
         want = _session(fp32[name]).run(None, feed)
-        got = _session(fp16[name]).run(None, feed)
+        half = _session(fp16[name])
+        # Inputs the converted graph takes in float16 (the K/V with --kv-precision fp16).
+        feed16 = {
+            i.name: feed[i.name].astype(np.float16) if i.type == "tensor(float16)" else feed[i.name]
+            for i in half.get_inputs()
+        }
+        got = half.run(None, feed16)
         for spec, w, g in zip(manifest["graphs"][name]["outputs"], want, got):
+            if g.dtype == np.float16 and w.dtype == np.float32:
+                g = g.astype(np.float32)
             if g.dtype != w.dtype:
                 raise RuntimeError(f"{name}.{spec['name']}: fp16 gives {g.dtype}, not {w.dtype}")
             if w.dtype == np.int64:
@@ -338,11 +364,22 @@ def _worse(diffs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     }
 
 
+# The tensors `kv_precision="fp16"` keeps in float16 between the graphs, per graph.
+KV_FP16_IO = {"encoder": frozenset({"image_kv"}), "denoiser": frozenset({"image_kv"})}
+
+
 def convert_bundle(
     src: Path, dst: Path | None = None, precision: str = "fp16", check: bool = True,
+    kv_precision: str = "fp32",
 ) -> dict[str, Any]:
     """Convert an fp32 bundle's graphs to fp16 or mixed (`convert_model`), in place
     (dst None) or into a copy.
+
+    `kv_precision="fp16"` (with precision fp16 and a denoiser that takes `kv_index`):
+    the encoder's `image_kv` output and the denoiser's `image_kv` input in float16, so
+    that the K/V pool the service keeps between them, and every row's gather from it,
+    move half the bytes. The same values: the encoder computes its K/V in fp16 either
+    way, and a cast commutes with a gather.
 
     The check (fp16 vs fp32 on random inputs, `export.check_batches`) runs before anything is
     written; a graph off by more than MAX_RELATIVE_DIFF raises. Returns the differences,
@@ -353,12 +390,19 @@ def convert_bundle(
     manifest = read_manifest(src)
     if manifest.get("precision", "fp32") != "fp32":
         raise ValueError(f"{src} is not an fp32 bundle (precision {manifest['precision']!r})")
+    if kv_precision not in ("fp32", "fp16"):
+        raise ValueError(f"kv_precision {kv_precision!r}: fp32 or fp16")
+    kv16 = kv_precision == "fp16"
+    denoiser_inputs = {i["name"] for i in manifest["graphs"]["denoiser"]["inputs"]}
+    if kv16 and (precision != "fp16" or "kv_index" not in denoiser_inputs):
+        raise ValueError("kv_precision fp16 needs precision fp16 and a denoiser with kv_index")
     files = {name: manifest["graphs"][name]["file"] for name in GRAPHS}
     fp32 = {name: onnx.load(str(src / f)) for name, f in files.items()}
     fp16: dict[str, onnx.ModelProto] = {}
     summary: dict[str, Any] = {}
     for name, model in fp32.items():
-        fp16[name], summary[name] = convert_model(model, precision)
+        io = KV_FP16_IO.get(name, frozenset()) if kv16 else frozenset()
+        fp16[name], summary[name] = convert_model(model, precision, fp16_io=io)
     diffs: dict[str, dict[str, float]] = {}
     if check:
         for batch in check_batches(is_unconditional_half(manifest)):
@@ -375,6 +419,12 @@ def convert_bundle(
         onnx.save(fp16[name], str(dst / f))
         sizes[name]["fp16"] = (dst / f).stat().st_size
     manifest["precision"] = precision
+    if kv16:
+        for name, names in KV_FP16_IO.items():
+            graph = manifest["graphs"][name]
+            for spec in graph["inputs"] + graph["outputs"]:
+                if spec["name"] in names:
+                    spec["dtype"] = "float16"
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {"diffs": diffs, "summary": summary, "sizes": sizes}
 
@@ -507,6 +557,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--out", type=Path, help="output directory (default: in place)")
     c.add_argument("--precision", choices=PRECISIONS[1:], default="fp16")
     c.add_argument("--no-check", action="store_true", help="skip the fp16 vs fp32 check")
+    c.add_argument("--kv-precision", choices=["fp32", "fp16"], default="fp32",
+                   help="the image K/V between encoder and denoiser (fp16: with --precision "
+                   "fp16; half the bytes of the service's K/V pool and of every gather)")
     m = sub.add_parser("compare", help="caption agreement of an fp16 bundle with its fp32 one")
     m.add_argument("--fp32", type=Path, required=True)
     m.add_argument("--fp16", type=Path, required=True)
@@ -527,7 +580,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "convert":
-        report = convert_bundle(args.bundle, args.out, args.precision, check=not args.no_check)
+        report = convert_bundle(args.bundle, args.out, args.precision, check=not args.no_check,
+                                kv_precision=args.kv_precision)
         print_conversion(report)
         print(f"wrote {args.out or args.bundle} (precision {args.precision})")
         return 0

@@ -221,3 +221,51 @@ def test_the_kv_pool_is_cast_after_each_layers_gather(bundles) -> None:  # type:
         assert gathers and all(n.op_type == "Gather" for n in gathers), p
         pool = {"image_kv", readers[0].output[0]}
         assert not [n for n in graph.node if n.op_type == "Cast" and n.input[0] in pool], p
+
+
+def test_fp16_kv_computes_what_the_fp16_bundle_computes(bundles, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`kv_precision="fp16"`: the K/V crosses from encoder to denoiser in float16 (the
+    manifest says so), with exactly the values the fp16 bundle's graphs compute and read
+    (its encoder makes them in fp16; a cast commutes with the gather), and the pool is
+    gathered in fp16, never cast whole."""
+    kv16 = tmp_path / "kv16"
+    convert_bundle(bundles["fp32"], kv16, precision="fp16", kv_precision="fp16")
+    graphs = manifest(kv16)["graphs"]
+    assert [o["dtype"] for o in graphs["encoder"]["outputs"]] == ["float16"]
+    dtypes = {i["name"]: i["dtype"] for i in graphs["denoiser"]["inputs"]}
+    assert dtypes == {"x_t": "float32", "self_cond": "float32", "t": "int64",
+                      "image_kv": "float16", "kv_index": "int64"}  # fmt: skip
+    a, b = sessions(bundles["fp16"]), sessions(kv16)
+    cfg = LadicConfig.from_dict(manifest(kv16)["model_config"])
+    ex = export.example_inputs(cfg, batch=3, seed=4)
+    pixels = ex["encoder"]["pixels"].numpy()
+    kv_a = a["encoder"].run(None, {"pixels": pixels})[0]
+    kv_b = b["encoder"].run(None, {"pixels": pixels})[0]
+    assert kv_a.dtype == np.float32 and kv_b.dtype == np.float16
+    assert np.array_equal(kv_a, kv_b.astype(np.float32))
+    feed = {k: v.numpy() for k, v in ex["denoiser"].items() if k != "image_kv"}
+    feed["kv_index"] = np.array([2, 0, 2], dtype=np.int64)
+    pool = np.concatenate([kv_a, kv_a[:1]])
+    x0_a = a["denoiser"].run(None, {**feed, "image_kv": pool})[0]
+    x0_b = b["denoiser"].run(None, {**feed, "image_kv": pool.astype(np.float16)})[0]
+    assert np.array_equal(x0_a, x0_b)
+    graph = onnx.load(str(kv16 / "denoiser.onnx")).graph
+    flat = next(n for n in graph.node if "image_kv" in n.input)
+    assert flat.op_type == "Reshape"
+    assert {n.op_type for n in graph.node if flat.output[0] in n.input} == {"Gather"}
+    # Only an fp16 bundle whose denoiser takes kv_index.
+    with pytest.raises(ValueError, match="kv_precision fp16"):
+        convert_bundle(bundles["fp32"], tmp_path / "m", precision="mixed", kv_precision="fp16")
+
+
+def test_fp16_kv_bundle_captions_as_the_fp16_bundle(bundles, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Python sampler runs such a bundle (its K/V stays float16 end to end) to the
+    same captions as the fp16 bundle."""
+    kv16 = tmp_path / "kv16"
+    convert_bundle(bundles["fp32"], kv16, precision="fp16", kv_precision="fp16", check=False)
+    cfg = LadicConfig.from_dict(manifest(kv16)["model_config"])
+    pixels = export.example_inputs(cfg, batch=3, seed=5)["encoder"]["pixels"].numpy()
+    params = SampleParams.defaults(cfg)
+    params.steps, params.guidance = 4, 1.0
+    got = agreement(OnnxBackend(str(bundles["fp16"])), OnnxBackend(str(kv16)), pixels, cfg, params)
+    assert got.ids_agree == got.images == 3
