@@ -416,7 +416,7 @@ impl IdentityFixed {
         let calls = ladic_serve::fixed_shapes::FixedShapeCalls::new(
             &mut session,
             &ort::memory::Allocator::default(),
-            pool.tensor(),
+            &pool.tensor(),
             (24, 768),
             max_rows,
             false,

@@ -14,8 +14,8 @@
 #   --budget S      whole run, in seconds (default 540); a pass starts only when at least
 #                   PASS_MIN seconds (default 75) are left, and gets what is left
 #   --passes LIST   in this order (default "graph loop plain fused-loop half-loop
-#                   fused-loop-fp16 half-loop-fp16 fused-graph workers2 fused"; the last
-#                   ones are skipped when the budget runs out):
+#                   fused-loop-fp16 kv16-loop all-loop fused-graph workers2 fused"; the
+#                   last ones are skipped when the budget runs out):
 #                     plain        the default server
 #                     graph        --cuda-graph true
 #                     loop         --cuda-graph true --device-loop true
@@ -25,7 +25,9 @@
 #                     half-loop    fused-loop on the bundle exported with
 #                                  --unconditional-half (the null K/V attended once)
 #                     fused-loop-fp16  fused-loop on the bundle converted to fp16
-#                     half-loop-fp16   half-loop on the bundle converted to fp16
+#                     kv16-loop    fused-loop-fp16 with the K/V in fp16 too
+#                                  (--kv-precision fp16: the same captions expected)
+#                     all-loop     kv16-loop on an --unconditional-half bundle
 #                     workers2     --workers 2 (two batches in flight, one per worker)
 #   --device, --config, --quick   passed to every pass (see scripts/bench-gpu.sh)
 #
@@ -42,7 +44,7 @@ usage() { sed -n '6,28p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540
-PASSES="graph loop plain fused-loop half-loop fused-loop-fp16 half-loop-fp16 fused-graph workers2 fused"
+PASSES="graph loop plain fused-loop half-loop fused-loop-fp16 kv16-loop all-loop fused-graph workers2 fused"
 COMMON=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -77,7 +79,8 @@ pass_flags() {
     loop) echo "--attention unfused|--cuda-graph true --device-loop true" ;;
     fused-loop) echo "--attention fused|--cuda-graph true --device-loop true" ;;
     half-loop) echo "--attention fused --unconditional-half|--cuda-graph true --device-loop true" ;;
-    half-loop-fp16) echo "--attention fused --unconditional-half --precision fp16|--cuda-graph true --device-loop true" ;;
+    kv16-loop) echo "--attention fused --precision fp16 --kv-precision fp16|--cuda-graph true --device-loop true" ;;
+    all-loop) echo "--attention fused --unconditional-half --precision fp16 --kv-precision fp16|--cuda-graph true --device-loop true" ;;
     fused-loop-fp16) echo "--attention fused --precision fp16|--cuda-graph true --device-loop true" ;;
     workers2) echo "--attention unfused|--workers 2" ;;
     *) return 1 ;;
@@ -143,7 +146,7 @@ for name in sys.argv[2:]:
 # word now and then; a broken copy or binding flips nearly all of them).
 BASELINE = {"graph": "plain", "workers2": "plain", "fused-graph": "fused",
             "loop": "graph", "fused-loop": "fused-graph", "fused-loop-fp16": "fused-loop",
-            "half-loop": "fused-loop", "half-loop-fp16": "fused-loop-fp16"}
+            "half-loop": "fused-loop", "kv16-loop": "fused-loop-fp16", "all-loop": "kv16-loop"}
 def same(name):
     base = BASELINE.get(name)
     if base not in table or name not in table:

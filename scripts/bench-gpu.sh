@@ -6,6 +6,7 @@
 #                        [--config base|tiny|micro] [--quick] [--check-export]
 #                        [--budget SECONDS] [--no-reference] [--attention fused|unfused]
 #                        [--precision fp32|fp16|mixed] [--unconditional-half]
+#                        [--kv-precision fp32|fp16]
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
@@ -27,6 +28,8 @@
 #                   --precision; bundle-CONFIG[-fused]-P); the reference is unchanged
 #   --unconditional-half  export the denoiser with --unconditional-half (the second half
 #                   of each call attends to the null K/V once; bundle-CONFIG[-fused]-half)
+#   --kv-precision K  with --precision fp16: the image K/V between encoder and denoiser
+#                   (and in the service's pool) in fp16 too (bundle-...-fp16-kv16)
 #
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
@@ -57,7 +60,7 @@ die() { printf '[%4ds] ERROR: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench DEVICE=cuda CONFIG="" QUICK=0 CHECK_EXPORT=0 BUDGET=480
-REFERENCE=1 ATTENTION=unfused PRECISION=fp32 HALF=0
+REFERENCE=1 ATTENTION=unfused PRECISION=fp32 HALF=0 KV_PRECISION=fp32
 while [[ $# -gt 0 ]]; do
   case $1 in
     --binary) BINARY=${2:?}; shift 2 ;;
@@ -71,6 +74,7 @@ while [[ $# -gt 0 ]]; do
     --attention) ATTENTION=${2:?}; shift 2 ;;
     --precision) PRECISION=${2:?}; shift 2 ;;
     --unconditional-half) HALF=1; shift ;;
+    --kv-precision) KV_PRECISION=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -82,6 +86,8 @@ done
 [[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget takes whole seconds"
 [[ $ATTENTION =~ ^(fused|unfused)$ ]] || die "--attention must be fused or unfused"
 [[ $PRECISION =~ ^(fp32|fp16|mixed)$ ]] || die "--precision must be fp32, fp16 or mixed"
+[[ $KV_PRECISION == fp32 || ( $KV_PRECISION == fp16 && $PRECISION == fp16 ) ]] \
+  || die "--kv-precision must be fp32, or fp16 with --precision fp16"
 
 PY=${PYTHON:-python3}
 # Relative paths are the caller's, not the repository root's (where this runs).
@@ -98,6 +104,7 @@ NAME=$CONFIG
 [[ $ATTENTION == fused ]] && NAME=$CONFIG-fused
 [[ $HALF == 1 ]] && NAME=$NAME-half
 [[ $PRECISION == fp32 ]] || NAME=$NAME-$PRECISION
+[[ $KV_PRECISION == fp32 ]] || NAME=$NAME-kv16
 BUNDLE=$WORK/bundle-$NAME
 # Results of an earlier run in the same folder would mix with this one's.
 (cd "$RES" && rm -f bench.log env.json nvidia-smi.csv export.log server.log server.json \
@@ -185,6 +192,7 @@ fi
 EXPORT_FLAGS+=(--attention "$ATTENTION")
 [[ $PRECISION == fp32 ]] || EXPORT_FLAGS+=(--precision "$PRECISION")
 [[ $HALF == 0 ]] || EXPORT_FLAGS+=(--unconditional-half)
+[[ $KV_PRECISION == fp32 ]] || EXPORT_FLAGS+=(--kv-precision "$KV_PRECISION")
 [[ -n $(pyinfo tokenizers) ]] \
   || log "fallback: the tokenizers package is missing -> the exporter writes tokenizer.json as plain JSON"
 

@@ -132,6 +132,9 @@ pub enum Dim {
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     Float32,
+    /// Only for the image K/V between the encoder and the denoiser
+    /// ([`Manifest::kv_dtype`]).
+    Float16,
     Int64,
 }
 
@@ -209,6 +212,15 @@ impl Manifest {
     /// K/V that rows index into) rather than one `image_kv` row per input row.
     pub fn denoiser_gathers_kv(&self) -> bool {
         self.graphs.denoiser.input(names::KV_INDEX).is_some()
+    }
+
+    /// The element type of the image K/V that the encoder writes and the denoiser reads
+    /// (float16 in bundles converted with `--kv-precision fp16`).
+    pub fn kv_dtype(&self) -> DType {
+        self.graphs
+            .denoiser
+            .input(names::IMAGE_KV)
+            .map_or(DType::Float32, |s| s.dtype)
     }
 
     /// Whether the denoiser reads the second half of each call's rows as unconditional
@@ -394,6 +406,18 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
     ];
     use names::*;
     let g = &m.graphs;
+    // The image K/V is float32, or float16 in both graphs (a pool the denoiser indexes).
+    let kv_dtype = m.kv_dtype();
+    if !matches!(kv_dtype, DType::Float32 | DType::Float16) {
+        return Err(invalid(format!(
+            "the image K/V has dtype {kv_dtype:?}; float32 or float16 expected"
+        )));
+    }
+    if kv_dtype == DType::Float16 && !m.denoiser_gathers_kv() {
+        return Err(invalid(
+            "a float16 image K/V needs a denoiser that takes kv_index",
+        ));
+    }
     expect_spec(
         &g.encoder,
         "encoder",
@@ -402,14 +426,7 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
         DType::Float32,
         &[3, size, size],
     )?;
-    expect_spec(
-        &g.encoder,
-        "encoder",
-        IMAGE_KV,
-        false,
-        DType::Float32,
-        &kv_tail,
-    )?;
+    expect_spec(&g.encoder, "encoder", IMAGE_KV, false, kv_dtype, &kv_tail)?;
     expect_spec(&g.denoiser, "denoiser", X_T, true, DType::Float32, &[l, d])?;
     expect_spec(
         &g.denoiser,
@@ -420,14 +437,7 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
         &[l, d],
     )?;
     expect_spec(&g.denoiser, "denoiser", T, true, DType::Int64, &[])?;
-    expect_spec(
-        &g.denoiser,
-        "denoiser",
-        IMAGE_KV,
-        true,
-        DType::Float32,
-        &kv_tail,
-    )?;
+    expect_spec(&g.denoiser, "denoiser", IMAGE_KV, true, kv_dtype, &kv_tail)?;
     let gathers = m.denoiser_gathers_kv();
     if gathers {
         expect_spec(&g.denoiser, "denoiser", KV_INDEX, true, DType::Int64, &[])?;
@@ -600,6 +610,35 @@ pub(crate) mod tests {
         v["graphs"]["encoder"]["unconditional_half"] = serde_json::json!(true);
         let err = validate(&parse(&v).unwrap()).unwrap_err().to_string();
         assert!(err.contains("only the denoiser"), "{err}");
+    }
+
+    #[test]
+    fn the_image_kv_may_be_float16_in_both_graphs_with_kv_index() {
+        assert_eq!(example_manifest().kv_dtype(), DType::Float32);
+        let parse = |v: &serde_json::Value| parse_manifest(&v.to_string(), Path::new("m.json"));
+        let mut v = example_manifest_json();
+        v["graphs"]["encoder"]["outputs"][0]["dtype"] = serde_json::json!("float16");
+        v["graphs"]["denoiser"]["inputs"][3]["dtype"] = serde_json::json!("float16");
+        let m = parse(&v).unwrap();
+        validate(&m).expect("float16 K/V in both graphs");
+        assert_eq!(m.kv_dtype(), DType::Float16);
+        // Not in one graph only.
+        let mut one = v.clone();
+        one["graphs"]["encoder"]["outputs"][0]["dtype"] = serde_json::json!("float32");
+        let err = validate(&parse(&one).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("image_kv"), "{err}");
+        // Not for anything else.
+        let mut x = v.clone();
+        x["graphs"]["denoiser"]["inputs"][0]["dtype"] = serde_json::json!("float16");
+        let err = validate(&parse(&x).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("x_t"), "{err}");
+        // Not without kv_index.
+        let mut old = v.clone();
+        let inputs = old["graphs"]["denoiser"]["inputs"].as_array_mut().unwrap();
+        inputs.pop();
+        inputs[3]["shape"][0] = serde_json::json!("batch");
+        let err = validate(&parse(&old).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("kv_index"), "{err}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use ndarray::{Array3, ArrayView3};
 use ort::memory::Allocator;
 use ort::session::{IoBinding, RunOptions, Session};
-use ort::value::Tensor;
+use ort::value::{DynTensor, Tensor};
 
 use crate::bundle::names;
 use crate::device_copy::{CudaRuntime, HostBuffer, Plain};
@@ -323,7 +323,7 @@ impl FixedShapeCalls {
     pub fn new(
         session: &mut Session,
         device: &Allocator,
-        pool: &Tensor<f32>,
+        pool: &DynTensor,
         latent: (usize, usize),
         max_rows: usize,
         capture: bool,
@@ -341,7 +341,7 @@ impl FixedShapeCalls {
     pub fn allocate(
         session: &mut Session,
         device: &Allocator,
-        pool: &Tensor<f32>,
+        pool: &DynTensor,
         latent: (usize, usize),
         max_rows: usize,
         capture: bool,
@@ -427,7 +427,7 @@ impl FixedShapeCalls {
         &self,
         session: &Session,
         device: &Allocator,
-        pool: &Tensor<f32>,
+        pool: &DynTensor,
         rows: usize,
     ) -> Result<Bucket, String> {
         let (l, d) = self.latent;

@@ -21,9 +21,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use half::f16;
 use ndarray::Array3;
 use ort::memory::Allocator;
-use ort::value::{Shape, Tensor, TensorRefMut};
+use ort::value::{
+    DynTensorRef, DynValueTypeMarker, PrimitiveTensorElementType, Shape, Tensor, TensorRefMut,
+    ValueRefMut,
+};
 
 use crate::sampler::KvRef;
 
@@ -75,9 +79,45 @@ impl Drop for ResidentKv {
 
 static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// The element type of a pool: the bundle's image K/V (`Manifest::kv_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvElement {
+    F32,
+    /// Half the bytes to keep and to gather; the host's K/V (f32) is converted on upload.
+    F16,
+}
+
+/// The pool's memory, in its element type.
+enum Storage {
+    F32(Tensor<f32>),
+    F16(Tensor<f16>),
+}
+
+impl Storage {
+    fn new(allocator: &Allocator, element: KvElement, shape: [usize; 4]) -> Result<Self, String> {
+        Ok(match element {
+            KvElement::F32 => Storage::F32(Tensor::new(allocator, shape).map_err(err)?),
+            KvElement::F16 => Storage::F16(Tensor::new(allocator, shape).map_err(err)?),
+        })
+    }
+
+    /// `count` slots from `first`, as a value of their own over the same memory.
+    fn slots(
+        &mut self,
+        item: [usize; 3],
+        first: usize,
+        count: usize,
+    ) -> Result<ValueRefMut<'_, DynValueTypeMarker>, String> {
+        Ok(match self {
+            Storage::F32(t) => slots_view(t, item, first, count)?.into_dyn(),
+            Storage::F16(t) => slots_view(t, item, first, count)?.into_dyn(),
+        })
+    }
+}
+
 pub struct KvPool {
     allocator: Allocator,
-    storage: Tensor<f32>,
+    storage: Storage,
     capacity: usize,
     /// Shape of one image's K/V.
     item: [usize; 3],
@@ -98,16 +138,26 @@ fn err(reason: impl std::fmt::Display) -> String {
 }
 
 impl KvPool {
-    /// A pool of `capacity` slots (at least 2) in `allocator`'s memory, with `null_kv`
-    /// in slot 0.
+    /// A pool of `capacity` slots (at least 2) of f32 in `allocator`'s memory, with
+    /// `null_kv` in slot 0.
     pub fn new(
         allocator: Allocator,
         null_kv: &Array3<f32>,
         capacity: usize,
     ) -> Result<Self, String> {
+        Self::with_element(allocator, null_kv, capacity, KvElement::F32)
+    }
+
+    /// [`new`](Self::new) with slots of `element`.
+    pub fn with_element(
+        allocator: Allocator,
+        null_kv: &Array3<f32>,
+        capacity: usize,
+        element: KvElement,
+    ) -> Result<Self, String> {
         let (a, b, c) = null_kv.dim();
         let capacity = capacity.clamp(2, max_slots([a, b, c]));
-        let storage = Tensor::<f32>::new(&allocator, [capacity, a, b, c]).map_err(err)?;
+        let storage = Storage::new(&allocator, element, [capacity, a, b, c])?;
         let mut pool = KvPool {
             allocator,
             storage,
@@ -129,8 +179,19 @@ impl KvPool {
     }
 
     /// The pool, for the denoiser's `image_kv` input.
-    pub fn tensor(&self) -> &Tensor<f32> {
-        &self.storage
+    pub fn tensor(&self) -> DynTensorRef<'_> {
+        match &self.storage {
+            Storage::F32(t) => t.upcast_ref(),
+            Storage::F16(t) => t.upcast_ref(),
+        }
+    }
+
+    /// The pool's element type.
+    pub fn element(&self) -> KvElement {
+        match self.storage {
+            Storage::F32(_) => KvElement::F32,
+            Storage::F16(_) => KvElement::F16,
+        }
     }
 
     /// The slot of each row's K/V for one denoiser call (its `kv_index`), copying in
@@ -283,13 +344,14 @@ impl KvPool {
         self.limit = slots.clamp(self.capacity, max_slots(self.item));
     }
 
-    /// The slots `first..first + count`, to write K/V into (the encoder's output).
+    /// The slots `first..first + count`, to write K/V into (the encoder's output, of the
+    /// pool's element type).
     pub fn run_view(
         &mut self,
         first: usize,
         count: usize,
-    ) -> Result<TensorRefMut<'_, f32>, String> {
-        slots_view(&mut self.storage, self.item, first, count)
+    ) -> Result<ValueRefMut<'_, DynValueTypeMarker>, String> {
+        self.storage.slots(self.item, first, count)
     }
 
     /// The handle of a slot reserved with [`reserve_run`](Self::reserve_run).
@@ -332,9 +394,16 @@ impl KvPool {
         if capacity <= self.capacity {
             return Err(self.full());
         }
-        let mut storage = Tensor::<f32>::new(&self.allocator, [capacity, a, b, c]).map_err(err)?;
-        let head = slots_view(&mut storage, self.item, 0, self.capacity)?;
-        self.storage.copy_into(head).map_err(err)?;
+        let mut storage = Storage::new(&self.allocator, self.element(), [capacity, a, b, c])?;
+        match (&self.storage, &mut storage) {
+            (Storage::F32(old), Storage::F32(new)) => old
+                .copy_into(slots_view(new, self.item, 0, self.capacity)?)
+                .map_err(err)?,
+            (Storage::F16(old), Storage::F16(new)) => old
+                .copy_into(slots_view(new, self.item, 0, self.capacity)?)
+                .map_err(err)?,
+            _ => unreachable!("a pool grows in its own element type"),
+        }
         self.free.extend(self.capacity..capacity);
         self.storage = storage;
         self.capacity = capacity;
@@ -347,10 +416,23 @@ impl KvPool {
     fn upload(&mut self, slot: usize, kv: &Array3<f32>) -> Result<(), String> {
         // An owned source: ONNX Runtime's copy of a borrowed host view within one
         // device clones it first through the same copy machinery, which deadlocks.
-        let source =
-            Tensor::from_array(kv.to_owned().insert_axis(ndarray::Axis(0))).map_err(err)?;
-        let view = slots_view(&mut self.storage, self.item, slot, 1)?;
-        source.copy_into(view).map_err(err)?;
+        let item = self.item;
+        match &mut self.storage {
+            Storage::F32(t) => {
+                let source =
+                    Tensor::from_array(kv.to_owned().insert_axis(ndarray::Axis(0))).map_err(err)?;
+                source
+                    .copy_into(slots_view(t, item, slot, 1)?)
+                    .map_err(err)?;
+            }
+            Storage::F16(t) => {
+                let values = kv.mapv(f16::from_f32).insert_axis(ndarray::Axis(0));
+                let source = Tensor::from_array(values).map_err(err)?;
+                source
+                    .copy_into(slots_view(t, item, slot, 1)?)
+                    .map_err(err)?;
+            }
+        }
         self.stats.uploads += 1;
         Ok(())
     }
@@ -365,12 +447,12 @@ pub fn max_slots(item: [usize; 3]) -> usize {
 
 /// `count` slots from `first` of `storage` (slots of shape `item`), as a tensor of
 /// their own over the same memory.
-fn slots_view(
-    storage: &mut Tensor<f32>,
+fn slots_view<T: PrimitiveTensorElementType + std::fmt::Debug>(
+    storage: &mut Tensor<T>,
     item: [usize; 3],
     first: usize,
     count: usize,
-) -> Result<TensorRefMut<'_, f32>, String> {
+) -> Result<TensorRefMut<'_, T>, String> {
     let [a, b, c] = item;
     let total: i64 = storage.shape().iter().product();
     if ((first + count) * a * b * c) as i64 > total {
@@ -379,7 +461,7 @@ fn slots_view(
     let info = storage.memory_info().to_owned();
     // Plain address arithmetic: the pointer may be device memory, never read here.
     let base = storage.data_ptr_mut() as usize;
-    let ptr = base + first * a * b * c * std::mem::size_of::<f32>();
+    let ptr = base + first * a * b * c * std::mem::size_of::<T>();
     let shape = Shape::from([count as i64, a as i64, b as i64, c as i64]);
     // SAFETY: the range lies inside `storage` (checked above), whose memory `info`
     // describes, and the view borrows `storage` mutably for as long as it lives.

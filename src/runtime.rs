@@ -22,7 +22,7 @@ use crate::call_layout::HalfLayout;
 use crate::device_copy::CudaRuntime;
 use crate::device_loop::{DeviceLoopState, DeviceLoopStats};
 use crate::fixed_shapes::{FixedShapeCalls, FixedShapeStats, Transfer};
-use crate::kv_pool::KvPool;
+use crate::kv_pool::{KvElement, KvPool};
 use crate::sampler::{Denoiser, DeviceLoop, DeviceRow, DeviceStep, ImageKv, KvRef};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 
@@ -252,6 +252,7 @@ pub fn available_cores() -> usize {
 fn ort_dtype(d: DType) -> TensorElementType {
     match d {
         DType::Float32 => TensorElementType::Float32,
+        DType::Float16 => TensorElementType::Float16,
         DType::Int64 => TensorElementType::Int64,
     }
 }
@@ -407,8 +408,10 @@ enum KvInput<'a> {
     PerRow(ArrayView4<'a, f32>),
     /// Distinct K/V on the host, indexed by `kv_index`.
     Pool(ArrayView4<'a, f32>),
+    /// The same, for a denoiser that reads its K/V in f16.
+    PoolF16(ArrayView4<'a, half::f16>),
     /// The worker's [`KvPool`], where the denoiser runs, indexed by `kv_index`.
-    Resident(&'a ort::value::Tensor<f32>),
+    Resident(&'a ort::value::DynTensor),
 }
 
 /// The three graphs of one bundle, owned by one worker thread.
@@ -429,6 +432,9 @@ pub struct Models {
     layout_padding_rows: u64,
     /// Whether the denoiser takes `kv_index` (see [`names::KV_INDEX`]).
     gathers_kv: bool,
+    /// The element type of the image K/V between the encoder and the denoiser (the
+    /// host keeps it in f32 either way).
+    kv_element: KvElement,
     /// Whether the denoiser reads the second half of its batch as unconditional: every
     /// call is then laid out by [`HalfLayout`] and runs on one session.
     unconditional_half: bool,
@@ -652,6 +658,10 @@ impl Models {
             layout_buffers: (Vec::new(), Vec::new()),
             layout_padding_rows: 0,
             gathers_kv: bundle.manifest.denoiser_gathers_kv(),
+            kv_element: match bundle.manifest.kv_dtype() {
+                DType::Float16 => KvElement::F16,
+                _ => KvElement::F32,
+            },
             unconditional_half: bundle.manifest.denoiser_unconditional_half(),
             kv_pool: None,
             fixed_calls: None,
@@ -696,7 +706,7 @@ impl Models {
                 let mut calls = FixedShapeCalls::allocate(
                     &mut models.denoiser.sessions[0],
                     &allocator,
-                    pool.tensor(),
+                    &pool.tensor(),
                     latent,
                     max_rows,
                     capture,
@@ -832,10 +842,12 @@ impl Models {
     /// (for CUDA graphs).
     fn new_kv_pool(&self, fixed: bool) -> Result<KvPool, String> {
         let allocator = self.device_allocator()?;
+        let element = self.kv_element;
         if !fixed {
-            return KvPool::new(allocator, &self.null_kv, KV_POOL_SLOTS);
+            return KvPool::with_element(allocator, &self.null_kv, KV_POOL_SLOTS, element);
         }
-        let mut pool = KvPool::new(allocator, &self.null_kv, FIXED_KV_POOL_SLOTS)?;
+        let mut pool =
+            KvPool::with_element(allocator, &self.null_kv, FIXED_KV_POOL_SLOTS, element)?;
         let capacity = pool.stats.capacity;
         pool.limit_slots(capacity);
         Ok(pool)
@@ -872,6 +884,7 @@ impl Models {
     /// `pixels [B,3,H,W]` -> `image_kv [B, 2*layers, tokens, hidden]`.
     pub fn encode(&mut self, pixels: ArrayView4<f32>) -> Result<Array4<f32>, RuntimeError> {
         let pixels = pixels.as_standard_layout();
+        let kv_element = self.kv_element;
         let rows = pixels.dim().0;
         let parts = self
             .encoder
@@ -885,7 +898,13 @@ impl Models {
                 let outputs = session
                     .run(ort::inputs![names::PIXELS => input])
                     .map_err(|e| fail(e.to_string()))?;
-                let kv: Array4<f32> = extract(&outputs, names::IMAGE_KV).map_err(fail)?;
+                let kv: Array4<f32> = match kv_element {
+                    KvElement::F32 => extract(&outputs, names::IMAGE_KV).map_err(fail)?,
+                    // Exact: every f16 is an f32.
+                    KvElement::F16 => extract::<half::f16, _>(&outputs, names::IMAGE_KV)
+                        .map_err(fail)?
+                        .mapv(half::f16::to_f32),
+                };
                 if kv.dim().0 != range.len() {
                     return Err(fail(format!(
                         "image_kv has {} rows for {} images",
@@ -1004,7 +1023,12 @@ impl Models {
         }
         let rows = kv_index.len();
         let identity = slots == rows && kv_index.iter().enumerate().all(|(i, &k)| k as usize == i);
-        if self.gathers_kv {
+        if self.gathers_kv && self.kv_element == KvElement::F16 {
+            // The host keeps K/V in f32; this denoiser reads it in f16 (the same values:
+            // the encoder computed them in f16).
+            let pool = kv_pool.mapv(half::f16::from_f32);
+            self.run_denoiser(x, self_cond, t, KvInput::PoolF16(pool.view()), kv_index)
+        } else if self.gathers_kv {
             let pool = kv_pool.as_standard_layout();
             self.run_denoiser(x, self_cond, t, KvInput::Pool(pool.view()), kv_index)
         } else if identity {
@@ -1082,6 +1106,16 @@ impl Models {
                         ])
                     }
                     KvInput::Pool(pool) => {
+                        let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
+                        session.run(ort::inputs![
+                            names::X_T => x_t,
+                            names::SELF_COND => sc_part,
+                            names::T => t_part,
+                            names::IMAGE_KV => pool,
+                            names::KV_INDEX => index,
+                        ])
+                    }
+                    KvInput::PoolF16(pool) => {
                         let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
                         session.run(ort::inputs![
                             names::X_T => x_t,
@@ -1362,7 +1396,8 @@ impl Models {
                     .run(&mut self.denoiser.sessions[0], x, self_cond, t, &kv_index)
                     .map_err(|reason| self.denoiser.fail(reason)),
                 None => {
-                    self.run_denoiser(x, self_cond, t, KvInput::Resident(pool.tensor()), &kv_index)
+                    let pool = pool.tensor();
+                    self.run_denoiser(x, self_cond, t, KvInput::Resident(&pool), &kv_index)
                 }
             };
             self.kv_pool = Some(pool);

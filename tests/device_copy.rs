@@ -119,7 +119,7 @@ fn copies_through_host_buffers_match_the_in_place_path() {
     let mut in_place = FixedShapeCalls::new(
         &mut s_place,
         &Allocator::default(),
-        pool.tensor(),
+        &pool.tensor(),
         (l, d),
         16,
         false,
@@ -130,7 +130,7 @@ fn copies_through_host_buffers_match_the_in_place_path() {
     let mut copied = FixedShapeCalls::new(
         &mut s_copy,
         &Allocator::default(),
-        pool.tensor(),
+        &pool.tensor(),
         (l, d),
         16,
         false,
@@ -208,7 +208,7 @@ fn copies_through_host_buffers_match_the_in_place_path() {
     let mut pageable = FixedShapeCalls::new(
         &mut s_pageable,
         &Allocator::default(),
-        pool.tensor(),
+        &pool.tensor(),
         (l, d),
         4,
         false,
@@ -278,7 +278,7 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
         let mut calls = FixedShapeCalls::allocate(
             &mut denoiser,
             &Allocator::default(),
-            pool.tensor(),
+            &pool.tensor(),
             (l, d),
             8,
             false,

@@ -6,7 +6,10 @@ bundles were written before it, for the service's compatibility test),
 `tests/fixtures/parity/fused/` (the same three graphs exported with `--attention fused`,
 which the service must run to the same results),
 `tests/fixtures/parity/unconditional-half-denoiser.onnx` (the same denoiser exported with
-`--unconditional-half`, which the service must lay its calls out for) and
+`--unconditional-half`, which the service must lay its calls out for),
+`tests/fixtures/parity/fp16/` and `tests/fixtures/parity/fp16-kv/` (the bundle's graphs
+converted to fp16, the second with `--kv-precision fp16`: the service must give the same
+results with both) and
 `tests/fixtures/parity/cases.json`: for plain sampling, Back&Refine and MBR, the input
 pixels, every noise draw, the x0 after every iteration, and the expected ids and text,
 all computed through ONNX Runtime so the Rust service must reproduce them.
@@ -26,6 +29,7 @@ from tokenizers import Tokenizer
 
 from .config import BackRefineConfig
 from .export import export_graphs, placeholder_tokenizer, random_model, write_bundle
+from .precision import convert_bundle
 from .sampler import (
     OnnxBackend,
     RecordingNoise,
@@ -75,6 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copyfile(
             Path(tmp) / "denoiser.onnx", args.out / "unconditional-half-denoiser.onnx"
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kv in (("fp16", "fp32"), ("fp16-kv", "fp16")):
+            converted = Path(tmp) / name
+            convert_bundle(bundle, converted, precision="fp16", kv_precision=kv)
+            (args.out / name).mkdir(exist_ok=True)
+            for graph in ("encoder.onnx", "denoiser.onnx", "decoder.onnx"):
+                shutil.copyfile(converted / graph, args.out / name / graph)
     (args.out / "fused").mkdir(exist_ok=True)
     export_graphs(model, args.out / "fused", fused_attention=True)
     backend = OnnxBackend(str(bundle))
