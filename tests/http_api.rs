@@ -318,6 +318,7 @@ async fn readiness_and_draining() {
     assert_eq!(info["device"], "cpu");
     assert_eq!(info["bundle"]["image_size"], 112);
     assert_eq!(info["bundle"]["unconditional_half"], false);
+    assert_eq!(info["bundle"]["kv_dtype"], "float32");
 
     // Draining: readiness turns false and new captions get 503, liveness stays up.
     s.state().begin_drain();

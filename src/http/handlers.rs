@@ -531,6 +531,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             "vocab_size": m.text.vocab_size,
             "num_timesteps": m.schedule.num_timesteps,
             "unconditional_half": m.denoiser_unconditional_half(),
+            "kv_dtype": m.kv_dtype(),
         },
         "defaults": {
             "steps": d.steps,
