@@ -1105,8 +1105,17 @@ impl Models {
                             names::IMAGE_KV => kv_part,
                         ])
                     }
-                    KvInput::Pool(pool) => {
-                        let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
+                    pooled => {
+                        let pool: ort::session::SessionInputValue<'_> = match pooled {
+                            KvInput::Pool(pool) => TensorRef::from_array_view(*pool)
+                                .map_err(tensor_err)?
+                                .into(),
+                            KvInput::PoolF16(pool) => TensorRef::from_array_view(*pool)
+                                .map_err(tensor_err)?
+                                .into(),
+                            KvInput::Resident(pool) => (*pool).into(),
+                            KvInput::PerRow(_) => unreachable!("matched above"),
+                        };
                         session.run(ort::inputs![
                             names::X_T => x_t,
                             names::SELF_COND => sc_part,
@@ -1115,23 +1124,6 @@ impl Models {
                             names::KV_INDEX => index,
                         ])
                     }
-                    KvInput::PoolF16(pool) => {
-                        let pool = TensorRef::from_array_view(*pool).map_err(tensor_err)?;
-                        session.run(ort::inputs![
-                            names::X_T => x_t,
-                            names::SELF_COND => sc_part,
-                            names::T => t_part,
-                            names::IMAGE_KV => pool,
-                            names::KV_INDEX => index,
-                        ])
-                    }
-                    KvInput::Resident(pool) => session.run(ort::inputs![
-                        names::X_T => x_t,
-                        names::SELF_COND => sc_part,
-                        names::T => t_part,
-                        names::IMAGE_KV => *pool,
-                        names::KV_INDEX => index,
-                    ]),
                 }
                 .map_err(tensor_err)?;
                 let x0: Array3<f32> = extract(&outputs, names::X0).map_err(fail)?;
