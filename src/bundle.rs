@@ -568,14 +568,22 @@ pub(crate) mod tests {
         assert!(err.contains("x_t"), "{err}");
     }
 
+    /// The denoiser as bundles were exported before `kv_index`: four inputs, one
+    /// image_kv row per row.
+    fn without_kv_index(manifest: &mut serde_json::Value) {
+        let inputs = manifest["graphs"]["denoiser"]["inputs"]
+            .as_array_mut()
+            .unwrap();
+        inputs.pop();
+        inputs[3]["shape"][0] = serde_json::json!("batch");
+    }
+
     #[test]
     fn kv_index_is_optional_but_checked_when_present() {
         assert!(example_manifest().denoiser_gathers_kv());
         // The older form: one image_kv row per denoiser row, four inputs.
         let mut v = example_manifest_json();
-        let inputs = v["graphs"]["denoiser"]["inputs"].as_array_mut().unwrap();
-        inputs.pop();
-        inputs[3]["shape"][0] = serde_json::json!("batch");
+        without_kv_index(&mut v);
         let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
         assert!(!m.denoiser_gathers_kv());
         validate(&m).expect("a denoiser without kv_index is valid");
@@ -602,9 +610,7 @@ pub(crate) mod tests {
         assert!(m.denoiser_unconditional_half());
         // Only with kv_index, and only on the denoiser.
         let mut old = v.clone();
-        let inputs = old["graphs"]["denoiser"]["inputs"].as_array_mut().unwrap();
-        inputs.pop();
-        inputs[3]["shape"][0] = serde_json::json!("batch");
+        without_kv_index(&mut old);
         let err = validate(&parse(&old).unwrap()).unwrap_err().to_string();
         assert!(err.contains("kv_index"), "{err}");
         v["graphs"]["encoder"]["unconditional_half"] = serde_json::json!(true);
@@ -634,9 +640,7 @@ pub(crate) mod tests {
         assert!(err.contains("x_t"), "{err}");
         // Not without kv_index.
         let mut old = v.clone();
-        let inputs = old["graphs"]["denoiser"]["inputs"].as_array_mut().unwrap();
-        inputs.pop();
-        inputs[3]["shape"][0] = serde_json::json!("batch");
+        without_kv_index(&mut old);
         let err = validate(&parse(&old).unwrap()).unwrap_err().to_string();
         assert!(err.contains("kv_index"), "{err}");
     }
