@@ -8,10 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use ladic_serve::bundle::Bundle;
-use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
+use ladic_serve::runtime::{self, Models, SessionOptions};
 use ladic_serve::sampler::{
-    self, ActiveRow, BackRefine, ImageKv, Need, Row, RowOutput, SamplerParams, Schedule,
-    SeededNoise, Snapshot, TraceStep,
+    self, ActiveRow, ImageKv, Need, Row, RowOutput, SamplerParams, Schedule, SeededNoise, Snapshot,
+    TraceStep,
 };
 use ndarray::Array4;
 
@@ -19,16 +19,9 @@ fn parity_bundle() -> Bundle {
     Bundle::load(&common::parity_fixtures().join("bundle")).expect("parity bundle loads")
 }
 
+/// The fixed-shape calls of `--cuda-graph`, with or without the device loop.
 fn options(device_loop: bool, max_batch_rows: usize) -> SessionOptions {
-    SessionOptions {
-        device: DeviceChoice::Cpu,
-        intra_op_threads: 1,
-        row_parallelism: 1,
-        kv_pool: true,
-        cuda_graph: true,
-        device_loop,
-        max_batch_rows,
-    }
+    common::cpu_options(1, true, true, device_loop, max_batch_rows)
 }
 
 fn load(device_loop: bool, max_batch_rows: usize) -> Models {
@@ -40,37 +33,15 @@ fn load_bundle(bundle: &Bundle, device_loop: bool, max_batch_rows: usize) -> Mod
     Models::load(&rt, bundle, &options(device_loop, max_batch_rows)).expect("sessions load")
 }
 
-fn params(
-    steps: usize,
-    guidance: f64,
-    back_refine: bool,
-    self_conditioning: bool,
-) -> SamplerParams {
-    SamplerParams {
-        steps,
-        guidance,
-        time_shift: 5,
-        renoise_scale: 1.0,
-        self_conditioning,
-        back_refine: BackRefine {
-            enabled: back_refine,
-            keep_fraction: 0.5,
-            trigger_t: 599,
-            rounds: 1,
-        },
-        candidates: 1,
-    }
-}
-
 /// Each row's parameters: guided or not, with Back&Refine or not, with and without
 /// self-conditioning, at several step counts.
 fn mix() -> Vec<SamplerParams> {
     vec![
-        params(5, 1.0, false, true),
-        params(6, 0.0, true, true),
-        params(4, 1.0, true, true),
-        params(7, 0.0, false, false),
-        params(3, 1.0, true, false),
+        common::sampler_params(5, 1.0, false, true),
+        common::sampler_params(6, 0.0, true, true),
+        common::sampler_params(4, 1.0, true, true),
+        common::sampler_params(7, 0.0, false, false),
+        common::sampler_params(3, 1.0, true, false),
     ]
 }
 
@@ -217,7 +188,7 @@ fn rows_dropped_midway_give_their_slots_back_and_a_full_pool_is_a_clear_error() 
             .map(|i| {
                 let noise = Box::new(SeededNoise::new(1, i as u64));
                 Row::new(
-                    params(5, 0.0, false, true),
+                    common::sampler_params(5, 0.0, false, true),
                     schedule.clone(),
                     latent,
                     noise,

@@ -9,10 +9,9 @@ mod common;
 use std::sync::Arc;
 
 use ladic_serve::bundle::{Bundle, DType};
-use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
+use ladic_serve::runtime::{self, Models, SessionOptions};
 use ladic_serve::sampler::{
-    self, ActiveRow, BackRefine, ImageKv, Need, Row, RowOutput, SamplerParams, Schedule,
-    SeededNoise, TraceStep,
+    self, ActiveRow, ImageKv, Need, Row, RowOutput, SamplerParams, Schedule, SeededNoise, TraceStep,
 };
 use ndarray::Array4;
 
@@ -38,20 +37,7 @@ fn converted(dir: &str, kv16: bool, out: &std::path::Path) -> Bundle {
 }
 
 fn params(steps: usize, guidance: f64, back_refine: bool) -> SamplerParams {
-    SamplerParams {
-        steps,
-        guidance,
-        time_shift: 5,
-        renoise_scale: 1.0,
-        self_conditioning: true,
-        back_refine: BackRefine {
-            enabled: back_refine,
-            keep_fraction: 0.5,
-            trigger_t: 599,
-            rounds: 1,
-        },
-        candidates: 1,
-    }
+    common::sampler_params(steps, guidance, back_refine, true)
 }
 
 type Run = Vec<(Vec<TraceStep>, Option<RowOutput>)>;
@@ -116,15 +102,7 @@ fn fp16_kv_gives_the_fp16_bundles_results_on_every_path() {
         (1, true, true, false),
         (1, true, true, true),
     ] {
-        let opts = SessionOptions {
-            device: DeviceChoice::Cpu,
-            intra_op_threads: 1,
-            row_parallelism,
-            kv_pool,
-            cuda_graph,
-            device_loop,
-            max_batch_rows: 16,
-        };
+        let opts = common::cpu_options(row_parallelism, kv_pool, cuda_graph, device_loop, 16);
         let want = run(&fp16, &opts);
         assert!(
             want.iter()

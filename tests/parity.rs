@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ladic_serve::bundle::{BackRefineSpec, Bundle};
-use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
+use ladic_serve::runtime::{self, Models};
 use ladic_serve::sampler::{
     self, ActiveRow, KvRef, Need, RecordedNoise, Row, SamplerParams, Schedule, mbr,
 };
@@ -121,15 +121,13 @@ fn rust_sampler_matches_the_python_reference() {
         (&half, 1, true, true, true, 64),
         (&half, 1, true, true, true, 2),
     ] {
-        let opts = SessionOptions {
-            device: DeviceChoice::Cpu,
-            intra_op_threads: 1,
+        let opts = common::cpu_options(
             row_parallelism,
             kv_pool,
             cuda_graph,
             device_loop,
             max_batch_rows,
-        };
+        );
         let mut models = Models::load(&rt, bundle, &opts).expect("sessions load");
         assert_eq!(models.row_parallelism, row_parallelism);
         for case in &cases {

@@ -250,3 +250,46 @@ pub fn unconditional_half_bundle(out: &std::path::Path) -> ladic_serve::bundle::
         manifest["graphs"]["denoiser"]["unconditional_half"] = serde_json::json!(true);
     })
 }
+
+/// Sampler settings for the model-level tests: one candidate, Back&Refine (when on)
+/// halving the kept tokens once below t = 600.
+pub fn sampler_params(
+    steps: usize,
+    guidance: f64,
+    back_refine: bool,
+    self_conditioning: bool,
+) -> ladic_serve::sampler::SamplerParams {
+    ladic_serve::sampler::SamplerParams {
+        steps,
+        guidance,
+        time_shift: 5,
+        renoise_scale: 1.0,
+        self_conditioning,
+        back_refine: ladic_serve::sampler::BackRefine {
+            enabled: back_refine,
+            keep_fraction: 0.5,
+            trigger_t: 599,
+            rounds: 1,
+        },
+        candidates: 1,
+    }
+}
+
+/// Sessions on the CPU with one thread each, as the model-level tests load them.
+pub fn cpu_options(
+    row_parallelism: usize,
+    kv_pool: bool,
+    cuda_graph: bool,
+    device_loop: bool,
+    max_batch_rows: usize,
+) -> ladic_serve::runtime::SessionOptions {
+    ladic_serve::runtime::SessionOptions {
+        device: ladic_serve::runtime::DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        row_parallelism,
+        kv_pool,
+        cuda_graph,
+        device_loop,
+        max_batch_rows,
+    }
+}
