@@ -40,7 +40,7 @@ CALLER=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS=0
 
-usage() { sed -n '6,28p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540

@@ -3,9 +3,10 @@
 //!
 //! The denoiser of a current bundle takes `image_kv` as a pool plus `kv_index` per row
 //! (docs/bundle.md). Without this pool every step would copy each image's K/V into a
-//! fresh batch: about 14.5 MB per image for the full-size model, most of what a GPU
-//! step would move. Here an image's K/V is copied once, when it first appears in a
-//! call, and stays until its rows have not been in a call for [`IDLE_CALLS`] calls.
+//! fresh batch: about 29 MB per image for the full-size model (14.5 MB with f16 K/V,
+//! [`KvElement::F16`]), most of what a GPU step would move. Here an image's K/V is
+//! copied once, when it first appears in a call, and stays until its rows have not been
+//! in a call for [`IDLE_CALLS`] calls.
 //! Slot 0 holds the unconditional (null) K/V for good. The pool doubles when full.
 //!
 //! Two kinds of entries:

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ladic_serve::bundle::Bundle;
-use ladic_serve::kv_pool::{IDLE_CALLS, KvPool, ResidentKv};
+use ladic_serve::kv_pool::{IDLE_CALLS, KvElement, KvPool, ResidentKv};
 use ladic_serve::runtime::{self, DeviceChoice, Models, SessionOptions};
 use ladic_serve::sampler::{Denoiser, ImageKv, KvRef};
 use ndarray::{Array3, Axis};
@@ -384,4 +384,40 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
     assert!(err.to_string().contains("go up to 64"), "{err}");
     Denoiser::denoise(&mut fixed, x.view(), x.view(), &[5; 65][..64], &kv[..64])
         .expect_err("x has 65 rows, t 64");
+}
+
+#[test]
+fn an_f16_pool_holds_each_images_kv_exactly_as_f16_through_its_growth() {
+    runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let item = (2, 3, 4);
+    let values = |seed: usize| {
+        Array3::from_shape_fn(item, |(a, b, c)| {
+            ((seed * 31 + a * 7 + b * 3 + c) as f32) * 0.37 - 5.1
+        })
+    };
+    let null = values(0);
+    let mut pool =
+        KvPool::with_element(ort::memory::Allocator::default(), &null, 2, KvElement::F16)
+            .expect("pool");
+    assert_eq!(pool.element(), KvElement::F16);
+    // Six images in one call: uploaded from the host's f32, the pool doubling twice.
+    let images: Vec<Arc<Array3<f32>>> = (1..=6).map(|i| Arc::new(values(i))).collect();
+    let kv: Vec<KvRef<'_>> = std::iter::once(KvRef::Null)
+        .chain(images.iter().map(KvRef::Image))
+        .collect();
+    let slots = pool.assign(&kv).expect("room");
+    assert_eq!(pool.stats.grows, 2);
+    assert_eq!(pool.stats.capacity, 8);
+    let tensor = pool.tensor();
+    let stored = tensor
+        .try_extract_array::<half::f16>()
+        .expect("an f16 pool");
+    for (slot, want) in slots
+        .iter()
+        .zip(std::iter::once(&null).chain(images.iter().map(|a| &**a)))
+    {
+        let got = stored.index_axis(Axis(0), *slot as usize);
+        let want = want.mapv(half::f16::from_f32);
+        assert_eq!(got, want.view().into_dyn(), "slot {slot}");
+    }
 }

@@ -36,9 +36,16 @@ def random_feed(bundle: Path, graph: str, batch: int) -> dict[str, np.ndarray]:
     model config the bundle's manifest carries."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     cfg = LadicConfig.from_dict(manifest["model_config"])
-    names = [io["name"] for io in manifest["graphs"][graph]["inputs"]]
+    specs = manifest["graphs"][graph]["inputs"]
+    names = [io["name"] for io in specs]
     inputs = example_inputs(cfg, batch, gather_kv="kv_index" in names)[graph]
-    return {name: inputs[name].numpy() for name in names}
+
+    def typed(io: dict) -> np.ndarray:  # type: ignore[type-arg]
+        # A graph may take an input in float16 (the K/V with --kv-precision fp16).
+        value = inputs[io["name"]].numpy()
+        return value.astype(np.float16) if io["dtype"] == "float16" else value
+
+    return {io["name"]: typed(io) for io in specs}
 
 
 def node_counts(graph_file: Path) -> tuple[int, int]:
@@ -131,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.ops:
         for batch in (int(b) for b in args.batch.split(",")):
-            feed = random_feed(args.a, args.graph, batch)
-            ta = op_times(lambda: session(args.a, profile=True), feed, args.runs)
-            tb = op_times(lambda: session(args.b, profile=True), feed, args.runs)
+            # The same values for both, each in the types its manifest says.
+            feed_a, feed_b = (random_feed(b, args.graph, batch) for b in (args.a, args.b))
+            ta = op_times(lambda: session(args.a, profile=True), feed_a, args.runs)
+            tb = op_times(lambda: session(args.b, profile=True), feed_b, args.runs)
             print(
                 f"{args.graph}, batch {batch}, {args.threads} thread(s), ms per call "
                 f"({args.runs} profiled calls each): A = {args.a}, B = {args.b}"
@@ -147,13 +155,13 @@ def main(argv: list[str] | None = None) -> None:
     sa, sb = session(args.a), session(args.b)
     print(f"{args.graph}, {args.threads} thread(s): A = {args.a}, B = {args.b}")
     for batch in (int(b) for b in args.batch.split(",")):
-        feed = random_feed(args.a, args.graph, batch)
-        out_a, out_b = sa.run(None, feed)[0], sb.run(None, feed)[0]
+        feed_a, feed_b = (random_feed(b, args.graph, batch) for b in (args.a, args.b))
+        out_a, out_b = sa.run(None, feed_a)[0], sb.run(None, feed_b)[0]
         diff = float(np.abs(out_a.astype(np.float64) - out_b).max())
         times: tuple[list[float], list[float]] = ([], [])
         end = time.perf_counter() + args.seconds
         while time.perf_counter() < end or len(times[0]) < 3:
-            for sess, acc in ((sa, times[0]), (sb, times[1])):
+            for sess, feed, acc in ((sa, feed_a, times[0]), (sb, feed_b, times[1])):
                 t0 = time.perf_counter()
                 sess.run(None, feed)
                 acc.append(time.perf_counter() - t0)

@@ -8,7 +8,10 @@
 
 The conversion keeps every graph input and output exactly as the manifest says
 (float32 / int64): a Cast to fp16 follows each float input and a Cast to fp32 precedes
-each float output, so a reader of the bundle needs no change. Two precisions:
+each float output, so a reader of the bundle needs no change. The one exception is
+`--kv-precision fp16` (`convert_model`'s `fp16_io`): the encoder's `image_kv` output
+and the denoiser's `image_kv` input become float16, and the manifest says so (a reader
+must then handle float16 K/V; docs/bundle.md). Two precisions:
 
 - "fp16": every float tensor, initializer and constant becomes fp16, except the nodes
   in `KEEP_FP32_OPS` (ArgMax/ReduceMax and the like) and a Softmax whose results only
@@ -180,7 +183,8 @@ def convert_model(
     model: onnx.ModelProto, precision: str = "fp16", keep_ops: frozenset[str] = KEEP_FP32_OPS,
     fp16_ops: frozenset[str] | None = None, fp16_io: frozenset[str] = frozenset(),
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """An fp32 graph with fp16 weights and compute, its inputs and outputs unchanged.
+    """An fp32 graph with fp16 weights and compute, its inputs and outputs unchanged
+    except those named in `fp16_io`, which become float16 (precision fp16 only).
 
     precision "fp16": every node in fp16 but `keep_ops` (and the Softmaxes that only feed
     them); "mixed": only `fp16_ops` (default MIXED_FP16_OPS) in fp16. Returns the new

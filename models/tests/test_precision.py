@@ -269,3 +269,18 @@ def test_fp16_kv_bundle_captions_as_the_fp16_bundle(bundles, tmp_path: Path) -> 
     params.steps, params.guidance = 4, 1.0
     got = agreement(OnnxBackend(str(bundles["fp16"])), OnnxBackend(str(kv16)), pixels, cfg, params)
     assert got.ids_agree == got.images == 3
+
+
+def test_bench_graphs_times_fp16_kv_beside_fp16(bundles, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Each bundle gets the same random inputs in the types its manifest says."""
+    from ladic import bench_graphs
+
+    kv16 = tmp_path / "kv16"
+    convert_bundle(bundles["fp32"], kv16, precision="fp16", kv_precision="fp16", check=False)
+    fp16 = str(bundles["fp16"])
+    bench_graphs.main([fp16, str(kv16), "--graph", "denoiser", "--batch", "2", "--seconds", "0.05"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "max |A-B| of the first output 0.0e+00" in lines[1]
+    bench_graphs.main([fp16, str(kv16), "--graph", "denoiser", "--batch", "2", "--ops",
+                       "--runs", "1"])  # fmt: skip
+    assert "Gather" in capsys.readouterr().out
