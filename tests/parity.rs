@@ -283,3 +283,85 @@ fn replay(
         assert_eq!(caption, case.caption, "{}: caption", case.name);
     }
 }
+
+/// `Denoiser::denoise` with the `--unconditional-half` denoiser gives the plain
+/// denoiser's x0 for any call: 1 to 9 rows in any order, rows on the null K/V anywhere
+/// (more of them than half the call, or none), on every path that lays calls out
+/// (host K/V sliced or not, the resident pool, fixed shapes whose largest call splits
+/// them).
+#[test]
+fn unconditional_half_denoiser_matches_the_plain_one_for_any_rows() {
+    use ladic_serve::sampler::Denoiser;
+    use ndarray::Array3;
+
+    let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let half = common::unconditional_half_bundle(dir.path());
+    let plain_bundle = Bundle::load(&fixture_dir().join("bundle")).expect("parity bundle");
+    let m = &plain_bundle.manifest;
+    let (l, d, size) = (m.text.max_len, m.text.latent_dim, m.image.size as usize);
+    let mut plain = Models::load(
+        &rt,
+        &plain_bundle,
+        &common::cpu_options(1, true, false, false, 64),
+    )
+    .expect("sessions load");
+    let images: Vec<Arc<ndarray::Array3<f32>>> = (0..3)
+        .map(|i| {
+            let pixels = Array4::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
+                (((i * 7 + c * 13 + y * 3 + x) % 23) as f32) / 11.0 - 1.0
+            });
+            let kv = plain.encode(pixels.view()).expect("encoder runs");
+            Arc::new(kv.index_axis_move(Axis(0), 0))
+        })
+        .collect();
+    // A small xorshift: the same calls every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |below: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % below as u64) as usize
+    };
+    let calls: Vec<Vec<Option<usize>>> = (0..40)
+        .map(|_| {
+            let rows = 1 + next(9);
+            (0..rows)
+                .map(|_| match next(4) {
+                    0 => None,
+                    i => Some(i - 1),
+                })
+                .collect()
+        })
+        .collect();
+    for (row_parallelism, kv_pool, cuda_graph, max_batch_rows) in [
+        (1, false, false, 64),
+        (3, false, false, 64),
+        (1, true, false, 64),
+        (1, true, true, 64),
+        (1, true, true, 4),
+        (1, true, true, 2),
+    ] {
+        let opts = common::cpu_options(row_parallelism, kv_pool, cuda_graph, false, max_batch_rows);
+        let mut models = Models::load(&rt, &half, &opts).expect("sessions load");
+        for (n, rows) in calls.iter().enumerate() {
+            let b = rows.len();
+            let x = Array3::from_shape_fn((b, l, d), |(r, i, j)| {
+                (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
+            });
+            let sc = Array3::from_shape_fn((b, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
+            let t: Vec<i64> = (0..b).map(|r| ((n * 97 + r * 31) % 1000) as i64).collect();
+            let kv: Vec<KvRef<'_>> = rows
+                .iter()
+                .map(|r| r.map_or(KvRef::Null, |i| KvRef::Image(&images[i])))
+                .collect();
+            let got = Denoiser::denoise(&mut models, x.view(), sc.view(), &t, &kv).expect("half");
+            let want = Denoiser::denoise(&mut plain, x.view(), sc.view(), &t, &kv).expect("plain");
+            let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+            assert!(
+                diff <= 1e-4,
+                "{opts:?}, call {n} {rows:?}: x0 differs by {diff}"
+            );
+        }
+    }
+}
