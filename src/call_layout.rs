@@ -61,35 +61,41 @@ impl HalfLayout {
     /// Whether a call of these rows fits a batch of `max_rows` rows (even).
     pub fn fits(unconditional: &[bool], max_rows: usize) -> bool {
         let conditional = unconditional.iter().filter(|&&u| !u).count();
-        2 * conditional <= max_rows && unconditional.len() <= max_rows
+        fits(unconditional.len(), conditional, max_rows)
     }
 
-    /// `rows` cut, in order, into calls whose layouts each fit `max_rows` (even, at least
-    /// 2): consecutive ranges of the groups, each group's rows staying in one call.
-    /// `group_rows(g)` are the unconditional flags of group g's rows (a guided caption's
-    /// two passes are one group).
+    /// `groups` (consecutive ranges of `unconditional` that cover it, each a run of rows
+    /// that must stay in one call: a guided caption's two passes) cut, in order, into
+    /// calls whose layouts each fit `max_rows` (even, at least 2): ranges of the groups.
+    /// A group alone always makes a call, even one that does not fit (its caller reports
+    /// that).
     pub fn split(
-        groups: usize,
-        group_rows: impl Fn(usize) -> Vec<bool>,
+        unconditional: &[bool],
+        groups: &[Range<usize>],
         max_rows: usize,
     ) -> Vec<Range<usize>> {
         let mut calls = Vec::new();
-        let (mut start, mut flags) = (0, Vec::new());
-        for g in 0..groups {
-            let rows = group_rows(g);
-            let before = flags.len();
-            flags.extend(rows.iter().copied());
-            if g > start && !HalfLayout::fits(&flags, max_rows) {
+        let (mut start, mut rows, mut conditional) = (0, 0, 0);
+        for (g, group) in groups.iter().enumerate() {
+            let own = unconditional[group.clone()].iter().filter(|&&u| !u).count();
+            if g > start && !fits(rows + group.len(), conditional + own, max_rows) {
                 calls.push(start..g);
-                start = g;
-                flags.drain(..before);
+                (start, rows, conditional) = (g, 0, 0);
             }
+            rows += group.len();
+            conditional += own;
         }
-        if start < groups {
-            calls.push(start..groups);
+        if start < groups.len() {
+            calls.push(start..groups.len());
         }
         calls
     }
+}
+
+/// Whether `rows` rows, `conditional` of them on an image's K/V, fit a batch of
+/// `max_rows` (even) laid out in halves: each half holds half the batch.
+fn fits(rows: usize, conditional: usize, max_rows: usize) -> bool {
+    2 * conditional <= max_rows && rows <= max_rows
 }
 
 #[cfg(test)]
@@ -153,23 +159,19 @@ mod tests {
 
     #[test]
     fn calls_are_split_where_the_next_group_would_not_fit() {
-        // Groups: guided (2 rows), unguided (1), ...
-        let groups = [
-            vec![false, true],
-            vec![false],
-            vec![false],
-            vec![false, true],
-        ];
-        let calls = HalfLayout::split(groups.len(), |g| groups[g].clone(), 4);
+        // Groups: guided (2 rows), unguided (1), unguided, guided.
+        let flags = [false, true, false, false, false, true];
+        let groups = [0..2, 2..3, 3..4, 4..6];
+        let calls = HalfLayout::split(&flags, &groups, 4);
         // 2 conditional rows fit 4; a third would need 6.
         assert_eq!(calls, vec![0..2, 2..4]);
         for call in &calls {
-            let flags: Vec<bool> = groups[call.clone()].concat();
-            assert!(HalfLayout::fits(&flags, 4));
+            let rows = groups[call.start].start..groups[call.end - 1].end;
+            assert!(HalfLayout::fits(&flags[rows], 4));
         }
         // A group alone always makes a call, even if it cannot fit (the caller reports it).
-        let calls = HalfLayout::split(2, |_| vec![false; 3], 4);
+        let calls = HalfLayout::split(&[false; 6], &[0..3, 3..6], 4);
         assert_eq!(calls, vec![0..1, 1..2]);
-        assert!(HalfLayout::split(0, |_| vec![], 4).is_empty());
+        assert!(HalfLayout::split(&[], &[], 4).is_empty());
     }
 }

@@ -1192,16 +1192,19 @@ impl DeviceLoop for Models {
                 "the device loop was not set up (--device-loop)".into(),
             ));
         };
-        // Each row's conditional pass, then its unconditional one if guided.
-        fn passes<'a>(row: &DeviceRow<'a>) -> Vec<KvRef<'a>> {
-            let mut kv = vec![row.kv];
+        // Each row's conditional pass, then its unconditional one if guided; `groups`:
+        // each row's passes among them.
+        let mut kv = Vec::with_capacity(2 * rows.len());
+        let mut groups = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let first = kv.len();
+            kv.push(row.kv);
             if row.denoiser_rows() == 2 {
                 kv.push(KvRef::Null);
             }
-            kv
+            groups.push(first..kv.len());
         }
         if !self.unconditional_half {
-            let kv: Vec<KvRef<'_>> = rows.iter().flat_map(passes).collect();
             let kv_index = pool.assign(&kv).map_err(fail)?;
             return state
                 .step(calls, &mut self.denoiser.sessions[0], rows, &kv_index, None)
@@ -1211,23 +1214,18 @@ impl DeviceLoop for Models {
         // needs; a guided row's two passes stay in one. Each step updates the pools'
         // next copy from the last, so the rows of a later one read what an earlier one
         // left of them, unchanged.
-        let null = |kv: &KvRef<'_>| matches!(kv, KvRef::Null);
-        let parts = HalfLayout::split(
-            rows.len(),
-            |i| passes(&rows[i]).iter().map(null).collect(),
-            calls.max_rows(),
-        );
+        let null: Vec<bool> = kv.iter().map(|k| matches!(k, KvRef::Null)).collect();
+        let parts = HalfLayout::split(&null, &groups, calls.max_rows());
         let mut out = DeviceStep {
             new_slots: Vec::with_capacity(rows.len()),
             x0: Vec::with_capacity(rows.len()),
         };
         let mut rows = rows.into_iter();
         for part in parts {
+            let passes = groups[part.start].start..groups[part.end - 1].end;
+            let layout = HalfLayout::new(&null[passes.clone()], crate::fixed_shapes::bucket_rows);
+            let kv_index = pool.assign(&kv[passes]).map_err(fail)?;
             let part: Vec<DeviceRow<'_>> = rows.by_ref().take(part.len()).collect();
-            let kv: Vec<KvRef<'_>> = part.iter().flat_map(passes).collect();
-            let flags: Vec<bool> = kv.iter().map(null).collect();
-            let layout = HalfLayout::new(&flags, crate::fixed_shapes::bucket_rows);
-            let kv_index = pool.assign(&kv).map_err(fail)?;
             let step = state
                 .step(
                     calls,
@@ -1312,7 +1310,7 @@ impl Models {
                 _ => groups.push(i..i + 1),
             }
         }
-        let parts = HalfLayout::split(groups.len(), |g| null[groups[g].clone()].to_vec(), max_rows)
+        let parts = HalfLayout::split(&null, &groups, max_rows)
             .into_iter()
             .map(|calls| groups[calls.start].start..groups[calls.end - 1].end);
         let mut out = Array3::<f32>::zeros((n, l, d));
