@@ -418,7 +418,7 @@ impl IdentityFixed {
             &ort::memory::Allocator::default(),
             &pool.tensor(),
             (24, 768),
-            max_rows,
+            1..=max_rows,
             false,
             ladic_serve::fixed_shapes::Transfer::InPlace,
         )

@@ -30,6 +30,7 @@
 //! that this path is tested without a GPU.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 
 use ndarray::{Array3, ArrayView3};
 use ort::memory::Allocator;
@@ -314,8 +315,9 @@ impl std::fmt::Debug for FixedShapeCalls {
 }
 
 impl FixedShapeCalls {
-    /// Sets up every bucket for calls of up to `max_rows` rows of latents `latent` =
-    /// (L, D): buffers in `device`'s memory, reached from the host as `transfer` says,
+    /// Sets up a bucket for every power of two from the smallest call of `rows` to its
+    /// largest (`1..=max` for any call; from 2 for a denoiser that runs even batches only,
+    /// [`crate::call_layout`]), for latents `latent` = (L, D): buffers in `device`'s memory, reached from the host as `transfer` says,
     /// bound with `pool` (the K/V pool, which must never move) to `session`, the
     /// denoiser's. Then runs each bucket once,
     /// which is when ONNX Runtime captures it when `capture` is set (the session must
@@ -325,12 +327,12 @@ impl FixedShapeCalls {
         device: &Allocator,
         pool: &DynTensor,
         latent: (usize, usize),
-        max_rows: usize,
+        rows: RangeInclusive<usize>,
         capture: bool,
         transfer: Transfer,
     ) -> Result<FixedShapeCalls, String> {
         let mut calls =
-            FixedShapeCalls::allocate(session, device, pool, latent, max_rows, capture, transfer)?;
+            FixedShapeCalls::allocate(session, device, pool, latent, rows, capture, transfer)?;
         calls.run_first(session)?;
         Ok(calls)
     }
@@ -343,13 +345,19 @@ impl FixedShapeCalls {
         device: &Allocator,
         pool: &DynTensor,
         latent: (usize, usize),
-        max_rows: usize,
+        rows: RangeInclusive<usize>,
         capture: bool,
         transfer: Transfer,
     ) -> Result<FixedShapeCalls, String> {
+        let (min_rows, max_rows) = (*rows.start(), *rows.end());
         if max_rows == 0 || max_rows > MAX_BUCKET_ROWS {
             return Err(format!(
                 "fixed-shape calls need a largest call of 1 to {MAX_BUCKET_ROWS} rows, not {max_rows}"
+            ));
+        }
+        if min_rows == 0 || min_rows > max_rows {
+            return Err(format!(
+                "fixed-shape calls of {min_rows} to {max_rows} rows: no such calls"
             ));
         }
         let mut calls = FixedShapeCalls {
@@ -359,7 +367,8 @@ impl FixedShapeCalls {
             buckets: BTreeMap::new(),
             stats: FixedShapeStats::default(),
         };
-        let sizes: Vec<usize> = (0..=bucket_rows(max_rows).trailing_zeros())
+        let sizes: Vec<usize> = (bucket_rows(min_rows).trailing_zeros()
+            ..=bucket_rows(max_rows).trailing_zeros())
             .map(|k| 1usize << k)
             .collect();
         for &rows in &sizes {
@@ -379,19 +388,6 @@ impl FixedShapeCalls {
             ..FixedShapeStats::default()
         };
         Ok(calls)
-    }
-
-    /// Drops the 1-row bucket, for a denoiser that splits its batch in halves
-    /// (`unconditional_half`, [`crate::call_layout`]) and so runs even batches only.
-    /// Call it after [`allocate`](Self::allocate), before anything else uses the buckets.
-    pub fn drop_odd_buckets(&mut self) {
-        self.buckets.retain(|&rows, _| rows.is_multiple_of(2));
-        self.stats.buckets = self.buckets.len();
-        self.stats.pinned_host_buffers = self
-            .buckets
-            .values()
-            .map(|b| b.host_buffers_pinned())
-            .sum::<usize>();
     }
 
     /// Runs every bucket once (the captures, with CUDA graphs): after every buffer that

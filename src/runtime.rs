@@ -698,24 +698,21 @@ impl Models {
                 // captures): memory allocated after a capture may be where the captured
                 // graph keeps its intermediate tensors (src/fixed_shapes.rs).
                 // A denoiser that splits its batch in halves runs even batches only.
-                let max_rows = if models.unconditional_half {
-                    opts.max_batch_rows.max(2)
+                let rows = if models.unconditional_half {
+                    2..=opts.max_batch_rows.max(2)
                 } else {
-                    opts.max_batch_rows
+                    1..=opts.max_batch_rows
                 };
                 let mut calls = FixedShapeCalls::allocate(
                     &mut models.denoiser.sessions[0],
                     &allocator,
                     &pool.tensor(),
                     latent,
-                    max_rows,
+                    rows,
                     capture,
                     transfer,
                 )
                 .map_err(pool_err)?;
-                if models.unconditional_half {
-                    calls.drop_odd_buckets();
-                }
                 let mut state = if opts.device_loop {
                     let slots =
                         device_loop_slots(opts.max_batch_rows, bundle.manifest.mbr.candidates);

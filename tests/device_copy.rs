@@ -121,7 +121,7 @@ fn copies_through_host_buffers_match_the_in_place_path() {
         &Allocator::default(),
         &pool.tensor(),
         (l, d),
-        16,
+        1..=16,
         false,
         Transfer::InPlace,
     )
@@ -132,7 +132,7 @@ fn copies_through_host_buffers_match_the_in_place_path() {
         &Allocator::default(),
         &pool.tensor(),
         (l, d),
-        16,
+        1..=16,
         false,
         Transfer::Cuda(cuda),
     )
@@ -210,7 +210,7 @@ fn copies_through_host_buffers_match_the_in_place_path() {
         &Allocator::default(),
         &pool.tensor(),
         (l, d),
-        4,
+        1..=4,
         false,
         Transfer::Cuda(cuda),
     )
@@ -280,7 +280,7 @@ fn the_device_loop_through_host_buffers_matches_the_in_place_loop() {
             &Allocator::default(),
             &pool.tensor(),
             (l, d),
-            8,
+            1..=8,
             false,
             transfer,
         )
