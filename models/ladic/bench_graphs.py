@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .config import LadicConfig
-from .export import example_inputs
+from .export import example_inputs, is_unconditional_half
 
 
 def random_feed(bundle: Path, graph: str, batch: int) -> dict[str, np.ndarray]:
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     halves = [
         b for b in (args.a, args.b)
-        if json.loads((b / "manifest.json").read_text())["graphs"]["denoiser"].get(
-            "unconditional_half", False)
-    ]  # fmt: skip
+        if is_unconditional_half(json.loads((b / "manifest.json").read_text()))
+    ]
     if args.graph == "denoiser" and halves and any(int(b) % 2 for b in args.batch.split(",")):
         p.error(f"{halves[0]} splits its denoiser's batch in halves: give even --batch sizes")
 

@@ -312,7 +312,9 @@ def ids_to_text(tokenizer, ids: list[int]) -> str:  # type: ignore[no-untyped-de
 def refuse_unconditional_half(manifest: dict, bundle: object) -> None:  # type: ignore[type-arg]
     """This sampler sends each row's K/V in its own order; a denoiser exported with
     --unconditional-half would read the second half of them as the null K/V."""
-    if manifest["graphs"]["denoiser"].get("unconditional_half", False):
+    from .export import is_unconditional_half
+
+    if is_unconditional_half(manifest):
         raise ValueError(
             f"{bundle}: the denoiser is exported with --unconditional-half (for the "
             "service's call layout); export the bundle without it for this sampler"
