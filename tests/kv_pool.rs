@@ -3,6 +3,8 @@
 //! calls, so that the pool grows, reuses slots and lets idle images go, must give the
 //! same x0 as sending each call's K/V with the call.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,15 +47,7 @@ fn resident_pool_matches_sending_the_kv_with_every_call() {
     assert_eq!(plain.kv_pool_stats(), None);
 
     // 150 distinct images: more than the pool's first 64 slots.
-    let images: Vec<Arc<Array3<f32>>> = (0..150)
-        .map(|i| {
-            let pixels = ndarray::Array4::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
-                (((i * 7 + c * 13 + y * 3 + x) % 23) as f32) / 11.0 - 1.0
-            });
-            let kv = pooled.encode(pixels.view()).expect("encoder runs");
-            Arc::new(kv.index_axis_move(Axis(0), 0))
-        })
-        .collect();
+    let images = common::encoded_images(&mut pooled, 150, size);
 
     // Calls: a wide one (grows the pool), then overlapping windows that come back to
     // old images after they have gone idle, with guided (null) rows mixed in.
@@ -65,19 +59,7 @@ fn resident_pool_matches_sending_the_kv_with_every_call() {
         calls.push(rows);
     }
     for (n, rows) in calls.iter().enumerate() {
-        let b = rows.len();
-        let x = Array3::from_shape_fn((b, l, d), |(r, i, j)| {
-            (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
-        });
-        let sc = Array3::from_shape_fn((b, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
-        let t: Vec<i64> = (0..b).map(|r| ((n * 97 + r * 31) % 1000) as i64).collect();
-        let kv: Vec<KvRef<'_>> = rows
-            .iter()
-            .map(|r| r.map_or(KvRef::Null, |i| KvRef::Image(&images[i])))
-            .collect();
-        let got = Denoiser::denoise(&mut pooled, x.view(), sc.view(), &t, &kv).expect("pooled");
-        let want = Denoiser::denoise(&mut plain, x.view(), sc.view(), &t, &kv).expect("plain");
-        let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+        let diff = common::x0_difference(&mut pooled, &mut plain, &images, rows, n, (l, d));
         assert!(diff <= 1e-5, "call {n}: x0 differs by {diff}");
     }
 

@@ -291,9 +291,6 @@ fn replay(
 /// them).
 #[test]
 fn unconditional_half_denoiser_matches_the_plain_one_for_any_rows() {
-    use ladic_serve::sampler::Denoiser;
-    use ndarray::Array3;
-
     let rt = runtime::init_onnxruntime(None).expect("ONNX Runtime loads");
     let dir = tempfile::tempdir().expect("temp dir");
     let half = common::unconditional_half_bundle(dir.path());
@@ -306,15 +303,7 @@ fn unconditional_half_denoiser_matches_the_plain_one_for_any_rows() {
         &common::cpu_options(1, true, false, false, 64),
     )
     .expect("sessions load");
-    let images: Vec<Arc<ndarray::Array3<f32>>> = (0..3)
-        .map(|i| {
-            let pixels = Array4::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
-                (((i * 7 + c * 13 + y * 3 + x) % 23) as f32) / 11.0 - 1.0
-            });
-            let kv = plain.encode(pixels.view()).expect("encoder runs");
-            Arc::new(kv.index_axis_move(Axis(0), 0))
-        })
-        .collect();
+    let images = common::encoded_images(&mut plain, 3, size);
     // A small xorshift: the same calls every run.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move |below: usize| {
@@ -345,19 +334,7 @@ fn unconditional_half_denoiser_matches_the_plain_one_for_any_rows() {
         let opts = common::cpu_options(row_parallelism, kv_pool, cuda_graph, false, max_batch_rows);
         let mut models = Models::load(&rt, &half, &opts).expect("sessions load");
         for (n, rows) in calls.iter().enumerate() {
-            let b = rows.len();
-            let x = Array3::from_shape_fn((b, l, d), |(r, i, j)| {
-                (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
-            });
-            let sc = Array3::from_shape_fn((b, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
-            let t: Vec<i64> = (0..b).map(|r| ((n * 97 + r * 31) % 1000) as i64).collect();
-            let kv: Vec<KvRef<'_>> = rows
-                .iter()
-                .map(|r| r.map_or(KvRef::Null, |i| KvRef::Image(&images[i])))
-                .collect();
-            let got = Denoiser::denoise(&mut models, x.view(), sc.view(), &t, &kv).expect("half");
-            let want = Denoiser::denoise(&mut plain, x.view(), sc.view(), &t, &kv).expect("plain");
-            let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+            let diff = common::x0_difference(&mut models, &mut plain, &images, rows, n, (l, d));
             assert!(
                 diff <= 1e-4,
                 "{opts:?}, call {n} {rows:?}: x0 differs by {diff}"

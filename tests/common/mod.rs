@@ -293,3 +293,50 @@ pub fn cpu_options(
         max_batch_rows,
     }
 }
+
+/// `count` images' K/V, each encoded by `models` from a pattern of its own.
+pub fn encoded_images(
+    models: &mut ladic_serve::runtime::Models,
+    count: usize,
+    size: usize,
+) -> Vec<std::sync::Arc<ndarray::Array3<f32>>> {
+    (0..count)
+        .map(|i| {
+            let pixels = ndarray::Array4::from_shape_fn((1, 3, size, size), |(_, c, y, x)| {
+                (((i * 7 + c * 13 + y * 3 + x) % 23) as f32) / 11.0 - 1.0
+            });
+            let kv = models.encode(pixels.view()).expect("encoder runs");
+            std::sync::Arc::new(kv.index_axis_move(ndarray::Axis(0), 0))
+        })
+        .collect()
+}
+
+/// Call `n` of a test: one denoiser call of `rows` (each on the K/V of `images[i]`, or
+/// on the null K/V where None), latents `(l, d)`, on `a` and on `b`; the largest
+/// difference of their x0.
+pub fn x0_difference(
+    a: &mut ladic_serve::runtime::Models,
+    b: &mut ladic_serve::runtime::Models,
+    images: &[std::sync::Arc<ndarray::Array3<f32>>],
+    rows: &[Option<usize>],
+    n: usize,
+    (l, d): (usize, usize),
+) -> f32 {
+    use ladic_serve::sampler::{Denoiser, KvRef};
+    use ndarray::Array3;
+    let count = rows.len();
+    let x = Array3::from_shape_fn((count, l, d), |(r, i, j)| {
+        (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
+    });
+    let sc = Array3::from_shape_fn((count, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
+    let t: Vec<i64> = (0..count)
+        .map(|r| ((n * 97 + r * 31) % 1000) as i64)
+        .collect();
+    let kv: Vec<KvRef<'_>> = rows
+        .iter()
+        .map(|r| r.map_or(KvRef::Null, |i| KvRef::Image(&images[i])))
+        .collect();
+    let got = Denoiser::denoise(a, x.view(), sc.view(), &t, &kv).expect("first");
+    let want = Denoiser::denoise(b, x.view(), sc.view(), &t, &kv).expect("second");
+    (&got - &want).mapv(f32::abs).fold(0.0f32, |m, &v| m.max(v))
+}
