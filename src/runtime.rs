@@ -741,13 +741,6 @@ impl Models {
             }
             models.kv_pool = Some(pool);
         }
-        if models.unconditional_half && bundle.manifest.sampler.guidance == 0.0 {
-            tracing::warn!(
-                "the bundle's default guidance is 0, but its denoiser is exported \
-                 --unconditional-half: unguided calls run twice their rows (padding); \
-                 export it without that option for unguided traffic"
-            );
-        }
         if models.unconditional_half {
             tracing::info!(
                 denoiser_sessions = models.denoiser.sessions.len(),
@@ -755,6 +748,13 @@ impl Models {
                  (one null K/V for all of it); its calls are laid out in halves and not \
                  sliced"
             );
+            if bundle.manifest.sampler.guidance == 0.0 {
+                tracing::warn!(
+                    "the bundle's default guidance is 0, but its denoiser is exported \
+                     --unconditional-half: unguided calls run twice their rows (padding); \
+                     export it without that option for unguided traffic"
+                );
+            }
         }
         tracing::info!(
             kv_index = models.gathers_kv,
