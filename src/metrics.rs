@@ -67,13 +67,18 @@ impl Metrics {
             .buckets(latency_buckets),
         )?;
         let batch_rows = Histogram::with_opts(
-            HistogramOpts::new("batch_rows", "Rows in one denoiser call.")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            HistogramOpts::new(
+                "batch_rows",
+                "Denoiser rows in one step of a worker's batch (one model call, or several \
+                 when the rows do not fit the largest call).",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
         )?;
         let denoiser_step_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "denoiser_step_duration_seconds",
-                "Wall time of one denoiser call over a batch of rows.",
+                "Wall time of one denoiser step over a worker's batch of rows (one model call, \
+                 or several when the rows do not fit the largest call).",
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
         )?;
