@@ -6,6 +6,8 @@
 #   scripts/bench-gpu-matrix.sh --binary PATH [--out DIR] [--budget SECONDS]
 #                               [--passes "graph plain ..."] [--device cuda|cpu]
 #                               [--config base|tiny|micro] [--quick]
+#   scripts/bench-gpu-matrix.sh --export-only [--jobs N] [--out DIR] [--passes ...]
+#                               [--config ...]
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundles, shared by the passes (default
@@ -30,6 +32,10 @@
 #                     all-loop     kv16-loop on an --unconditional-half bundle
 #                     workers2     --workers 2 (two batches in flight, one per worker)
 #   --device, --config, --quick   passed to every pass (see scripts/bench-gpu.sh)
+#   --export-only   only export the bundles of the passes into DIR (each once; no binary,
+#                   ONNX Runtime or GPU needed), so that the timed run finds them ready;
+#                   --jobs N exports N at a time (default 1; each full-size export takes
+#                   a few GB of memory)
 #
 # Every pass runs with --no-reference: the PyTorch reference needs a full pass of
 # scripts/bench-gpu.sh. Environment: BENCH_TP_SECONDS (default 10 here) and
@@ -40,10 +46,10 @@ CALLER=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS=0
 
-usage() { sed -n '6,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,38p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
-BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540
+BINARY="" WORK=/tmp/ladic-gpu-bench BUDGET=540 EXPORT_ONLY=0 JOBS=1
 PASSES="graph loop plain fused-loop half-loop fused-loop-fp16 kv16-loop all-loop fused-graph workers2 fused"
 COMMON=()
 while [[ $# -gt 0 ]]; do
@@ -54,13 +60,16 @@ while [[ $# -gt 0 ]]; do
     --passes) PASSES=${2:?}; shift 2 ;;
     --device|--config) COMMON+=("$1" "${2:?}"); shift 2 ;;
     --quick) COMMON+=(--quick); shift ;;
+    --export-only) EXPORT_ONLY=1; shift ;;
+    --jobs) JOBS=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done
-[[ -n $BINARY ]] || { echo "--binary is required" >&2; usage; }
+[[ -n $BINARY || $EXPORT_ONLY == 1 ]] || { echo "--binary is required" >&2; usage; }
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "--budget takes whole seconds" >&2; exit 2; }
-[[ $BINARY == /* ]] || BINARY=$CALLER/$BINARY
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "--jobs takes a positive whole number" >&2; exit 2; }
+[[ -z $BINARY || $BINARY == /* ]] || BINARY=$CALLER/$BINARY
 [[ $WORK == /* ]] || WORK=$CALLER/$WORK
 WORK=$(realpath -m "$WORK")
 RES=$(cd "$CALLER" && realpath -m "${OUT:-$WORK/matrix}")
@@ -89,6 +98,35 @@ pass_flags() {
 for pass in $PASSES; do
   pass_flags "$pass" >/dev/null || { echo "unknown pass: $pass" >&2; usage; }
 done
+
+if [[ $EXPORT_ONLY == 1 ]]; then
+  # One export per distinct bundle (bench-gpu.sh names it from these flags), JOBS at once.
+  declare -A EXPORTING=()
+  for pass in $PASSES; do
+    IFS='|' read -r bench_args _ <<<"$(pass_flags "$pass")"
+    [[ -z ${EXPORTING[$bench_args]:-} ]] || continue
+    EXPORTING[$bench_args]=$pass
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
+    log "== export for $pass: bench-gpu.sh --export-only $bench_args"
+    dir=$RES/export-$pass
+    mkdir -p "$dir" && rm -f "$dir/exit-status"
+    # shellcheck disable=SC2086  # the flags are words
+    ( set +e
+      OUT=$dir scripts/bench-gpu.sh --export-only --out "$WORK" ${COMMON[@]+"${COMMON[@]}"} \
+        $bench_args >"$dir/export-pass.log" 2>&1
+      echo $? >"$dir/exit-status" ) &
+  done
+  wait
+  failed=0
+  for pass in "${EXPORTING[@]}"; do
+    status=$(cat "$RES/export-$pass/exit-status" 2>/dev/null || echo "?")
+    [[ $status == 0 ]] || failed=1
+    log "   $pass: exit $status; $(tail -n 1 "$RES/export-$pass/export-pass.log")"
+  done
+  (( failed == 0 )) || { log "an export failed (logs: $RES/export-*/export-pass.log)"; exit 1; }
+  log "bundles ready in $WORK"
+  exit 0
+fi
 
 DONE=()
 for pass in $PASSES; do

@@ -6,9 +6,10 @@
 #                        [--config base|tiny|micro] [--quick] [--check-export]
 #                        [--budget SECONDS] [--no-reference] [--attention fused|unfused]
 #                        [--precision fp32|fp16|mixed] [--unconditional-half]
-#                        [--kv-precision fp32|fp16]
+#                        [--kv-precision fp32|fp16] [--export-only]
 #
-#   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
+#   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda);
+#                   not needed with --export-only
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
 #                   the results go to $OUT when it is set, else to DIR
 #   --device        cuda (default) or cpu
@@ -30,6 +31,9 @@
 #                   of each call attends to the null K/V once; bundle-CONFIG[-fused]-half)
 #   --kv-precision K  with --precision fp16: the image K/V between encoder and denoiser
 #                   (and in the service's pool) in fp16 too (bundle-...-fp16-kv16)
+#   --export-only   stop after (b): export the bundle into DIR and exit (needs neither
+#                   the binary, nor ONNX Runtime, nor a GPU), so that a later run with
+#                   the same flags and DIR finds it ready
 #
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
@@ -55,12 +59,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 SECONDS=0
 
-usage() { sed -n '5,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '5,36p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { printf '[%4ds] ERROR: %s\n' "$SECONDS" "$*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 
 BINARY="" WORK=/tmp/ladic-gpu-bench DEVICE=cuda CONFIG="" QUICK=0 CHECK_EXPORT=0 BUDGET=480
-REFERENCE=1 ATTENTION=unfused PRECISION=fp32 HALF=0 KV_PRECISION=fp32
+REFERENCE=1 ATTENTION=unfused PRECISION=fp32 HALF=0 KV_PRECISION=fp32 EXPORT_ONLY=0
 while [[ $# -gt 0 ]]; do
   case $1 in
     --binary) BINARY=${2:?}; shift 2 ;;
@@ -75,11 +79,12 @@ while [[ $# -gt 0 ]]; do
     --precision) PRECISION=${2:?}; shift 2 ;;
     --unconditional-half) HALF=1; shift ;;
     --kv-precision) KV_PRECISION=${2:?}; shift 2 ;;
+    --export-only) EXPORT_ONLY=1; shift ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done
-[[ -n $BINARY ]] || { echo "--binary is required" >&2; usage; }
+[[ -n $BINARY || $EXPORT_ONLY == 1 ]] || { echo "--binary is required" >&2; usage; }
 [[ $DEVICE == cuda || $DEVICE == cpu ]] || die "--device must be cuda or cpu, not $DEVICE"
 [[ -n $CONFIG ]] || { [[ $DEVICE == cuda ]] && CONFIG=base || CONFIG=tiny; }
 [[ $CONFIG =~ ^(base|tiny|micro)$ ]] || die "--config must be base, tiny or micro"
@@ -91,7 +96,7 @@ done
 
 PY=${PYTHON:-python3}
 # Relative paths are the caller's, not the repository root's (where this runs).
-[[ $BINARY == /* ]] || BINARY=$CALLER/$BINARY
+[[ -z $BINARY || $BINARY == /* ]] || BINARY=$CALLER/$BINARY
 [[ $WORK == /* ]] || WORK=$CALLER/$WORK
 WORK=$(realpath -m "$WORK")
 RES=$(cd "$CALLER" && realpath -m "${OUT:-$WORK}")
@@ -129,9 +134,11 @@ SUMMARY_DONE=0
 # ----------------------------------------------------------------- (a) the host
 log "== (a) environment (device $DEVICE, config $CONFIG, quick $QUICK; results in $RES)"
 command -v "$PY" >/dev/null || die "no $PY on PATH (set PYTHON)"
-[[ -f $BINARY ]] || die "--binary $BINARY: no such file"
-[[ -x $BINARY ]] || chmod +x "$BINARY" 2>/dev/null || die "--binary $BINARY is not executable"
-BINARY=$(cd "$(dirname "$BINARY")" && pwd)/$(basename "$BINARY")
+if [[ $EXPORT_ONLY == 0 ]]; then
+  [[ -f $BINARY ]] || die "--binary $BINARY: no such file"
+  [[ -x $BINARY ]] || chmod +x "$BINARY" 2>/dev/null || die "--binary $BINARY is not executable"
+  BINARY=$(cd "$(dirname "$BINARY")" && pwd)/$(basename "$BINARY")
+fi
 [[ -f $IMAGE ]] || die "missing $IMAGE (run from a full working tree)"
 GPU_NAME=""
 if command -v nvidia-smi >/dev/null; then
@@ -139,7 +146,7 @@ if command -v nvidia-smi >/dev/null; then
   GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 else
   log "nvidia-smi: not found"
-  [[ $DEVICE == cpu ]] || die "--device cuda but no nvidia-smi on this host"
+  [[ $DEVICE == cpu || $EXPORT_ONLY == 1 ]] || die "--device cuda but no nvidia-smi on this host"
 fi
 "$PY" - "$RES/env.json" <<'EOF' || die "the Python probe failed (see above)"
 import importlib, json, platform, sys
@@ -166,7 +173,9 @@ pyinfo() { "$PY" -c "import json,sys; v=json.load(open(sys.argv[1])).get(sys.arg
 [[ -n $(pyinfo torch) ]] || die "PyTorch is not importable by $PY: it is required (export and reference)"
 [[ -n $(pyinfo numpy) ]] || die "numpy is not importable by $PY: it is required (export and reference)"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "$PY is older than 3.9"
-if [[ $DEVICE == cuda ]]; then
+if [[ $EXPORT_ONLY == 1 ]]; then
+  :  # the export runs on the CPU and needs no ONNX Runtime library
+elif [[ $DEVICE == cuda ]]; then
   [[ -n $(pyinfo cuda_available) ]] || die "torch.cuda.is_available() is False: no CUDA for the reference"
   [[ -n ${ORT_DYLIB_PATH:-} ]] || die "ORT_DYLIB_PATH is not set: point it at ONNX Runtime's CUDA build (libonnxruntime.so.1.*), with its provider libraries and the CUDA libraries on LD_LIBRARY_PATH"
   [[ -f $ORT_DYLIB_PATH ]] || die "ORT_DYLIB_PATH=$ORT_DYLIB_PATH does not exist"
@@ -178,7 +187,8 @@ else
     export ORT_DYLIB_PATH=$ROOT/.ort/lib/libonnxruntime.so
   fi
 fi
-log "binary: $BINARY ($("$BINARY" --version 2>&1 | head -1)); ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
+[[ $EXPORT_ONLY == 1 ]] \
+  || log "binary: $BINARY ($("$BINARY" --version 2>&1 | head -1)); ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
 EXPORT_FLAGS=()
 if [[ -z $(pyinfo onnx) ]]; then
   log "fallback: the onnx package is missing -> export with --no-onnx-package (torch's exporter without it)"
@@ -209,6 +219,12 @@ else
   tail -3 "$RES/export.log"
 fi
 du -sh "$BUNDLE" | sed 's/^/  /'
+if [[ $EXPORT_ONLY == 1 ]]; then
+  log "export only: $BUNDLE is ready for a run with the same flags and --out $WORK"
+  exec >&- 2>&-
+  wait "$TEE_PID" 2>/dev/null || true
+  exit 0
+fi
 # ONNX Runtime's CUDA Gather (and elementwise kernels) index with 32-bit integers, and
 # the denoiser slices its K/V input [rows, 2*layers, tokens, hidden] per layer: keep that
 # input under 2^31 elements (base: 295 rows), in a power of two of at most 512 rows.
