@@ -120,6 +120,11 @@ fn gone_clients_and_expired_deadlines_cost_nothing() {
     drop(gone);
     let (job, expired) = CaptionJob::new(pixels(&p, 2), params.clone(), 1, Instant::now());
     s.submit(job).unwrap();
+    // What a request whose HTTP handler timed out leaves: the deadline passed and
+    // nobody waits for the answer. The reason is still the deadline.
+    let (job, timed_out) = CaptionJob::new(pixels(&p, 2), params.clone(), 1, Instant::now());
+    s.submit(job).unwrap();
+    drop(timed_out);
 
     assert!(busy.blocking_recv().unwrap().is_ok());
     assert_eq!(
@@ -136,7 +141,7 @@ fn gone_clients_and_expired_deadlines_cost_nothing() {
             .get()
     };
     assert_eq!(dropped("client_gone"), 1);
-    assert_eq!(dropped("deadline"), 1);
+    assert_eq!(dropped("deadline"), 2);
     assert_eq!(metrics.rows_in_flight.get(), 0);
     s.stop();
 }

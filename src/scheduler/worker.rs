@@ -333,22 +333,9 @@ impl<B: Backend> Worker<B> {
             };
             self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
             let Queued { job, progress } = queued;
-            if job.reply.is_closed() {
-                self.ctx
-                    .metrics
-                    .requests_dropped_total
-                    .with_label_values(&["client_gone"])
-                    .inc();
-                continue;
-            }
             let now = Instant::now();
-            if now >= job.deadline {
-                self.ctx
-                    .metrics
-                    .requests_dropped_total
-                    .with_label_values(&["deadline"])
-                    .inc();
-                let _ = job.reply.send(Err(InferError::Deadline));
+            if let Some(reason) = leave_reason(&job, now) {
+                self.drop_job(job, reason);
                 continue;
             }
             let mut candidate = ActiveJob {
@@ -396,26 +383,27 @@ impl<B: Backend> Worker<B> {
         let now = Instant::now();
         let mut kept = Vec::with_capacity(self.active.len());
         for job in std::mem::take(&mut self.active) {
-            if job.job.reply.is_closed() {
+            if let Some(reason) = leave_reason(&job.job, now) {
                 self.release(&job);
-                self.ctx
-                    .metrics
-                    .requests_dropped_total
-                    .with_label_values(&["client_gone"])
-                    .inc();
-            } else if now >= job.job.deadline {
-                self.release(&job);
-                self.ctx
-                    .metrics
-                    .requests_dropped_total
-                    .with_label_values(&["deadline"])
-                    .inc();
-                let _ = job.job.reply.send(Err(InferError::Deadline));
+                self.drop_job(job.job, reason);
             } else {
                 kept.push(job);
             }
         }
         self.active = kept;
+    }
+
+    /// Counts a job that leaves before its answer, and answers it 504 when its
+    /// deadline is the reason.
+    fn drop_job(&self, job: CaptionJob, reason: &'static str) {
+        self.ctx
+            .metrics
+            .requests_dropped_total
+            .with_label_values(&[reason])
+            .inc();
+        if reason == DEADLINE {
+            let _ = job.reply.send(Err(InferError::Deadline));
+        }
     }
 
     /// Encodes the images of newly admitted jobs in batched encoder calls and starts
@@ -603,6 +591,22 @@ fn assemble(text: &TextDecoder, job: &ActiveJob) -> Result<CaptionOutput, InferE
         queue_time: job.admitted.duration_since(job.job.enqueued),
         inference_time: job.admitted.elapsed(),
     })
+}
+
+/// The `reason` label of `requests_dropped_total` for a passed deadline.
+const DEADLINE: &str = "deadline";
+
+/// Why a job leaves before its answer, if it does: its deadline passed, or its client
+/// left. The deadline is checked first: when it passes, the handler's own timer closes
+/// the reply at about the same moment, and the reason is still the deadline.
+fn leave_reason(job: &CaptionJob, now: Instant) -> Option<&'static str> {
+    if now >= job.deadline {
+        Some(DEADLINE)
+    } else if job.reply.is_closed() {
+        Some("client_gone")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
