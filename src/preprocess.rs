@@ -50,9 +50,11 @@ pub enum PreprocessError {
     #[error("cannot decode the image: {0}")]
     Undecodable(String),
     #[error(
-        "the image is {width}x{height}; at most {max_side} pixels a side and {max_pixels} pixels in all are accepted"
+        "{}; at most {max_side} pixels a side and {max_pixels} pixels in all are accepted",
+        size_of(*width, *height)
     )]
     TooLarge {
+        /// 0 (with `height`) when a decoder refused the size without reporting it.
         width: u32,
         height: u32,
         max_side: u32,
@@ -60,6 +62,15 @@ pub enum PreprocessError {
     },
     #[error("the image exceeds the decoder's memory limit")]
     TooMuchMemory,
+}
+
+/// The start of the `TooLarge` message: the image's size where it is known.
+fn size_of(width: u32, height: u32) -> String {
+    if width == 0 || height == 0 {
+        "the image is larger than the limits allow".into()
+    } else {
+        format!("the image is {width}x{height}")
+    }
 }
 
 /// Decodes `bytes` into an image with its EXIF orientation applied.
@@ -74,21 +85,24 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Prepro
         Some(f) if SUPPORTED_FORMATS.contains(&f) => {}
         _ => return Err(PreprocessError::UnknownFormat),
     }
+    // No side limits for the decoder: it would refuse an oversized header without
+    // saying its size. `check_size` below refuses it with the size.
     let mut decoder_limits = Limits::default();
-    decoder_limits.max_image_width = Some(limits.max_side);
-    decoder_limits.max_image_height = Some(limits.max_side);
     decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
     reader.limits(decoder_limits);
 
     // The decoder reads only the header here; its dimensions decide before any pixels
     // are allocated.
-    let mut decoder = reader.into_decoder().map_err(|e| map_error(e, limits))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_error(e, (0, 0), limits))?;
     let (width, height) = decoder.dimensions();
     check_size(width, height, limits)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_error(e, limits))?;
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| map_error(e, (width, height), limits))?;
     img.apply_orientation(orientation);
     Ok(img)
 }
@@ -113,12 +127,13 @@ fn check_size(width: u32, height: u32, limits: &ImageLimits) -> Result<(), Prepr
     Ok(())
 }
 
-fn map_error(e: ImageError, limits: &ImageLimits) -> PreprocessError {
+/// `(width, height)`: the image's size, (0, 0) where not yet known.
+fn map_error(e: ImageError, (width, height): (u32, u32), limits: &ImageLimits) -> PreprocessError {
     match e {
         ImageError::Limits(l) => match l.kind() {
             image::error::LimitErrorKind::DimensionError => PreprocessError::TooLarge {
-                width: 0,
-                height: 0,
+                width,
+                height,
                 max_side: limits.max_side,
                 max_pixels: limits.max_pixels,
             },
@@ -320,6 +335,37 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn too_large_messages_give_the_real_size() {
+        // A real image, too wide: 20000x10 is only 200000 pixels.
+        let wide = encode(&DynamicImage::new_luma8(20_000, 10), ImageFormat::Png);
+        let msg = decode(&wide, &ImageLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("the image is 20000x10;"), "{msg}");
+        assert!(msg.contains("at most 16384 pixels a side"), "{msg}");
+
+        let msg = decode(&lying_png(50_000, 50_000), &ImageLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("the image is 50000x50000;"), "{msg}");
+
+        // A size the decoder did not report is not claimed.
+        let unknown = map_error(
+            ImageError::Limits(image::error::LimitError::from_kind(
+                image::error::LimitErrorKind::DimensionError,
+            )),
+            (0, 0),
+            &ImageLimits::default(),
+        )
+        .to_string();
+        assert!(
+            unknown.starts_with("the image is larger than the limits allow;"),
+            "{unknown}"
+        );
+        assert!(!unknown.contains("0x0"), "{unknown}");
     }
 
     #[test]
