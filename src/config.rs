@@ -137,36 +137,45 @@ pub struct ServeArgs {
     pub max_batch_rows: u32,
 
     /// Requests that may wait for a worker; more are refused with 429.
-    #[arg(long, env = "LADIC_QUEUE_SIZE", default_value_t = 64)]
+    #[arg(long, env = "LADIC_QUEUE_SIZE", default_value_t = 64, value_parser = at_least_one::<usize>)]
     pub queue_size: usize,
 
     /// Default deadline of a request, in milliseconds, from arrival to answer (504 after).
-    #[arg(long, env = "LADIC_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "LADIC_REQUEST_TIMEOUT_MS", default_value_t = 30_000, value_parser = at_least_one::<u64>)]
     pub request_timeout_ms: u64,
 
-    /// Largest deadline a request may ask for with `timeout_ms`.
-    #[arg(long, env = "LADIC_MAX_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]
+    /// Largest deadline a request may ask for with `timeout_ms` (at least
+    /// --request-timeout-ms).
+    #[arg(long, env = "LADIC_MAX_REQUEST_TIMEOUT_MS", default_value_t = 120_000, value_parser = at_least_one::<u64>)]
     pub max_request_timeout_ms: u64,
 
     /// Largest request body in bytes (413 above).
-    #[arg(long, env = "LADIC_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, env = "LADIC_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024, value_parser = at_least_one::<usize>)]
     pub max_body_bytes: usize,
 
     /// Largest image in pixels, width times height (422 above); checked before decoding.
-    #[arg(long, env = "LADIC_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "LADIC_MAX_IMAGE_PIXELS", default_value_t = 40_000_000, value_parser = at_least_one::<u64>)]
     pub max_image_pixels: u64,
 
     /// Largest image width or height (422 above); checked before decoding.
-    #[arg(long, env = "LADIC_MAX_IMAGE_SIDE", default_value_t = 16_384)]
+    #[arg(long, env = "LADIC_MAX_IMAGE_SIDE", default_value_t = 16_384, value_parser = at_least_one::<u32>)]
     pub max_image_side: u32,
 
     /// Most images in one POST /caption/batch request.
-    #[arg(long, env = "LADIC_MAX_BATCH_IMAGES", default_value_t = 16)]
+    #[arg(long, env = "LADIC_MAX_BATCH_IMAGES", default_value_t = 16, value_parser = at_least_one::<usize>)]
     pub max_batch_images: usize,
 
     /// If set, POST routes need `Authorization: Bearer <key>` or `x-api-key: <key>`.
     #[arg(long, env = "LADIC_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// Milliseconds a connection gets to send a request's headers, counted from when the
+    /// server starts waiting for them: on a new connection, and on an idle keep-alive
+    /// one, which is closed after that. Keep it above the idle timeout of the load
+    /// balancer in front (often 60 s), so that it never reuses a connection the server
+    /// is closing. Request bodies are bounded by each request's deadline instead.
+    #[arg(long, env = "LADIC_HEADER_READ_TIMEOUT_MS", default_value_t = 75_000, value_parser = at_least_one::<u64>)]
+    pub header_read_timeout_ms: u64,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "LADIC_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
@@ -178,7 +187,32 @@ pub struct ServeArgs {
     pub cors_allow_origin: Vec<String>,
 }
 
+/// Parses a size, count or time that must be at least 1: 0 would leave the service
+/// unable to answer (every request timed out, every image too large, ...).
+fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialEq + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    let v: T = s.parse().map_err(|e: T::Err| e.to_string())?;
+    if v == T::from(0) {
+        return Err("must be at least 1".into());
+    }
+    Ok(v)
+}
+
 impl ServeArgs {
+    /// What the flags cannot check one by one.
+    pub fn check(&self) -> Result<(), String> {
+        if self.request_timeout_ms > self.max_request_timeout_ms {
+            return Err(format!(
+                "--request-timeout-ms {} is more than --max-request-timeout-ms {}; the default deadline may be at most the largest one",
+                self.request_timeout_ms, self.max_request_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
     pub fn image_limits(&self) -> ImageLimits {
         ImageLimits {
             max_pixels: self.max_image_pixels,
@@ -213,15 +247,15 @@ pub struct CaptionArgs {
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 
-    /// Denoising iterations (bundle default if unset).
+    /// Denoising iterations, 1 to 100 (bundle default if unset).
     #[arg(long)]
     pub steps: Option<usize>,
 
-    /// Classifier-free guidance weight (bundle default if unset).
-    #[arg(long)]
+    /// Classifier-free guidance weight, 0 to 10 (bundle default if unset).
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
 
-    /// Caption candidates for MBR selection (bundle default if unset).
+    /// Caption candidates for MBR selection, 1 to 8 (bundle default if unset).
     #[arg(long)]
     pub candidates: Option<usize>,
 
@@ -283,5 +317,55 @@ mod tests {
         };
         assert_eq!(c.images.len(), 2);
         assert_eq!(c.steps, Some(5));
+    }
+
+    #[test]
+    fn caption_help_gives_the_api_ranges() {
+        use crate::http::request::{MAX_CANDIDATES, MAX_GUIDANCE, MAX_STEPS};
+        let cmd = Cli::command();
+        let caption = cmd.find_subcommand("caption").unwrap();
+        let help = |id: &str| {
+            let arg = caption.get_arguments().find(|a| a.get_id() == id);
+            arg.and_then(|a| a.get_help()).unwrap().to_string()
+        };
+        assert!(help("steps").contains(&format!("1 to {MAX_STEPS} ")));
+        assert!(help("guidance").contains(&format!("0 to {MAX_GUIDANCE} ")));
+        assert!(help("candidates").contains(&format!("1 to {MAX_CANDIDATES} ")));
+    }
+
+    #[test]
+    fn zero_limits_and_inverted_timeouts_are_refused() {
+        for flag in [
+            "--request-timeout-ms",
+            "--max-request-timeout-ms",
+            "--queue-size",
+            "--max-body-bytes",
+            "--max-image-pixels",
+            "--max-image-side",
+            "--max-batch-images",
+            "--header-read-timeout-ms",
+            "--max-batch-rows",
+            "--workers",
+        ] {
+            let err = Cli::try_parse_from(["ladic-serve", "serve", flag, "0"]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{flag}: {err}");
+        }
+        let serve = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([["ladic-serve", "serve"].as_slice(), extra].concat());
+            match cli.unwrap().command {
+                Command::Serve(s) => s,
+                Command::Caption(_) => unreachable!(),
+            }
+        };
+        assert!(serve(&[]).check().is_ok());
+        let inverted = serve(&[
+            "--request-timeout-ms",
+            "5000",
+            "--max-request-timeout-ms",
+            "4000",
+        ]);
+        let err = inverted.check().unwrap_err();
+        assert!(err.contains("--request-timeout-ms 5000"), "{err}");
+        assert!(err.contains("--max-request-timeout-ms 4000"), "{err}");
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::bundle::{Bundle, BundleError};
 use crate::config::{BatchingMode, CaptionArgs, ModelArgs};
+use crate::http::request::{self, CaptionParams};
 use crate::metrics::{Metrics, MetricsError};
 use crate::preprocess::{self, ImageLimits, PreprocessError};
 use crate::runtime::{self, OrtRuntime, RuntimeError};
@@ -44,6 +45,8 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid caption parameter: {0}")]
+    Parameter(String),
     #[error("{0}")]
     Infer(String),
 }
@@ -110,19 +113,19 @@ pub fn warm_up_pixels(bundle: &Bundle) -> ndarray::Array3<f32> {
 pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
     let prepared = prepare(&args.model)?;
     let manifest = &prepared.bundle.manifest;
-    let mut params = SamplerParams::defaults(manifest);
-    if let Some(s) = args.steps {
-        params.steps = s.max(1);
-    }
-    if let Some(w) = args.guidance {
-        params.guidance = w;
-    }
-    if let Some(k) = args.candidates {
-        params.candidates = k.max(1);
-    }
-    if let Some(br) = args.back_refine {
-        params.back_refine.enabled = br;
-    }
+    // The HTTP API's ranges and messages; no deadline worth the name.
+    let requested = CaptionParams {
+        steps: args.steps,
+        guidance: args.guidance,
+        back_refine: args.back_refine,
+        candidates: args.candidates,
+        seed: Some(args.seed),
+        ..CaptionParams::default()
+    };
+    let hour = Duration::from_secs(3600);
+    let resolved = request::resolve(&requested, &SamplerParams::defaults(manifest), hour, hour)
+        .map_err(|e| LoadError::Parameter(e.to_string()))?;
+    let params = resolved.sampler;
     let metrics = Arc::new(Metrics::new()?);
     let config = SchedulerConfig {
         workers: 1,
@@ -151,8 +154,8 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
             &scheduler,
             pixels,
             params.clone(),
-            args.seed,
-            Duration::from_secs(3600),
+            resolved.seed,
+            resolved.timeout,
         )
         .map_err(|e| LoadError::Infer(e.to_string()))?;
         receivers.push(rx);

@@ -67,13 +67,14 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
     })?;
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let app = http::router(state.clone());
-    let serve = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let serve = tokio::spawn(serve_connections(
+        listener,
+        app,
+        Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        },
+    ));
     let config = SchedulerConfig {
         workers: usize::from(args.workers),
         batching: args.batching,
@@ -89,6 +90,57 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         serve,
         stop_tx,
     })
+}
+
+/// Accepts connections and serves `app` on each (HTTP/1.1) until `stop` completes, then
+/// lets the open connections finish their requests (the caller bounds that wait).
+/// Unlike `axum::serve`, a connection that sends no complete request head within
+/// `header_read_timeout` is closed, so idle or trickling clients cannot hold sockets.
+async fn serve_connections(
+    listener: TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, as a burst passes.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app
+            .clone()
+            .map_request(|req: axum::http::Request<hyper::body::Incoming>| {
+                req.map(axum::body::Body::new)
+            });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// The configured CORS origins, each checked to be usable as a header value.

@@ -83,3 +83,114 @@ fn unknown_bundle_version_is_refused() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("format_version 99"), "{stderr}");
 }
+
+/// Runs `cmd`, which should end at once; kills it and fails if it is still running
+/// after 20 s (a server that started instead of refusing its flags).
+fn output_soon(cmd: &mut Command) -> std::process::Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after 20 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The process failed, and its last stderr line contains each of `needles`.
+fn assert_refused(out: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    for needle in needles {
+        assert!(line.contains(needle), "{needle:?} not in {line:?}");
+    }
+}
+
+#[test]
+fn serve_refuses_limits_that_would_refuse_every_request() {
+    for flag in [
+        "--request-timeout-ms",
+        "--max-request-timeout-ms",
+        "--max-image-pixels",
+        "--max-image-side",
+        "--max-body-bytes",
+        "--queue-size",
+        "--max-batch-images",
+    ] {
+        let out = output_soon(bin().args(["serve", "--bind", "127.0.0.1:0", flag, "0"]));
+        assert_refused(&out, &[flag, "at least 1"]);
+    }
+    // The same through the environment.
+    let out = output_soon(
+        bin()
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .env("LADIC_REQUEST_TIMEOUT_MS", "0"),
+    );
+    assert_refused(&out, &["--request-timeout-ms", "at least 1"]);
+}
+
+#[test]
+fn serve_refuses_a_default_deadline_above_the_largest() {
+    let out = output_soon(bin().args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--request-timeout-ms",
+        "5000",
+        "--max-request-timeout-ms",
+        "4000",
+    ]));
+    assert_refused(
+        &out,
+        &["--request-timeout-ms 5000", "--max-request-timeout-ms 4000"],
+    );
+}
+
+#[test]
+fn caption_checks_its_parameters_as_the_http_api_does() {
+    // Refused before any image is read or model loaded.
+    for (args, message) in [
+        (
+            &["--guidance=nan"][..],
+            "guidance must be between 0 and 10, got NaN",
+        ),
+        (
+            &["--guidance", "-5"],
+            "guidance must be between 0 and 10, got -5",
+        ),
+        (&["--guidance=1e9"], "guidance must be between 0 and 10"),
+        (
+            &["--guidance=inf"],
+            "guidance must be between 0 and 10, got inf",
+        ),
+        (
+            &["--steps", "5000"],
+            "steps must be between 1 and 100, got 5000",
+        ),
+        (&["--steps", "0"], "steps must be between 1 and 100, got 0"),
+        (
+            &["--candidates", "9"],
+            "candidates must be between 1 and 8, got 9",
+        ),
+    ] {
+        let out = output_soon(bin().arg("caption").args(args).arg("missing.png"));
+        assert_refused(&out, &[message]);
+    }
+}

@@ -203,10 +203,11 @@ async fn streaming_errors() {
         .await;
     assert_eq!(r.status(), 422, "the batch route does not stream");
 
-    // Once streaming, a failure is an `error` event with the usual body.
+    // Once streaming, a failure is an `error` event with the usual body: a deadline
+    // long enough for the decode, far too short for 100 steps of 8 candidates.
     let r = post_png_sse(
         &s,
-        "/caption?steps=100&candidates=8&timeout_ms=1",
+        "/caption?steps=100&candidates=8&timeout_ms=300",
         scene_png(0),
     )
     .await;

@@ -35,6 +35,12 @@ pub enum ApiError {
     Overloaded,
     #[error("{0}")]
     NotReady(String),
+    /// The body did not arrive in full before the deadline (a slow or stalled upload).
+    #[error(
+        "the request body did not arrive in full before the request's deadline \
+         (timeout_ms in the query string, else the server's default)"
+    )]
+    BodyTimeout,
     #[error("the request did not finish before its deadline")]
     Timeout,
     #[error("{0}")]
@@ -61,6 +67,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,6 +87,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Overloaded => "overloaded",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::BodyTimeout => "request_timeout",
             ApiError::Timeout => "timeout",
             ApiError::Inference(_) => "inference_failed",
         }
@@ -178,6 +186,7 @@ mod tests {
             (ApiError::ImageTooLarge("x".into()), 422, "image_too_large"),
             (ApiError::Overloaded, 429, "overloaded"),
             (ApiError::NotReady("x".into()), 503, "not_ready"),
+            (ApiError::BodyTimeout, 408, "request_timeout"),
             (ApiError::Timeout, 504, "timeout"),
             (ApiError::Inference("x".into()), 500, "inference_failed"),
         ];

@@ -79,14 +79,18 @@ pub async fn caption(
         ApiError::UnsupportedMediaType(format!("missing Content-Type; {ACCEPTED}"))
     })?;
     let limit = state.settings.max_body_bytes;
+    let body_deadline = start + request_timeout(&state, &query)?;
     let (image, params): (Bytes, CaptionParams) = if is_raw_image_type(&media) {
-        (read_body(&parts.headers, body, limit).await?, query)
+        (
+            read_body(&parts.headers, body, limit, body_deadline).await?,
+            query,
+        )
     } else if media == "multipart/form-data" {
-        let bytes = read_body(&parts.headers, body, limit).await?;
+        let bytes = read_body(&parts.headers, body, limit, body_deadline).await?;
         let (image, form) = parse_multipart(&parts.headers, bytes).await?;
         (image, query.overridden_by(form))
     } else if media == "application/json" {
-        let bytes = read_body(&parts.headers, body, limit).await?;
+        let bytes = read_body(&parts.headers, body, limit, body_deadline).await?;
         let json: CaptionJson = parse_json(&bytes)?;
         let image = Bytes::from(decode_base64_image(&json.image)?);
         (image, query.overridden_by(json.params()))
@@ -179,7 +183,7 @@ async fn stream_caption(
     start: Instant,
 ) -> Result<Response, ApiError> {
     let deadline = start + resolved.timeout;
-    let pixels = decode_image(&state, image).await?;
+    let pixels = decode_image(&state, image, deadline).await?;
     let (job, reply_rx) =
         CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
     let (events_tx, events_rx) = mpsc::channel(STREAM_BUFFER);
@@ -326,7 +330,14 @@ pub async fn caption_batch(
             )));
         }
     }
-    let bytes = read_body(&parts.headers, body, state.settings.max_body_bytes).await?;
+    let body_deadline = start + request_timeout(&state, &query)?;
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        state.settings.max_body_bytes,
+        body_deadline,
+    )
+    .await?;
     let json: BatchJson = parse_json(&bytes)?;
     let max = state.settings.max_batch_images;
     if json.images.is_empty() || json.images.len() > max {
@@ -399,15 +410,20 @@ fn at_index(i: usize, e: ApiError) -> ApiError {
 }
 
 fn resolve(state: &AppState, params: &CaptionParams) -> Result<Resolved, ApiError> {
+    let s = &state.settings;
     request::resolve(
         params,
         &state.defaults,
-        state
-            .settings
-            .default_timeout
-            .min(state.settings.max_timeout),
-        state.settings.max_timeout,
+        s.default_timeout.min(s.max_timeout),
+        s.max_timeout,
     )
+}
+
+/// The request's timeout as far as `params` (the query string) tell it: what the body
+/// must arrive within, before the body's own parameters are known.
+fn request_timeout(state: &AppState, params: &CaptionParams) -> Result<Duration, ApiError> {
+    let s = &state.settings;
+    request::timeout(params, s.default_timeout.min(s.max_timeout), s.max_timeout)
 }
 
 /// Refuses before decoding anything when the queue cannot take `n` more images.
@@ -418,7 +434,8 @@ fn refuse_if_queue_full(state: &AppState, scheduler: &Scheduler, n: usize) -> Re
     Ok(())
 }
 
-/// Decode + preprocess on the blocking pool, queue, and wait for the worker's answer.
+/// Decode + preprocess on the blocking pool, queue, and wait for the worker's answer,
+/// all within the request's deadline.
 async fn run_caption(
     state: &AppState,
     scheduler: &Scheduler,
@@ -427,7 +444,7 @@ async fn run_caption(
     start: Instant,
 ) -> Result<CaptionOutput, ApiError> {
     let deadline = start + resolved.timeout;
-    let pixels = decode_image(state, image).await?;
+    let pixels = decode_image(state, image, deadline).await?;
     let (job, rx) = CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
     scheduler.submit(job)?;
     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await {
@@ -437,17 +454,29 @@ async fn run_caption(
     }
 }
 
-/// Decode + preprocess on the blocking pool, a bounded number at a time.
-async fn decode_image(state: &AppState, image: Bytes) -> Result<ndarray::Array3<f32>, ApiError> {
-    let _permit = state
-        .decode_permits
-        .acquire()
+/// Decode + preprocess on the blocking pool, a bounded number at a time; 504 when the
+/// deadline passes first. A decode that has started runs to its end (it cannot be
+/// interrupted) and keeps its permit until then, so abandoned decodes still count
+/// against the bound; one whose deadline passed while it waited does not start.
+async fn decode_image(
+    state: &AppState,
+    image: Bytes,
+    deadline: Instant,
+) -> Result<ndarray::Array3<f32>, ApiError> {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let permit = tokio::time::timeout_at(deadline, state.decode_permits.clone().acquire_owned())
         .await
+        .map_err(|_| ApiError::Timeout)?
         .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
     let spec = state.manifest.image.clone();
     let limits = state.settings.image_limits;
-    tokio::task::spawn_blocking(move || preprocess::preprocess(&image, &spec, &limits))
+    let decode = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        preprocess::preprocess(&image, &spec, &limits)
+    });
+    tokio::time::timeout_at(deadline, decode)
         .await
+        .map_err(|_| ApiError::Timeout)?
         .map_err(|e| ApiError::Inference(format!("image decoding task failed: {e}")))?
         .map_err(ApiError::from)
 }

@@ -77,7 +77,7 @@ pub struct AppState {
     /// Caption requests being handled, for the shutdown drain.
     in_flight: AtomicUsize,
     /// Bounds concurrent image decodes so a burst cannot take every core and memory.
-    pub decode_permits: Semaphore,
+    pub decode_permits: Arc<Semaphore>,
     pub started: Instant,
 }
 
@@ -102,7 +102,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            decode_permits: Semaphore::new(cores * 2),
+            decode_permits: Arc::new(Semaphore::new(cores * 2)),
             started: Instant::now(),
         }
     }

@@ -1,7 +1,7 @@
 //! Reading a caption request in any of its forms (raw image body, multipart, JSON with
 //! base64) into image bytes plus parameters, and validating the parameters.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, header};
@@ -161,6 +161,16 @@ pub struct Resolved {
     pub timeout: Duration,
 }
 
+/// The largest seed the server picks by itself: 2^53 - 1, the largest integer a JSON
+/// number keeps exactly in JavaScript (and any other reader that parses numbers as
+/// doubles), so that a reported seed replays the caption from a browser too. Clients may
+/// send any u64.
+pub const MAX_RANDOM_SEED: u64 = (1 << 53) - 1;
+
+fn random_seed() -> u64 {
+    rand::random::<u64>() & MAX_RANDOM_SEED
+}
+
 pub fn resolve(
     p: &CaptionParams,
     defaults: &SamplerParams,
@@ -195,22 +205,8 @@ pub fn resolve(
     if let Some(br) = p.back_refine {
         s.back_refine.enabled = br;
     }
-    let timeout = match p.timeout_ms {
-        Some(0) => {
-            return Err(ApiError::InvalidParameter(
-                "timeout_ms must be positive".into(),
-            ));
-        }
-        Some(ms) if Duration::from_millis(ms) > max_timeout => {
-            return Err(ApiError::InvalidParameter(format!(
-                "timeout_ms may be at most {}",
-                max_timeout.as_millis()
-            )));
-        }
-        Some(ms) => Duration::from_millis(ms),
-        None => default_timeout,
-    };
-    let seed = p.seed.unwrap_or_else(rand::random);
+    let timeout = timeout(p, default_timeout, max_timeout)?;
+    let seed = p.seed.unwrap_or_else(random_seed);
     Ok(Resolved {
         sampler: s,
         seed,
@@ -218,8 +214,33 @@ pub fn resolve(
     })
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The request's deadline, from now: `timeout_ms` if given (at most `max_timeout`),
+/// else `default_timeout`.
+pub fn timeout(
+    p: &CaptionParams,
+    default_timeout: Duration,
+    max_timeout: Duration,
+) -> Result<Duration, ApiError> {
+    match p.timeout_ms {
+        Some(0) => Err(ApiError::InvalidParameter(
+            "timeout_ms must be positive".into(),
+        )),
+        Some(ms) if Duration::from_millis(ms) > max_timeout => Err(ApiError::InvalidParameter(
+            format!("timeout_ms may be at most {}", max_timeout.as_millis()),
+        )),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default_timeout),
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413, and a body that
+/// has not arrived in full by `deadline` (a slow or stalled upload) with 408.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: Instant,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -227,7 +248,12 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match axum::body::to_bytes(body, limit).await {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let Ok(read) = tokio::time::timeout_at(deadline, axum::body::to_bytes(body, limit)).await
+    else {
+        return Err(ApiError::BodyTimeout);
+    };
+    match read {
         Ok(b) => Ok(b),
         Err(e) => {
             let inner = e.into_inner();
@@ -377,6 +403,23 @@ mod tests {
             },
             candidates: 1,
         }
+    }
+
+    #[test]
+    fn picked_seeds_stay_exact_in_javascript_and_sent_ones_are_kept() {
+        let (timeout, max) = (Duration::from_secs(1), Duration::from_secs(2));
+        let none = CaptionParams::from_query(None).unwrap();
+        let seeds: Vec<u64> = (0..200)
+            .map(|_| resolve(&none, &defaults(), timeout, max).unwrap().seed)
+            .collect();
+        assert!(seeds.iter().all(|&s| s <= MAX_RANDOM_SEED), "{seeds:?}");
+        // Not a constant: 200 draws of 53 bits do not repeat.
+        assert!(seeds.windows(2).any(|w| w[0] != w[1]));
+        let max_u64 = CaptionParams::from_query(Some(&format!("seed={}", u64::MAX))).unwrap();
+        assert_eq!(
+            resolve(&max_u64, &defaults(), timeout, max).unwrap().seed,
+            u64::MAX
+        );
     }
 
     #[test]

@@ -1,0 +1,185 @@
+//! Clients that are slow or stall: a connection that sends no request head, or only
+//! part of one, is closed after `--header-read-timeout-ms` (also when it idles
+//! between keep-alive requests); a body that does not arrive by the request's deadline
+//! is answered 408; a decode that outlasts the deadline is answered 504 at the
+//! deadline, not when the decode ends. The server goes on serving throughout.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, scene_png, test_args};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the server closes the connection; what it sent, and when it closed.
+/// Fails the test if it stays open for `limit`.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Instant) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(end, stream.read(&mut buf)).await {
+            Err(_) => panic!("the connection is still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, Instant::now()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_without_a_request_head_are_closed() {
+    let mut args = test_args();
+    args.header_read_timeout_ms = 400;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+
+    // Nothing sent at all.
+    let start = Instant::now();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let (got, closed) = read_until_closed(&mut silent, Duration::from_secs(10)).await;
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "{got:?}"
+    );
+    assert!(
+        closed - start >= Duration::from_millis(350),
+        "{:?}",
+        closed - start
+    );
+
+    // A head that trickles in, a header line every 100 ms, never finishing.
+    let start = Instant::now();
+    let mut trickle = TcpStream::connect(addr).await.unwrap();
+    let mut open = true;
+    let mut line = 0;
+    while open && start.elapsed() < Duration::from_secs(10) {
+        let bytes: &[u8] = if line == 0 {
+            b"GET /health/live HTTP/1.1\r\n"
+        } else {
+            b"x-slow: 1\r\n"
+        };
+        line += 1;
+        open = trickle.write_all(bytes).await.is_ok();
+        let mut buf = [0u8; 256];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await
+        {
+            open = !matches!(read, Ok(0) | Err(_));
+        }
+    }
+    assert!(!open, "a trickled head kept its connection for 10 s");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // A keep-alive connection: served, then closed once it idles past the timeout.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /health/live HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    let (got, closed) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(closed - answered >= Duration::from_millis(350));
+
+    // Everyone else is still served.
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_by_the_deadline_gets_408() {
+    let mut args = test_args();
+    args.request_timeout_ms = 700;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+
+    // The query's timeout_ms, then the server's default: 10 of 1000 bytes, then nothing.
+    for (query, deadline) in [("?timeout_ms=300", 300), ("", 700)] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /caption{query} HTTP/1.1\r\nhost: test\r\ncontent-type: image/png\r\n\
+             content-length: 1000\r\n\r\n0123456789"
+        );
+        let start = Instant::now();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["error_type"], "request_timeout", "{body}");
+        let waited = closed - start;
+        assert!(waited >= Duration::from_millis(deadline - 50), "{waited:?}");
+        assert!(
+            waited < Duration::from_millis(deadline + 3000),
+            "{waited:?}"
+        );
+    }
+
+    let metrics = s.metrics_text().await;
+    assert!(
+        metrics.contains(r#"ladic_requests_total{route="/caption",status="408"} 2"#),
+        "{metrics}"
+    );
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+}
+
+/// A PNG that is cheap to send and slow to decode: 3000 x 3000 16-bit RGBA of zeros.
+fn slow_png() -> Vec<u8> {
+    let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(3000, 3000);
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgba16(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+#[tokio::test]
+async fn a_decode_past_the_deadline_is_answered_at_the_deadline() {
+    let s = TestServer::default().await;
+    let png = slow_png();
+
+    // How long the decode (and a 1-step caption) takes here, with time to spare.
+    let start = Instant::now();
+    let r = s.post_png("/caption?steps=1", png.clone()).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let full = start.elapsed();
+    assert!(
+        full >= Duration::from_millis(200),
+        "the decode took only {full:?}: the image is too small to test with"
+    );
+
+    // A deadline at an eighth of that is answered near it, not after the decode.
+    let timeout = (full / 8).as_millis().max(1);
+    let start = Instant::now();
+    let r = s
+        .post_png(&format!("/caption?steps=1&timeout_ms={timeout}"), png)
+        .await;
+    let waited = start.elapsed();
+    assert_eq!(r.status(), 504);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error_type"], "timeout");
+    assert!(
+        waited < full / 2,
+        "answered after {waited:?}; the decode takes {full:?}"
+    );
+
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+}
