@@ -243,12 +243,32 @@ async fn api_key_guards_captions_only() {
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
-        let (status, ty, _) = error_type(req.send().await.unwrap()).await;
+        let r = req.send().await.unwrap();
+        let challenge = r.headers().get("www-authenticate").cloned();
+        let (status, ty, _) = error_type(r).await;
         assert_eq!(
             (status, ty.as_str()),
             (401, "unauthorized"),
             "{path} {auth:?}"
         );
+        assert!(
+            challenge.is_some_and(|c| c.to_str().unwrap().starts_with("Bearer ")),
+            "a 401 names the scheme to use"
+        );
+    }
+    // The scheme's name is case-insensitive: past the key check, to the body's error.
+    for auth in ["bearer s3cret", "BEARER s3cret", "Bearer  s3cret"] {
+        let r = s
+            .client
+            .post(s.url("/caption"))
+            .header("content-type", "application/json")
+            .header("authorization", auth)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let (status, ty, _) = error_type(r).await;
+        assert_eq!((status, ty.as_str()), (400, "malformed_request"), "{auth}");
     }
     s.stop().await;
 }

@@ -15,6 +15,14 @@ async fn json_of(r: reqwest::Response) -> Value {
 }
 
 /// Checks the error body shape and returns its error_type.
+/// The value of an unlabelled sample (`name value`) in the metrics text; 0 if absent.
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 async fn error_type(r: reqwest::Response, status: u16) -> String {
     assert_eq!(r.status().as_u16(), status, "status");
     assert!(r.headers().contains_key("x-request-id"));
@@ -152,10 +160,13 @@ async fn batch_endpoint() {
         .post_json("/caption/batch", &json!({"images": many}))
         .await;
     assert_eq!(error_type(r, 422).await, "invalid_parameter");
+    // A bad image is refused before any image of the batch is queued: no denoiser call.
+    let calls = || async { metric_value(&s.metrics_text().await, "ladic_batch_rows_count") };
+    let calls_before = calls().await;
     let r = s
         .post_json(
             "/caption/batch",
-            &json!({"images": [images[0], STANDARD.encode(b"not an image")]}),
+            &json!({"images": [images[0], images[1], STANDARD.encode(b"not an image")]}),
         )
         .await;
     assert_eq!(r.status(), 400);
@@ -163,8 +174,25 @@ async fn batch_endpoint() {
         json_of(r).await["error"]
             .as_str()
             .unwrap()
-            .contains("images[1]")
+            .contains("images[2]")
     );
+    assert_eq!(
+        calls().await,
+        calls_before,
+        "the good images were captioned"
+    );
+    // A batch does not stream, asked in the query or in the body.
+    for (path, body) in [
+        ("/caption/batch?stream=true", json!({"images": [images[0]]})),
+        (
+            "/caption/batch",
+            json!({"images": [images[0]], "stream": true}),
+        ),
+    ] {
+        let r = s.post_json(path, &body).await;
+        let message = json_of(r).await["error"].as_str().unwrap().to_string();
+        assert!(message.contains("does not stream"), "{message}");
+    }
     let r = s.post_png("/caption/batch", scene_png(0)).await;
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
     s.stop().await;
@@ -199,6 +227,23 @@ async fn error_statuses() {
     let form = reqwest::multipart::Form::new().text("steps", "3");
     let r = s.post_multipart("/caption", form).await;
     assert_eq!(error_type(r, 400).await, "malformed_request");
+    // Two images, or a parameter twice: which one counts would be a guess.
+    let two_images = png_form(scene_png(0)).part(
+        "image",
+        reqwest::multipart::Part::bytes(scene_png(1))
+            .mime_str("image/png")
+            .unwrap(),
+    );
+    let r = s.post_multipart("/caption", two_images).await;
+    assert_eq!(error_type(r, 400).await, "malformed_request");
+    let steps_twice = png_form(scene_png(0)).text("steps", "2").text("steps", "3");
+    let r = s.post_multipart("/caption", steps_twice).await;
+    assert_eq!(error_type(r, 400).await, "malformed_request");
+    // JSON that is not the request's shape: 400, like malformed JSON.
+    for body in [json!({}), json!(null), json!([]), json!({"steps": 2})] {
+        let r = s.post_json("/caption", &body).await;
+        assert_eq!(error_type(r, 400).await, "malformed_request", "{body}");
+    }
     let r = s
         .post("/caption")
         .header("content-type", "multipart/form-data")

@@ -106,10 +106,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // The model failing is the server's problem; a deadline that passed or a server
+        // not (yet, or any more) ready is expected now and then.
+        if matches!(self, ApiError::Inference(_)) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else if status.is_server_error() {
+            tracing::info!(status = status.as_u16(), error = %self, "request not served");
         }
         let retry = self.retry_after();
+        let unauthorized = matches!(self, ApiError::Unauthorized);
         let body = ErrorBody {
             error: self.to_string(),
             error_type: self.error_type(),
@@ -119,6 +124,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ladic-serve\""),
+            );
         }
         response
     }

@@ -143,15 +143,23 @@ fn caption_body(
     })
 }
 
-/// `Accept` lists `text/event-stream`.
+/// `Accept` lists `text/event-stream`, and not with `q=0` ("not acceptable").
 fn accepts_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|range| range.split(';').next())
-        .any(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.split_once('=').is_some_and(|(name, q)| {
+                    name.trim().eq_ignore_ascii_case("q") && q.trim().parse::<f32>() == Ok(0.0)
+                })
+            });
+            media.eq_ignore_ascii_case("text/event-stream") && !refused
+        })
 }
 
 /// Step events a streaming request may have waiting; past that the worker drops
@@ -315,12 +323,7 @@ pub async fn caption_batch(
     let _in_flight = InFlight::new(&state.in_flight);
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
-    if query.stream == Some(true) {
-        return Err(ApiError::InvalidParameter(
-            "stream: POST /caption/batch does not stream; stream single images with POST /caption"
-                .into(),
-        ));
-    }
+    refuse_batch_stream(&query)?;
     match media_type(&parts.headers).as_deref() {
         Some("application/json") => {}
         other => {
@@ -346,17 +349,29 @@ pub async fn caption_batch(
             json.images.len()
         )));
     }
+    let params = query.overridden_by(json.params());
+    refuse_batch_stream(&params)?;
     refuse_if_queue_full(&state, &scheduler, json.images.len())?;
-    let resolved = resolve(&state, &query.overridden_by(json.params()))?;
+    let resolved = resolve(&state, &params)?;
     let mut images = Vec::with_capacity(json.images.len());
     for (i, b64) in json.images.iter().enumerate() {
         images.push(Bytes::from(
             decode_base64_image(b64).map_err(|e| at_index(i, e))?,
         ));
     }
-    let runs = images
+    // Every image is decoded, and refused if it must be, before any is queued: a bad
+    // image is answered at once, not after the other images' captions.
+    let deadline = start + resolved.timeout;
+    let state_ref = &state;
+    let decodes = images.into_iter().enumerate().map(|(i, image)| async move {
+        decode_image(state_ref, image, deadline)
+            .await
+            .map_err(|e| at_index(i, e))
+    });
+    let pixels = futures_util::future::try_join_all(decodes).await?;
+    let runs = pixels
         .into_iter()
-        .map(|image| run_caption(&state, &scheduler, image, &resolved, start));
+        .map(|pixels| queue_and_wait(&scheduler, pixels, &resolved, deadline));
     let outputs = futures_util::future::join_all(runs).await;
     let mut results = Vec::with_capacity(outputs.len());
     let (mut queue, mut inference) = (Duration::ZERO, Duration::ZERO);
@@ -397,6 +412,16 @@ pub async fn caption_batch(
         inference,
         total,
     ))
+}
+
+fn refuse_batch_stream(params: &CaptionParams) -> Result<(), ApiError> {
+    if params.stream == Some(true) {
+        return Err(ApiError::InvalidParameter(
+            "stream: POST /caption/batch does not stream; stream single images with POST /caption"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Prefixes image-specific errors with the image's position in the batch.
@@ -445,6 +470,16 @@ async fn run_caption(
 ) -> Result<CaptionOutput, ApiError> {
     let deadline = start + resolved.timeout;
     let pixels = decode_image(state, image, deadline).await?;
+    queue_and_wait(scheduler, pixels, resolved, deadline).await
+}
+
+/// Queues decoded pixels and waits for the worker's answer until `deadline`.
+async fn queue_and_wait(
+    scheduler: &Scheduler,
+    pixels: ndarray::Array3<f32>,
+    resolved: &Resolved,
+    deadline: Instant,
+) -> Result<CaptionOutput, ApiError> {
     let (job, rx) = CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
     scheduler.submit(job)?;
     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await {
@@ -603,4 +638,28 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     (StatusCode::OK, headers, state.metrics.render()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_streams_are_asked_for_in_accept_unless_refused_by_q_zero() {
+        let accepts = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::ACCEPT, v.parse().unwrap());
+            }
+            accepts_event_stream(&headers)
+        };
+        assert!(accepts(&["text/event-stream"]));
+        assert!(accepts(&["application/json, Text/Event-Stream;q=0.5"]));
+        assert!(accepts(&["application/json", "text/event-stream"]));
+        assert!(!accepts(&[]));
+        assert!(!accepts(&["application/json"]));
+        assert!(!accepts(&["*/*"]));
+        assert!(!accepts(&["application/json;q=1, text/event-stream;q=0"]));
+        assert!(!accepts(&["text/event-stream; q=0.000"]));
+    }
 }

@@ -194,7 +194,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     router
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                // ApiError logs its own server errors, with the reason.
+                .on_failure(()),
+        )
         .layer(middleware::from_fn(assign_request_id))
         .layer(middleware::from_fn(close_if_body_unread))
         .with_state(state)
@@ -367,10 +372,13 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
         return next.run(req).await;
     };
     let headers = req.headers();
+    // The scheme name is case-insensitive (RFC 9110, 11.1).
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let plain = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     let ok = [bearer, plain]
         .into_iter()

@@ -122,6 +122,8 @@ pub struct BatchJson {
     pub candidates: Option<usize>,
     pub seed: Option<u64>,
     pub timeout_ms: Option<u64>,
+    /// Refused when true (a batch does not stream), with a message that says so.
+    pub stream: Option<bool>,
 }
 
 macro_rules! params_of {
@@ -133,17 +135,14 @@ macro_rules! params_of {
             candidates: $v.candidates,
             seed: $v.seed,
             timeout_ms: $v.timeout_ms,
-            stream: None,
+            stream: $v.stream,
         }
     };
 }
 
 impl CaptionJson {
     pub fn params(&self) -> CaptionParams {
-        CaptionParams {
-            stream: self.stream,
-            ..params_of!(self)
-        }
+        params_of!(self)
     }
 }
 
@@ -290,11 +289,16 @@ const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(
 /// allowed) or a `data:<type>;base64,<data>` URI.
 pub fn decode_base64_image(s: &str) -> Result<Vec<u8>, ApiError> {
     let s = s.trim();
-    let payload = if let Some(rest) = s.strip_prefix("data:") {
+    // The scheme and the `;base64` marker are case-insensitive (RFC 2397).
+    let data_uri = s
+        .get(..5)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
+        .map(|_| &s[5..]);
+    let payload = if let Some(rest) = data_uri {
         let (meta, data) = rest
             .split_once(',')
             .ok_or_else(|| ApiError::MalformedRequest("malformed data URI: no comma".into()))?;
-        if !meta.ends_with(";base64") {
+        if !meta.to_ascii_lowercase().ends_with(";base64") {
             return Err(ApiError::MalformedRequest(
                 "data URIs must be base64-encoded (data:<type>;base64,...)".into(),
             ));
@@ -335,11 +339,22 @@ pub fn clip(s: &str, max: usize) -> String {
 
 /// Parses a JSON body, telling syntax errors (400) from wrong values (422).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::InvalidParameter(clip(&format!("invalid JSON body: {e}"), 200))
+    serde_json::from_slice(bytes).map_err(|e| {
+        let message = e.to_string();
+        // 400 for a body that is not the request's shape (not JSON, not an object, no
+        // image); 422 for a parameter of the wrong type or out of its type's range, or
+        // an unknown one, as in the query string.
+        let malformed = match e.classify() {
+            serde_json::error::Category::Data => {
+                message.starts_with("missing field") || message.contains("expected struct")
+            }
+            _ => !message.starts_with("number out of range"),
+        };
+        if malformed {
+            ApiError::MalformedRequest(clip(&format!("malformed JSON: {message}"), 200))
+        } else {
+            ApiError::InvalidParameter(clip(&format!("invalid JSON body: {message}"), 200))
         }
-        _ => ApiError::MalformedRequest(clip(&format!("malformed JSON: {e}"), 200)),
     })
 }
 
@@ -359,11 +374,18 @@ pub async fn parse_multipart(
     let mut form = multer::Multipart::new(stream, boundary);
     let mut image = None;
     let mut params = CaptionParams::default();
+    let mut seen = std::collections::HashSet::new();
     let malformed = |e: multer::Error| {
         ApiError::MalformedRequest(clip(&format!("malformed multipart request: {e}"), 200))
     };
     while let Some(field) = form.next_field().await.map_err(malformed)? {
         let name = field.name().unwrap_or("").to_string();
+        if !seen.insert(name.clone()) {
+            return Err(ApiError::MalformedRequest(clip(
+                &format!("the multipart form has more than one field named {name:?}"),
+                200,
+            )));
+        }
         if name == "image" {
             image = Some(field.bytes().await.map_err(malformed)?);
         } else {
@@ -494,6 +516,10 @@ mod tests {
             decode_base64_image(&format!("data:image/png;base64,{std}")).unwrap(),
             raw
         );
+        assert_eq!(
+            decode_base64_image(&format!("DATA:image/png;BASE64,{std}")).unwrap(),
+            raw
+        );
         let url = general_purpose::URL_SAFE.encode([0xfbu8, 0xff, 0xfe]);
         assert_eq!(decode_base64_image(&url).unwrap(), [0xfb, 0xff, 0xfe]);
         assert_eq!(
@@ -525,6 +551,21 @@ mod tests {
             422
         );
         assert!(parse_json::<CaptionJson>(br#"{"image": "x", "steps": 4}"#).is_ok());
+        // Not the request's shape: 400.
+        for body in [&b"{}"[..], b"null", b"[]", b"3", br#"{"steps": 4}"#] {
+            let e = parse_json::<CaptionJson>(body).unwrap_err();
+            assert_eq!(e.status(), 400, "{}: {e}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(parse_json::<BatchJson>(b"{}").unwrap_err().status(), 400);
+        // A number no parameter can hold is a parameter problem, whichever its type.
+        for body in [
+            &br#"{"image": "x", "guidance": 1e400}"#[..],
+            br#"{"image": "x", "steps": 1e23}"#,
+            br#"{"image": "x", "seed": -1}"#,
+        ] {
+            let e = parse_json::<CaptionJson>(body).unwrap_err();
+            assert_eq!(e.status(), 422, "{}: {e}", String::from_utf8_lossy(body));
+        }
     }
 }
 
