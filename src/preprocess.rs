@@ -73,6 +73,26 @@ fn size_of(width: u32, height: u32) -> String {
     }
 }
 
+/// Bytes of memory a decode of `bytes` will hold at its peak, from the header alone:
+/// the decoded frame in its own pixel format (16-bit RGBA takes 8 bytes a pixel) plus
+/// the RGB8 copy that [`to_tensor`] resizes. `None` when the header cannot be read (the
+/// decode will fail at once, and cheaply).
+pub fn decode_memory_estimate(bytes: &[u8]) -> Option<u64> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?;
+    if !reader
+        .format()
+        .is_some_and(|f| SUPPORTED_FORMATS.contains(&f))
+    {
+        return None;
+    }
+    let decoder = reader.into_decoder().ok()?;
+    let (width, height) = decoder.dimensions();
+    let rgb8 = u64::from(width) * u64::from(height) * 3;
+    Some(decoder.total_bytes().saturating_add(rgb8))
+}
+
 /// Decodes `bytes` into an image with its EXIF orientation applied.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
     if bytes.is_empty() {
@@ -335,6 +355,25 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn decode_memory_is_estimated_from_the_header() {
+        let rgba16 = DynamicImage::ImageRgba16(ImageBuffer::new(300, 200));
+        let png = encode(&rgba16, ImageFormat::Png);
+        assert_eq!(decode_memory_estimate(&png), Some(300 * 200 * (8 + 3)));
+        let rgb8 = DynamicImage::ImageRgb8(ImageBuffer::new(300, 200));
+        let jpeg = encode(&rgb8, ImageFormat::Jpeg);
+        assert_eq!(decode_memory_estimate(&jpeg), Some(300 * 200 * (3 + 3)));
+        // A header that claims more than the body holds is taken at its word: the
+        // estimate is for the budget, and the decode refuses such images anyway.
+        let lying = lying_png(40_000, 40_000);
+        assert_eq!(
+            decode_memory_estimate(&lying),
+            Some(40_000 * 40_000 * (3 + 3))
+        );
+        assert_eq!(decode_memory_estimate(b"not an image"), None);
+        assert_eq!(decode_memory_estimate(b""), None);
     }
 
     #[test]

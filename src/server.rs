@@ -39,6 +39,7 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         max_body_bytes: args.max_body_bytes,
         image_limits: args.image_limits(),
         max_batch_images: args.max_batch_images.max(1),
+        decode_memory_mib: args.decode_memory_mib.max(1),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         // Deadlines are `Instant + timeout`: a week is longer than any caption and far
         // from overflowing, whatever the flags say.

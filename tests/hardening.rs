@@ -272,3 +272,38 @@ async fn api_key_guards_captions_only() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn decodes_wait_for_room_in_the_memory_budget() {
+    let mut args = test_args();
+    args.decode_memory_mib = 8;
+    let s = TestServer::start(args).await;
+    let info: Value = s.get("/info").await.json().await.unwrap();
+    assert_eq!(info["limits"]["decode_memory_mib"], 8);
+
+    // While the whole budget is taken, a decode waits, and its deadline passes.
+    let budget = s.state().decode_memory.clone();
+    let held = budget.clone().acquire_many_owned(8).await.unwrap();
+    let r = s
+        .post_png("/caption?steps=2&timeout_ms=300", scene_png(0))
+        .await;
+    assert_eq!(error_type(r).await.0, 504);
+    drop(held);
+
+    // Images larger than the budget (1000 x 1000 16-bit RGBA: about 11 MiB) decode one
+    // at a time, all of them, and give the budget back.
+    let big = {
+        let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(1000, 1000);
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgba16(img)
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    let requests = (0..4).map(|_| s.post_png("/caption?steps=1", big.clone()));
+    for r in futures_util::future::join_all(requests).await {
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(budget.available_permits(), 8);
+    s.stop().await;
+}

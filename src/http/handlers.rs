@@ -489,24 +489,36 @@ async fn queue_and_wait(
     }
 }
 
-/// Decode + preprocess on the blocking pool, a bounded number at a time; 504 when the
-/// deadline passes first. A decode that has started runs to its end (it cannot be
-/// interrupted) and keeps its permit until then, so abandoned decodes still count
-/// against the bound; one whose deadline passed while it waited does not start.
+/// Decode + preprocess on the blocking pool, a bounded number at a time and within
+/// the decode memory budget; 504 when the deadline passes first. A decode that has
+/// started runs to its end (it cannot be interrupted) and keeps its permits until then,
+/// so abandoned decodes still count against the bounds; one whose deadline passed
+/// while it waited does not start.
 async fn decode_image(
     state: &AppState,
     image: Bytes,
     deadline: Instant,
 ) -> Result<ndarray::Array3<f32>, ApiError> {
+    const MIB: u64 = 1 << 20;
     let deadline = tokio::time::Instant::from_std(deadline);
+    let budget = state.settings.decode_memory_mib.max(1);
+    let mib = preprocess::decode_memory_estimate(&image)
+        .map_or(1, |bytes| bytes.div_ceil(MIB))
+        .clamp(1, u64::from(budget)) as u32;
+    let shutting_down = |_| ApiError::NotReady("the server is shutting down".into());
+    let memory = state.decode_memory.clone().acquire_many_owned(mib);
+    let memory = tokio::time::timeout_at(deadline, memory)
+        .await
+        .map_err(|_| ApiError::Timeout)?
+        .map_err(shutting_down)?;
     let permit = tokio::time::timeout_at(deadline, state.decode_permits.clone().acquire_owned())
         .await
         .map_err(|_| ApiError::Timeout)?
-        .map_err(|_| ApiError::NotReady("the server is shutting down".into()))?;
+        .map_err(shutting_down)?;
     let spec = state.manifest.image.clone();
     let limits = state.settings.image_limits;
     let decode = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let _permits = (permit, memory);
         preprocess::preprocess(&image, &spec, &limits)
     });
     tokio::time::timeout_at(deadline, decode)
@@ -613,6 +625,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             "max_image_pixels": s.image_limits.max_pixels,
             "max_image_side": s.image_limits.max_side,
             "max_batch_images": s.max_batch_images,
+            "decode_memory_mib": s.decode_memory_mib,
         },
         "scheduler": {
             "workers": s.workers,

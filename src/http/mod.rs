@@ -51,6 +51,8 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     pub image_limits: ImageLimits,
     pub max_batch_images: usize,
+    /// MiB the images decoded at once may take together (`--decode-memory-mib`).
+    pub decode_memory_mib: u32,
     pub api_key: Option<String>,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
@@ -76,8 +78,10 @@ pub struct AppState {
     draining: AtomicBool,
     /// Caption requests being handled, for the shutdown drain.
     in_flight: AtomicUsize,
-    /// Bounds concurrent image decodes so a burst cannot take every core and memory.
+    /// Bounds concurrent image decodes so a burst cannot take every core...
     pub decode_permits: Arc<Semaphore>,
+    /// ...nor more memory than the budget: one permit per MiB.
+    pub decode_memory: Arc<Semaphore>,
     pub started: Instant,
 }
 
@@ -92,6 +96,7 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     pub fn new(settings: HttpSettings, manifest: Arc<Manifest>, metrics: Arc<Metrics>) -> AppState {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let decode_memory_mib = settings.decode_memory_mib.max(1) as usize;
         AppState {
             defaults: SamplerParams::defaults(&manifest),
             settings,
@@ -103,6 +108,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             decode_permits: Arc::new(Semaphore::new(cores * 2)),
+            decode_memory: Arc::new(Semaphore::new(decode_memory_mib)),
             started: Instant::now(),
         }
     }
