@@ -74,10 +74,12 @@ fn size_of(width: u32, height: u32) -> String {
 }
 
 /// Bytes of memory a decode of `bytes` will hold at its peak, from the header alone:
-/// the decoded frame in its own pixel format (16-bit RGBA takes 8 bytes a pixel) plus
-/// the RGB8 copy that [`to_tensor`] resizes. `None` when the header cannot be read (the
-/// decode will fail at once, and cheaply).
-pub fn decode_memory_estimate(bytes: &[u8]) -> Option<u64> {
+/// the decoded frame in its own pixel format (16-bit RGBA takes 8 bytes a pixel), a
+/// second frame when the EXIF orientation rotates or flips it, and the RGB8 copy that
+/// [`to_tensor`] resizes. `None` when the decode will fail at once, and cheaply: the
+/// header cannot be read, or it is over `limits` (so that an image claiming 50000 x
+/// 50000 is refused without waiting for the budget it would need).
+pub fn decode_memory_estimate(bytes: &[u8], limits: &ImageLimits) -> Option<u64> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .ok()?;
@@ -87,10 +89,19 @@ pub fn decode_memory_estimate(bytes: &[u8]) -> Option<u64> {
     {
         return None;
     }
-    let decoder = reader.into_decoder().ok()?;
+    let mut decoder = reader.into_decoder().ok()?;
     let (width, height) = decoder.dimensions();
+    check_size(width, height, limits).ok()?;
+    let frame = decoder.total_bytes();
+    if frame > limits.max_alloc_bytes {
+        return None;
+    }
+    let transformed = decoder
+        .orientation()
+        .is_ok_and(|o| o != image::metadata::Orientation::NoTransforms);
+    let frames = if transformed { 2 } else { 1 };
     let rgb8 = u64::from(width) * u64::from(height) * 3;
-    Some(decoder.total_bytes().saturating_add(rgb8))
+    Some(frame.saturating_mul(frames).saturating_add(rgb8))
 }
 
 /// Decodes `bytes` into an image with its EXIF orientation applied.
@@ -359,21 +370,38 @@ mod tests {
 
     #[test]
     fn decode_memory_is_estimated_from_the_header() {
+        let limits = ImageLimits::default();
         let rgba16 = DynamicImage::ImageRgba16(ImageBuffer::new(300, 200));
         let png = encode(&rgba16, ImageFormat::Png);
-        assert_eq!(decode_memory_estimate(&png), Some(300 * 200 * (8 + 3)));
+        assert_eq!(
+            decode_memory_estimate(&png, &limits),
+            Some(300 * 200 * (8 + 3))
+        );
         let rgb8 = DynamicImage::ImageRgb8(ImageBuffer::new(300, 200));
         let jpeg = encode(&rgb8, ImageFormat::Jpeg);
-        assert_eq!(decode_memory_estimate(&jpeg), Some(300 * 200 * (3 + 3)));
-        // A header that claims more than the body holds is taken at its word: the
-        // estimate is for the budget, and the decode refuses such images anyway.
-        let lying = lying_png(40_000, 40_000);
         assert_eq!(
-            decode_memory_estimate(&lying),
-            Some(40_000 * 40_000 * (3 + 3))
+            decode_memory_estimate(&jpeg, &limits),
+            Some(300 * 200 * (3 + 3))
         );
-        assert_eq!(decode_memory_estimate(b"not an image"), None);
-        assert_eq!(decode_memory_estimate(b""), None);
+        // A rotation makes a second frame.
+        let rotated = jpeg_with_orientation(&rgb8, 6);
+        assert_eq!(
+            decode_memory_estimate(&rotated, &limits),
+            Some(300 * 200 * (3 + 3 + 3))
+        );
+        // A header within the limits is taken at its word, even when the body holds
+        // less (the decode fails then); one over them needs no memory: it is refused.
+        let lying = lying_png(4_000, 4_000);
+        assert_eq!(
+            decode_memory_estimate(&lying, &limits),
+            Some(4_000 * 4_000 * (3 + 3))
+        );
+        assert_eq!(
+            decode_memory_estimate(&lying_png(40_000, 40_000), &limits),
+            None
+        );
+        assert_eq!(decode_memory_estimate(b"not an image", &limits), None);
+        assert_eq!(decode_memory_estimate(b"", &limits), None);
     }
 
     #[test]

@@ -165,7 +165,7 @@ fn serve_refuses_a_default_deadline_above_the_largest() {
 
 #[test]
 fn caption_checks_its_parameters_as_the_http_api_does() {
-    // Refused before any image is read or model loaded.
+    // Refused before any image is decoded or captioned.
     for (args, message) in [
         (
             &["--guidance=nan"][..],

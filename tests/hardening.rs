@@ -288,6 +288,14 @@ async fn decodes_wait_for_room_in_the_memory_budget() {
         .post_png("/caption?steps=2&timeout_ms=300", scene_png(0))
         .await;
     assert_eq!(error_type(r).await.0, 504);
+    // An image over the limits needs no room: it is refused from its header at once.
+    let r = s
+        .post_png(
+            "/caption?steps=2&timeout_ms=5000",
+            lying_png(50_000, 50_000),
+        )
+        .await;
+    assert_eq!(error_type(r).await.1, "image_too_large");
     drop(held);
 
     // Images larger than the budget (1000 x 1000 16-bit RGBA: about 11 MiB) decode one
@@ -300,7 +308,8 @@ async fn decodes_wait_for_room_in_the_memory_budget() {
             .unwrap();
         out.into_inner()
     };
-    let requests = (0..4).map(|_| s.post_png("/caption?steps=1", big.clone()));
+    // (A deadline, so that a budget never given back fails the test instead of hanging.)
+    let requests = (0..4).map(|_| s.post_png("/caption?steps=1&timeout_ms=60000", big.clone()));
     for r in futures_util::future::join_all(requests).await {
         assert_eq!(r.status(), 200);
     }

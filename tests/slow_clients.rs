@@ -139,9 +139,9 @@ async fn a_body_that_does_not_arrive_by_the_deadline_gets_408() {
     s.stop().await;
 }
 
-/// A PNG that is cheap to send and slow to decode: 3000 x 3000 16-bit RGBA of zeros.
-fn slow_png() -> Vec<u8> {
-    let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(3000, 3000);
+/// A PNG that is cheap to send and slow to decode: `side` x `side` 16-bit RGBA of zeros.
+fn slow_png(side: u32) -> Vec<u8> {
+    let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(side, side);
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgba16(img)
         .write_to(&mut out, image::ImageFormat::Png)
@@ -152,16 +152,25 @@ fn slow_png() -> Vec<u8> {
 #[tokio::test]
 async fn a_decode_past_the_deadline_is_answered_at_the_deadline() {
     let s = TestServer::default().await;
-    let png = slow_png();
 
-    // How long the decode (and a 1-step caption) takes here, with time to spare.
-    let start = Instant::now();
-    let r = s.post_png("/caption?steps=1", png.clone()).await;
-    assert_eq!(r.status(), 200, "{:?}", r.text().await);
-    let full = start.elapsed();
+    // How long the decode (and a 1-step caption) takes here, with time to spare: the
+    // smallest of these images that takes at least 300 ms (the largest is 36 megapixels,
+    // under the default limit of 40).
+    let mut measured = None;
+    for side in [3000, 4500, 6000] {
+        let png = slow_png(side);
+        let start = Instant::now();
+        let r = s.post_png("/caption?steps=1", png.clone()).await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        measured = Some((png, start.elapsed()));
+        if start.elapsed() >= Duration::from_millis(300) {
+            break;
+        }
+    }
+    let (png, full) = measured.unwrap();
     assert!(
-        full >= Duration::from_millis(200),
-        "the decode took only {full:?}: the image is too small to test with"
+        full >= Duration::from_millis(300),
+        "the largest image decoded in {full:?}: too fast to test a deadline with"
     );
 
     // A deadline at an eighth of that is answered near it, not after the decode.

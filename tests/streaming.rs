@@ -204,10 +204,11 @@ async fn streaming_errors() {
     assert_eq!(r.status(), 422, "the batch route does not stream");
 
     // Once streaming, a failure is an `error` event with the usual body: a deadline
-    // long enough for the decode, far too short for 100 steps of 8 candidates.
+    // about a hundred times what the decode of this small image takes, and a few times
+    // shorter than 100 guided steps of 8 candidates with Back&Refine (about 2400 rows).
     let r = post_png_sse(
         &s,
-        "/caption?steps=100&candidates=8&timeout_ms=300",
+        "/caption?steps=100&candidates=8&guidance=10&back_refine=true&timeout_ms=400",
         scene_png(0),
     )
     .await;

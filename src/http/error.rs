@@ -93,6 +93,18 @@ impl ApiError {
         }
     }
 
+    /// Logs a server-side error once (client errors are not logged): the model failing
+    /// is the server's problem (warn); a deadline that passed or a server not (yet, or
+    /// any more) ready happens now and then (info).
+    pub fn log(&self) {
+        let status = self.status();
+        if matches!(self, ApiError::Inference(_)) {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else if status.is_server_error() {
+            tracing::info!(status = status.as_u16(), error = %self, "request not served");
+        }
+    }
+
     /// Seconds a client should wait before retrying, for the statuses where that helps.
     fn retry_after(&self) -> Option<u32> {
         match self {
@@ -106,13 +118,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        // The model failing is the server's problem; a deadline that passed or a server
-        // not (yet, or any more) ready is expected now and then.
-        if matches!(self, ApiError::Inference(_)) {
-            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
-        } else if status.is_server_error() {
-            tracing::info!(status = status.as_u16(), error = %self, "request not served");
-        }
+        self.log();
         let retry = self.retry_after();
         let unauthorized = matches!(self, ApiError::Unauthorized);
         let body = ErrorBody {

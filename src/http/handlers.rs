@@ -300,10 +300,7 @@ fn json_event<T: Serialize>(name: &str, data: &T) -> Event {
 }
 
 fn error_event(e: &ApiError) -> Event {
-    let status = e.status();
-    if status.is_server_error() {
-        tracing::warn!(status = status.as_u16(), error = %e, "streaming request failed");
-    }
+    e.log();
     json_event(
         "error",
         &ErrorBody {
@@ -502,21 +499,38 @@ async fn decode_image(
     const MIB: u64 = 1 << 20;
     let deadline = tokio::time::Instant::from_std(deadline);
     let budget = state.settings.decode_memory_mib.max(1);
-    let mib = preprocess::decode_memory_estimate(&image)
-        .map_or(1, |bytes| bytes.div_ceil(MIB))
-        .clamp(1, u64::from(budget)) as u32;
-    let shutting_down = |_| ApiError::NotReady("the server is shutting down".into());
-    let memory = state.decode_memory.clone().acquire_many_owned(mib);
-    let memory = tokio::time::timeout_at(deadline, memory)
+    let limits = state.settings.image_limits;
+    // The header is parsed off the async threads: a PNG's chunks before its pixels, or
+    // a JPEG's copy of its input, are the client's to make large.
+    let header = image.clone();
+    let estimate =
+        tokio::task::spawn_blocking(move || preprocess::decode_memory_estimate(&header, &limits));
+    let estimate = tokio::time::timeout_at(deadline, estimate)
         .await
         .map_err(|_| ApiError::Timeout)?
-        .map_err(shutting_down)?;
+        .map_err(|e| ApiError::Inference(format!("image header task failed: {e}")))?;
+    let shutting_down = |_| ApiError::NotReady("the server is shutting down".into());
+    // No estimate: the decode refuses the image from its header, needing no room.
+    let memory = match estimate {
+        None => None,
+        Some(bytes) => {
+            let mib = bytes.div_ceil(MIB).clamp(1, u64::from(budget)) as u32;
+            let memory = state.decode_memory.clone().acquire_many_owned(mib);
+            let memory = tokio::time::timeout_at(deadline, memory)
+                .await
+                .map_err(|_| ApiError::Timeout)?
+                .map_err(shutting_down)?;
+            Some(memory)
+        }
+    };
     let permit = tokio::time::timeout_at(deadline, state.decode_permits.clone().acquire_owned())
         .await
         .map_err(|_| ApiError::Timeout)?
         .map_err(shutting_down)?;
+    if tokio::time::Instant::now() >= deadline {
+        return Err(ApiError::Timeout);
+    }
     let spec = state.manifest.image.clone();
-    let limits = state.settings.image_limits;
     let decode = tokio::task::spawn_blocking(move || {
         let _permits = (permit, memory);
         preprocess::preprocess(&image, &spec, &limits)

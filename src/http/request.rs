@@ -346,7 +346,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         // an unknown one, as in the query string.
         let malformed = match e.classify() {
             serde_json::error::Category::Data => {
-                message.starts_with("missing field") || message.contains("expected struct")
+                message.starts_with("missing field")
+                    || message.starts_with("duplicate field")
+                    || message.contains("expected struct")
             }
             _ => !message.starts_with("number out of range"),
         };
@@ -551,8 +553,15 @@ mod tests {
             422
         );
         assert!(parse_json::<CaptionJson>(br#"{"image": "x", "steps": 4}"#).is_ok());
-        // Not the request's shape: 400.
-        for body in [&b"{}"[..], b"null", b"[]", b"3", br#"{"steps": 4}"#] {
+        // Not the request's shape, or a field given twice (as in a multipart form): 400.
+        for body in [
+            &b"{}"[..],
+            b"null",
+            b"[]",
+            b"3",
+            br#"{"steps": 4}"#,
+            br#"{"image": "x", "steps": 4, "steps": 5}"#,
+        ] {
             let e = parse_json::<CaptionJson>(body).unwrap_err();
             assert_eq!(e.status(), 400, "{}: {e}", String::from_utf8_lossy(body));
         }
