@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestServer, lying_png, scene_png, test_args};
+use common::{TestServer, blank_rgba16_png, lying_png, scene_png, test_args};
 use serde_json::{Value, json};
 
 async fn error_type(r: reqwest::Response) -> (u16, String, String) {
@@ -300,14 +300,7 @@ async fn decodes_wait_for_room_in_the_memory_budget() {
 
     // Images larger than the budget (1000 x 1000 16-bit RGBA: about 11 MiB) decode one
     // at a time, all of them, and give the budget back.
-    let big = {
-        let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(1000, 1000);
-        let mut out = std::io::Cursor::new(Vec::new());
-        image::DynamicImage::ImageRgba16(img)
-            .write_to(&mut out, image::ImageFormat::Png)
-            .unwrap();
-        out.into_inner()
-    };
+    let big = blank_rgba16_png(1000);
     // (A deadline, so that a budget never given back fails the test instead of hanging.)
     let requests = (0..4).map(|_| s.post_png("/caption?steps=1&timeout_ms=60000", big.clone()));
     for r in futures_util::future::join_all(requests).await {

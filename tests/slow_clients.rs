@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, scene_png, test_args};
+use common::{TestServer, blank_rgba16_png, scene_png, test_args};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -139,16 +139,6 @@ async fn a_body_that_does_not_arrive_by_the_deadline_gets_408() {
     s.stop().await;
 }
 
-/// A PNG that is cheap to send and slow to decode: `side` x `side` 16-bit RGBA of zeros.
-fn slow_png(side: u32) -> Vec<u8> {
-    let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(side, side);
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::ImageRgba16(img)
-        .write_to(&mut out, image::ImageFormat::Png)
-        .unwrap();
-    out.into_inner()
-}
-
 #[tokio::test]
 async fn a_decode_past_the_deadline_is_answered_at_the_deadline() {
     let s = TestServer::default().await;
@@ -158,7 +148,7 @@ async fn a_decode_past_the_deadline_is_answered_at_the_deadline() {
     // under the default limit of 40).
     let mut measured = None;
     for side in [3000, 4500, 6000] {
-        let png = slow_png(side);
+        let png = blank_rgba16_png(side);
         let start = Instant::now();
         let r = s.post_png("/caption?steps=1", png.clone()).await;
         assert_eq!(r.status(), 200, "{:?}", r.text().await);

@@ -157,6 +157,13 @@ pub fn png_form(png: Vec<u8>) -> reqwest::multipart::Form {
     )
 }
 
+/// A PNG of `side` x `side` 16-bit RGBA zeros: a few hundred bytes per megapixel to
+/// send, 8 bytes a pixel to decode.
+pub fn blank_rgba16_png(side: u32) -> Vec<u8> {
+    let img = image::ImageBuffer::<image::Rgba<u16>, Vec<u16>>::new(side, side);
+    encode(&DynamicImage::ImageRgba16(img), ImageFormat::Png)
+}
+
 pub fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut buf = Cursor::new(Vec::new());
     img.write_to(&mut buf, format).expect("encodes");
