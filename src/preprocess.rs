@@ -80,22 +80,12 @@ fn size_of(width: u32, height: u32) -> String {
 /// header cannot be read, or it is over `limits` (so that an image claiming 50000 x
 /// 50000 is refused without waiting for the budget it would need).
 pub fn decode_memory_estimate(bytes: &[u8], limits: &ImageLimits) -> Option<u64> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .ok()?;
-    if !reader
-        .format()
-        .is_some_and(|f| SUPPORTED_FORMATS.contains(&f))
-    {
-        return None;
-    }
-    let mut decoder = reader.into_decoder().ok()?;
-    let (width, height) = decoder.dimensions();
-    check_size(width, height, limits).ok()?;
+    let mut decoder = open_decoder(bytes, limits).ok()?;
     let frame = decoder.total_bytes();
     if frame > limits.max_alloc_bytes {
         return None;
     }
+    let (width, height) = decoder.dimensions();
     let transformed = decoder
         .orientation()
         .is_ok_and(|o| o != image::metadata::Orientation::NoTransforms);
@@ -104,8 +94,12 @@ pub fn decode_memory_estimate(bytes: &[u8], limits: &ImageLimits) -> Option<u64>
     Some(frame.saturating_mul(frames).saturating_add(rgb8))
 }
 
-/// Decodes `bytes` into an image with its EXIF orientation applied.
-pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+/// Reads the header of `bytes`: a decoder of a supported format whose dimensions are
+/// within `limits`, with no pixel allocated yet.
+fn open_decoder<'a>(
+    bytes: &'a [u8],
+    limits: &ImageLimits,
+) -> Result<impl ImageDecoder + 'a, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -124,11 +118,18 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Prepro
 
     // The decoder reads only the header here; its dimensions decide before any pixels
     // are allocated.
-    let mut decoder = reader
+    let decoder = reader
         .into_decoder()
         .map_err(|e| map_error(e, (0, 0), limits))?;
     let (width, height) = decoder.dimensions();
     check_size(width, height, limits)?;
+    Ok(decoder)
+}
+
+/// Decodes `bytes` into an image with its EXIF orientation applied.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+    let mut decoder = open_decoder(bytes, limits)?;
+    let (width, height) = decoder.dimensions();
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
