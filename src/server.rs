@@ -35,16 +35,18 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         .await
         .map_err(|e| LoadError::Infer(format!("startup task failed: {e}")))??;
     let metrics = Arc::new(Metrics::new()?);
+    // Deadlines are `Instant + timeout`: a week is longer than any caption and far from
+    // overflowing, whatever the flags say.
+    let max_timeout = Duration::from_millis(args.max_request_timeout_ms.max(1)).min(MAX_DEADLINE);
     let settings = HttpSettings {
         max_body_bytes: args.max_body_bytes,
         image_limits: args.image_limits(),
         max_batch_images: args.max_batch_images.max(1),
         decode_memory_mib: args.decode_memory_mib.max(1),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
-        // Deadlines are `Instant + timeout`: a week is longer than any caption and far
-        // from overflowing, whatever the flags say.
-        default_timeout: args.request_timeout().min(MAX_DEADLINE),
-        max_timeout: Duration::from_millis(args.max_request_timeout_ms.max(1)).min(MAX_DEADLINE),
+        // At most the largest (`serve` refuses more; a server started in-process clamps).
+        default_timeout: args.request_timeout().min(max_timeout),
+        max_timeout,
         queue_size: args.queue_size,
         workers: usize::from(args.workers),
         batching: args.batching,

@@ -433,19 +433,14 @@ fn at_index(i: usize, e: ApiError) -> ApiError {
 
 fn resolve(state: &AppState, params: &CaptionParams) -> Result<Resolved, ApiError> {
     let s = &state.settings;
-    request::resolve(
-        params,
-        &state.defaults,
-        s.default_timeout.min(s.max_timeout),
-        s.max_timeout,
-    )
+    request::resolve(params, &state.defaults, s.default_timeout, s.max_timeout)
 }
 
 /// The request's timeout as far as `params` (the query string) tell it: what the body
 /// must arrive within, before the body's own parameters are known.
 fn request_timeout(state: &AppState, params: &CaptionParams) -> Result<Duration, ApiError> {
     let s = &state.settings;
-    request::timeout(params, s.default_timeout.min(s.max_timeout), s.max_timeout)
+    request::timeout(params, s.default_timeout, s.max_timeout)
 }
 
 /// Refuses before decoding anything when the queue cannot take `n` more images.
