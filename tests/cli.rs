@@ -109,15 +109,9 @@ fn output_soon(cmd: &mut Command) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
-/// The process failed, and its last stderr line contains each of `needles`.
+/// The process failed, and its error line contains each of `needles`.
 fn assert_refused(out: &std::process::Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    let line = common::refusal_line(out);
     for needle in needles {
         assert!(line.contains(needle), "{needle:?} not in {line:?}");
     }

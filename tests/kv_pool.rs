@@ -133,7 +133,7 @@ fn encoder_writes_straight_into_the_pool_and_slots_come_back_when_released() {
         with_host.push(KvRef::Null);
         let got = Denoiser::denoise(pooled, x.view(), sc.view(), &t, &with_pool).expect("pooled");
         let want = Denoiser::denoise(plain, x.view(), sc.view(), &t, &with_host).expect("plain");
-        let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+        let diff = common::max_abs_difference(&got, &want);
         assert!(diff <= 1e-5, "{what}: x0 differs by {diff}");
     };
 
@@ -291,13 +291,7 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
         .expect("encoder writes into the pool");
     let mut padding = 0;
     for (n, rows) in [1usize, 2, 3, 5, 8, 9, 17, 3, 1].into_iter().enumerate() {
-        let x = Array3::from_shape_fn((rows, l, d), |(r, i, j)| {
-            (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
-        });
-        let sc = Array3::from_shape_fn((rows, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
-        let t: Vec<i64> = (0..rows)
-            .map(|r| ((n * 97 + r * 31) % 1000) as i64)
-            .collect();
+        let (x, sc, t) = common::call_inputs(n, rows, (l, d));
         // Every third row unconditional; odd calls read the encoder-written K/V.
         let image = |r: usize| (r % 3 != 2).then_some((r + n) % host.len());
         let want_kv: Vec<KvRef<'_>> = (0..rows)
@@ -313,7 +307,7 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
         let got = Denoiser::denoise(&mut fixed, x.view(), sc.view(), &t, &got_kv).expect("fixed");
         let want = Denoiser::denoise(&mut plain, x.view(), sc.view(), &t, &want_kv).expect("plain");
         assert_eq!(got.dim(), want.dim());
-        let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+        let diff = common::max_abs_difference(&got, &want);
         assert!(diff <= 1e-5, "{rows} rows: x0 differs by {diff}");
         padding += rows.next_power_of_two() - rows;
     }
@@ -340,7 +334,7 @@ fn fixed_shape_calls_match_the_plain_path_and_the_pool_never_moves() {
     let got = Denoiser::denoise(&mut fixed, x2.view(), zeros.view(), &[9, 9], &kv).expect("runs");
     assert_eq!(copies(&fixed), before + 2, "x_t and t");
     let want = Denoiser::denoise(&mut plain, x2.view(), zeros.view(), &[9, 9], &kv).expect("runs");
-    let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &v| a.max(v));
+    let diff = common::max_abs_difference(&got, &want);
     assert!(diff <= 1e-5, "after a partial copy: x0 differs by {diff}");
 
     // More distinct images in one call than the pool has slots: a clear error, no

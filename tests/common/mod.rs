@@ -330,20 +330,47 @@ pub fn x0_difference(
     (l, d): (usize, usize),
 ) -> f32 {
     use ladic_serve::sampler::{Denoiser, KvRef};
-    use ndarray::Array3;
-    let count = rows.len();
-    let x = Array3::from_shape_fn((count, l, d), |(r, i, j)| {
-        (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
-    });
-    let sc = Array3::from_shape_fn((count, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
-    let t: Vec<i64> = (0..count)
-        .map(|r| ((n * 97 + r * 31) % 1000) as i64)
-        .collect();
+    let (x, sc, t) = call_inputs(n, rows.len(), (l, d));
     let kv: Vec<KvRef<'_>> = rows
         .iter()
         .map(|r| r.map_or(KvRef::Null, |i| KvRef::Image(&images[i])))
         .collect();
     let got = Denoiser::denoise(a, x.view(), sc.view(), &t, &kv).expect("first");
     let want = Denoiser::denoise(b, x.view(), sc.view(), &t, &kv).expect("second");
-    (&got - &want).mapv(f32::abs).fold(0.0f32, |m, &v| m.max(v))
+    max_abs_difference(&got, &want)
+}
+
+/// The inputs of call `n` of a test, `rows` rows of latents `(l, d)`: x_t, self_cond and
+/// t, varied by row and by call.
+pub fn call_inputs(
+    n: usize,
+    rows: usize,
+    (l, d): (usize, usize),
+) -> (ndarray::Array3<f32>, ndarray::Array3<f32>, Vec<i64>) {
+    use ndarray::Array3;
+    let x = Array3::from_shape_fn((rows, l, d), |(r, i, j)| {
+        (((n * 5 + r * 3 + i * 2 + j) % 17) as f32) / 8.0 - 1.0
+    });
+    let sc = Array3::from_shape_fn((rows, l, d), |(r, i, j)| ((r + i + j) % 5) as f32 / 10.0);
+    let t = (0..rows)
+        .map(|r| ((n * 97 + r * 31) % 1000) as i64)
+        .collect();
+    (x, sc, t)
+}
+
+/// The largest absolute difference between two arrays of the same shape.
+pub fn max_abs_difference(a: &ndarray::Array3<f32>, b: &ndarray::Array3<f32>) -> f32 {
+    (a - b).mapv(f32::abs).fold(0.0f32, |m, &v| m.max(v))
+}
+
+/// The process failed without a panic; its `error:` line on stderr.
+pub fn refusal_line(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"))
+        .to_string()
 }
