@@ -363,8 +363,9 @@ def check_manifests(path: Path, layout: dict[str, str], env_names: set[str], p: 
     if not pre:
         p.add(rel, "no preStop hook (endpoints need time to drop the pod before SIGTERM)")
     tgps = int(spec.get("terminationGracePeriodSeconds", 30))
-    # The service waits up to the grace for in-flight requests, then up to 5 s for
-    # connections to close, then stops its workers.
+    # The service waits up to the grace for in-flight requests, answers those still
+    # waiting 503, then waits up to 5 s in all for connections to close and its workers
+    # to stop (src/server.rs, CLOSE_TIMEOUT).
     need = sleep + grace + 5
     if tgps <= need:
         p.add(rel, f"terminationGracePeriodSeconds {tgps} must exceed preStop {sleep} s + "

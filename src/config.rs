@@ -184,7 +184,8 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_HEADER_READ_TIMEOUT_MS", default_value_t = 75_000, value_parser = at_least_one::<u64>)]
     pub header_read_timeout_ms: u64,
 
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT; those still
+    /// waiting for a caption then get 503, and the server exits within about 5 s more.
     #[arg(long, env = "LADIC_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
 

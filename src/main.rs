@@ -51,7 +51,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("ladic-http")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         let mut server = server::start(&args)
@@ -70,7 +70,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .shutdown(Duration::from_secs(args.shutdown_grace_seconds))
             .await;
         Ok(())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task (an image decode, a
+    // worker left in a model call); the shutdown has answered every client already.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not

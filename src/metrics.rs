@@ -106,7 +106,7 @@ impl Metrics {
         let requests_dropped_total = IntCounterVec::new(
             Opts::new(
                 "images_dropped_total",
-                "Images dropped before finishing, by reason (client_gone, deadline).",
+                "Images dropped before finishing, by reason (client_gone, deadline, shutdown).",
             ),
             &["reason"],
         )?;

@@ -25,6 +25,10 @@ pub struct Server {
     stop_tx: watch::Sender<bool>,
 }
 
+/// How long [`Server::shutdown`] waits, after its grace period, for the connections to
+/// close and the workers to stop.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The longest request deadline the server uses, whatever the configuration.
 const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -231,8 +235,10 @@ impl Server {
         }
     }
 
-    /// Turns unready, waits up to `grace` for in-flight requests, then stops serving
-    /// and stops the workers.
+    /// Turns unready, waits up to `grace` for in-flight requests, then answers the
+    /// requests still waiting for a caption 503, stops serving and stops the workers.
+    /// Returns within `grace` plus [`CLOSE_TIMEOUT`] (plus one model call, if a worker
+    /// is in one then), so that an orchestrator's kill deadline can be set from it.
     pub async fn shutdown(self, grace: Duration) {
         self.state.begin_drain();
         tracing::info!(in_flight = self.state.in_flight(), "draining");
@@ -240,18 +246,42 @@ impl Server {
         while self.state.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let scheduler = self.state.scheduler.get().cloned();
+        let left = self.state.in_flight();
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "grace period over; answering the requests still waiting 503"
+            );
+        }
+        // Also when nothing is in flight: a request may still reach the queue.
+        if let Some(scheduler) = &scheduler {
+            scheduler.abandon();
+        }
         let _ = self.stop_tx.send(true);
-        if tokio::time::timeout(Duration::from_secs(5), self.serve)
+        let close_by = Instant::now() + CLOSE_TIMEOUT;
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.serve)
             .await
             .is_err()
         {
-            tracing::warn!("connections still open after the grace period; closing");
+            tracing::warn!(
+                "connections still open {} s after the grace period; they end with the process",
+                CLOSE_TIMEOUT.as_secs()
+            );
         }
         if let Some(load) = self.load {
             load.abort();
         }
-        if let Some(scheduler) = self.state.scheduler.get().cloned() {
-            let _ = tokio::task::spawn_blocking(move || scheduler.stop()).await;
+        if let Some(scheduler) = scheduler {
+            let wait = close_by
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            let stopped = tokio::task::spawn_blocking(move || scheduler.stop_within(wait))
+                .await
+                .unwrap_or(false);
+            if !stopped {
+                tracing::warn!("a worker is still in a model call; it ends with the process");
+            }
         }
         tracing::info!("stopped");
     }

@@ -228,6 +228,30 @@ impl Drop for Process {
     }
 }
 
+async fn wait_ready(client: &reqwest::Client, base: &str, p: &Process) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{}", p.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sigterm(p: &Process) {
+    let pid = p.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
 fn gauge(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
@@ -267,16 +291,7 @@ async fn sigterm_under_load_drains_and_exits_0() {
     ]);
     let base = format!("http://{}", p.addr());
     let client = reqwest::Client::new();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "{}", p.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &base, &p).await;
 
     let marker = "LADIC-LOG-MARKER-7f3a9c";
     let png = marked_png(marker);
@@ -325,14 +340,7 @@ async fn sigterm_under_load_drains_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let pid = p.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&p);
     loop {
         let r = client
             .get(format!("{base}/health/ready"))
@@ -392,4 +400,100 @@ async fn sigterm_under_load_drains_and_exits_0() {
             );
         }
     }
+}
+
+/// SIGTERM with more work held than the grace period allows: when the grace ends, the
+/// requests still waiting (running or queued) are answered 503 `not_ready` with
+/// `Retry-After`, none is cut off, and the process exits soon after the grace instead
+/// of when the last request would have finished. An orchestrator's kill deadline can
+/// then be set from the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_grace_period_answers_503_and_exits() {
+    let grace = Duration::from_secs(1);
+    let mut p = Process::start(&[
+        "--intra-op-threads",
+        "1",
+        "--row-parallelism",
+        "1",
+        "--batching",
+        "off",
+        "--request-timeout-ms",
+        "600000",
+        "--max-request-timeout-ms",
+        "600000",
+        "--shutdown-grace-seconds",
+        "1",
+    ]);
+    let base = format!("http://{}", p.addr());
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base, &p).await;
+
+    // One at a time (batching off), each 100 steps of 16 rows: far more work than the
+    // grace period.
+    let requests = 12;
+    let png = scene_png(2);
+    let started = Instant::now();
+    let in_flight: Vec<_> = (0..requests)
+        .map(|_| {
+            let request = png_request(
+                &client,
+                format!("{base}/caption?steps=100&candidates=8&guidance=2"),
+                png.clone(),
+            )
+            .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    loop {
+        let m = metrics_text(&client, &base).await;
+        if gauge(&m, "ladic_queue_depth") + gauge(&m, "ladic_rows_in_flight") / 8.0
+            >= requests as f64
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", p.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let one_caption = metrics_text(&client, &base).await;
+    assert!(
+        gauge(&one_caption, "ladic_queue_depth") >= (requests - 2) as f64,
+        "the requests ran faster than this test assumes: {one_caption}"
+    );
+    sigterm(&p);
+    let signalled = Instant::now();
+    let mut refused = 0;
+    for h in in_flight {
+        let r = h.await.unwrap().expect("every request is answered");
+        match r.status().as_u16() {
+            200 => {}
+            503 => {
+                assert!(r.headers().contains_key("retry-after"));
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error_type"], "not_ready", "{body}");
+                assert!(
+                    body["error"].as_str().unwrap().contains("shutting down"),
+                    "{body}"
+                );
+                refused += 1;
+            }
+            other => panic!("status {other}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(refused >= requests - 3, "{refused} of {requests} refused");
+    let (status, p) = tokio::task::spawn_blocking(move || {
+        let status = p.wait(Duration::from_secs(60));
+        (status, p)
+    })
+    .await
+    .unwrap();
+    let exited_after = signalled.elapsed();
+    let log = p.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("grace period over"), "{log}");
+    // The grace, then a step of the running batch and the close; far less than the
+    // ~10 s the held work would take.
+    assert!(
+        exited_after < grace + Duration::from_secs(4),
+        "exited {exited_after:?} after SIGTERM: {log}"
+    );
 }

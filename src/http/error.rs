@@ -168,6 +168,7 @@ impl From<InferError> for ApiError {
         match e {
             InferError::Deadline => ApiError::Timeout,
             InferError::Failed(_) => ApiError::Inference(e.to_string()),
+            InferError::ShuttingDown => ApiError::NotReady(e.to_string()),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 mod worker;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -131,6 +132,11 @@ pub enum InferError {
     Deadline,
     #[error("inference failed: {0}")]
     Failed(String),
+    /// The server's shutdown grace period ended before the caption was ready.
+    #[error(
+        "the server is shutting down and its grace period ended before the caption was ready; retry"
+    )]
+    ShuttingDown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +173,8 @@ pub struct Scheduler {
     tx: Mutex<Option<Sender<Queued>>>,
     rx: Receiver<Queued>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Shared with the workers: see [`Scheduler::abandon`].
+    abandoned: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     pub info: LoadedInfo,
 }
@@ -198,6 +206,7 @@ impl Scheduler {
             .for_workers(config.workers.max(1), crate::runtime::available_cores());
         config.session.max_batch_rows = config.max_batch_rows;
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+        let abandoned = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
             let ctx = worker::WorkerContext {
@@ -207,6 +216,7 @@ impl Scheduler {
                 text: text.clone(),
                 metrics: metrics.clone(),
                 config: config.clone(),
+                abandoned: abandoned.clone(),
             };
             let loaded_tx = loaded_tx.clone();
             let runtime = runtime.clone();
@@ -238,6 +248,7 @@ impl Scheduler {
             tx: Mutex::new(Some(tx)),
             rx,
             workers: Mutex::new(workers),
+            abandoned,
             metrics,
             info: info.clone().unwrap_or(LoadedInfo {
                 device: ActiveDevice::Cpu,
@@ -301,16 +312,52 @@ impl Scheduler {
         self.rx.len()
     }
 
+    /// Gives up on every job: the workers answer each one they hold or find in the
+    /// queue [`InferError::ShuttingDown`] (503) at their next step, now and for any job
+    /// queued later. For the end of a shutdown's grace period, so that the process can
+    /// exit with every client answered.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+    }
+
     /// Closes the queue and waits for the workers: they finish what they hold
     /// (queued jobs included) and exit.
     pub fn stop(&self) {
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
-        for handle in workers {
-            if handle.join().is_err() {
-                tracing::error!("a worker thread panicked while stopping");
-            }
+        for handle in self.close() {
+            join_worker(handle);
         }
+    }
+
+    /// [`stop`](Self::stop), waiting at most `timeout`; false if a worker was still
+    /// busy then (in a long model call: it cannot be interrupted). Its thread is left
+    /// to end with the process.
+    pub fn stop_within(&self, timeout: Duration) -> bool {
+        let workers = self.close();
+        if workers.is_empty() {
+            return true;
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let joiner = std::thread::Builder::new()
+            .name("ladic-worker-join".into())
+            .spawn(move || {
+                for handle in workers {
+                    join_worker(handle);
+                }
+                let _ = done_tx.send(());
+            });
+        joiner.is_ok() && done_rx.recv_timeout(timeout).is_ok()
+    }
+
+    /// Closes the queue and hands over the workers' threads.
+    fn close(&self) -> Vec<JoinHandle<()>> {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn join_worker(handle: JoinHandle<()>) {
+    if handle.join().is_err() {
+        tracing::error!("a worker thread panicked while stopping");
     }
 }
 

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -37,6 +38,11 @@ pub(super) struct WorkerContext {
     pub text: Arc<TextDecoder>,
     pub metrics: Arc<Metrics>,
     pub config: SchedulerConfig,
+    /// Set when the server's shutdown grace period is over: every job held or queued is
+    /// answered [`InferError::ShuttingDown`] at once (see [`Scheduler::abandon`]).
+    ///
+    /// [`Scheduler::abandon`]: super::Scheduler::abandon
+    pub abandoned: Arc<AtomicBool>,
 }
 
 /// A job a worker has taken from the queue.
@@ -246,6 +252,9 @@ impl<B: Backend> Worker<B> {
     fn serve(&mut self) {
         loop {
             self.admit();
+            if self.ctx.abandoned.load(Ordering::SeqCst) {
+                self.abandon_all();
+            }
             if self.active.is_empty() {
                 if self.closed && self.held.is_empty() {
                     return;
@@ -261,7 +270,7 @@ impl<B: Backend> Worker<B> {
             if let Err(e) = result {
                 let reason = e.to_string();
                 tracing::error!(worker = self.ctx.index, %reason, "batch failed; failing its requests");
-                self.fail_active(&reason);
+                self.fail_active(&InferError::Failed(reason));
             }
         }
     }
@@ -274,17 +283,46 @@ impl<B: Backend> Worker<B> {
             "worker panicked; failing its batch and restarting"
         );
         self.ctx.metrics.worker_restarts_total.inc();
-        self.fail_active("internal error in the worker");
+        self.fail_active(&InferError::Failed(
+            "internal error in the worker".to_string(),
+        ));
     }
 
-    /// Answers every job of the running batch with `reason` and empties the batch.
-    fn fail_active(&mut self, reason: &str) {
+    /// Answers every job of the running batch with `error` and empties the batch.
+    fn fail_active(&mut self, error: &InferError) {
         for job in std::mem::take(&mut self.active) {
             self.release(&job);
-            let _ = job
-                .job
-                .reply
-                .send(Err(InferError::Failed(reason.to_string())));
+            let _ = job.job.reply.send(Err(error.clone()));
+        }
+    }
+
+    /// The shutdown grace period is over: answers every job this worker holds, and
+    /// every job still in the queue, [`InferError::ShuttingDown`], so that their
+    /// clients hear at once instead of being cut off when the process exits.
+    fn abandon_all(&mut self) {
+        let mut jobs: Vec<CaptionJob> = Vec::new();
+        for job in std::mem::take(&mut self.active) {
+            self.release(&job);
+            jobs.push(job.job);
+        }
+        jobs.extend(self.held.drain(..).map(|q| q.job));
+        jobs.extend(self.ctx.rx.try_iter().map(|q| q.job));
+        if jobs.is_empty() {
+            return;
+        }
+        tracing::info!(
+            worker = self.ctx.index,
+            requests = jobs.len(),
+            "shutdown grace period over; answering the requests still held 503"
+        );
+        self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
+        for job in jobs {
+            self.ctx
+                .metrics
+                .requests_dropped_total
+                .with_label_values(&[SHUTDOWN])
+                .inc();
+            let _ = job.reply.send(Err(InferError::ShuttingDown));
         }
     }
 
@@ -596,6 +634,10 @@ fn assemble(text: &TextDecoder, job: &ActiveJob) -> Result<CaptionOutput, InferE
 /// The `reason` label of `requests_dropped_total` for a passed deadline.
 const DEADLINE: &str = "deadline";
 
+/// The `reason` label of `requests_dropped_total` for a job still held when the
+/// shutdown grace period ended.
+const SHUTDOWN: &str = "shutdown";
+
 /// Why a job leaves before its answer, if it does: its deadline passed, or its client
 /// left. The deadline is checked first: when it passes, the handler's own timer closes
 /// the reply at about the same moment, and the reason is still the deadline.
@@ -660,6 +702,7 @@ mod tests {
             bundle: bundle.clone(),
             text: Arc::new(text),
             metrics: metrics.clone(),
+            abandoned: Arc::default(),
             config: SchedulerConfig {
                 workers: 1,
                 batching: BatchingMode::Continuous,
