@@ -168,6 +168,13 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_DECODE_MEMORY_MIB", default_value_t = 1024, value_parser = at_least_one::<u32>)]
     pub decode_memory_mib: u32,
 
+    /// Memory, in MiB, that the request bodies being received or held at once may take
+    /// together, each counted at its size times the copies its parsing makes (1 for a
+    /// raw image, 2 multipart, 3 JSON) until its image is decoded. A body with no room
+    /// is refused at once with 429. At least 3 x --max-body-bytes.
+    #[arg(long, env = "LADIC_BODY_MEMORY_MIB", default_value_t = 256, value_parser = at_least_one::<u32>)]
+    pub body_memory_mib: u32,
+
     /// Most images in one POST /caption/batch request.
     #[arg(long, env = "LADIC_MAX_BATCH_IMAGES", default_value_t = 16, value_parser = at_least_one::<usize>)]
     pub max_batch_images: usize,
@@ -216,6 +223,14 @@ impl ServeArgs {
             return Err(format!(
                 "--request-timeout-ms {} is more than --max-request-timeout-ms {}; the default deadline may be at most the largest one",
                 self.request_timeout_ms, self.max_request_timeout_ms
+            ));
+        }
+        let largest_body = 3 * self.max_body_bytes as u64;
+        if u64::from(self.body_memory_mib) << 20 < largest_body {
+            return Err(format!(
+                "--body-memory-mib {} is less than 3 x --max-body-bytes ({} MiB): a JSON body of the largest size could never be read",
+                self.body_memory_mib,
+                largest_body.div_ceil(1 << 20)
             ));
         }
         Ok(())

@@ -47,6 +47,7 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         image_limits: args.image_limits(),
         max_batch_images: args.max_batch_images.max(1),
         decode_memory_mib: args.decode_memory_mib.max(1),
+        body_memory_mib: args.body_memory_mib.max(1),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         // At most the largest (`serve` refuses more; a server started in-process clamps).
         default_timeout: args.request_timeout().min(max_timeout),

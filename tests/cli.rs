@@ -127,6 +127,7 @@ fn serve_refuses_limits_that_would_refuse_every_request() {
         "--max-body-bytes",
         "--queue-size",
         "--max-batch-images",
+        "--body-memory-mib",
     ] {
         let out = output_soon(bin().args(["serve", "--bind", "127.0.0.1:0", flag, "0"]));
         assert_refused(&out, &[flag, "at least 1"]);
@@ -154,6 +155,24 @@ fn serve_refuses_a_default_deadline_above_the_largest() {
     assert_refused(
         &out,
         &["--request-timeout-ms 5000", "--max-request-timeout-ms 4000"],
+    );
+}
+
+#[test]
+fn serve_refuses_a_body_budget_too_small_for_the_largest_body() {
+    // 3 x 20 MiB (a JSON body's copies) does not fit in 50 MiB.
+    let out = output_soon(bin().args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--max-body-bytes",
+        "20971520",
+        "--body-memory-mib",
+        "50",
+    ]));
+    assert_refused(
+        &out,
+        &["--body-memory-mib 50", "3 x --max-body-bytes (60 MiB)"],
     );
 }
 

@@ -309,3 +309,75 @@ async fn decodes_wait_for_room_in_the_memory_budget() {
     assert_eq!(budget.available_permits(), 8);
     s.stop().await;
 }
+
+/// Sends a request head announcing `length` bytes of raw image, and half of them: an
+/// upload in progress, holding its part of the body budget while the stream is open.
+async fn stalled_upload(addr: std::net::SocketAddr, length: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /caption?timeout_ms=60000 HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![0u8; length / 2]).await.unwrap();
+    stream
+}
+
+/// Concurrent uploads share `--body-memory-mib`: one with no room left is refused at
+/// once with 429 (before its body is read), smaller ones still fit, and an upload that
+/// ends gives its share back.
+#[tokio::test]
+async fn uploads_share_the_body_memory_budget() {
+    const KIB: usize = 1024;
+    let mut args = test_args();
+    args.body_memory_mib = 1;
+    args.max_body_bytes = 300 * KIB;
+    let s = TestServer::start(args).await;
+    let info: Value = s.get("/info").await.json().await.unwrap();
+    assert_eq!(info["limits"]["body_memory_mib"], 1);
+    let budget = &s.state().body_budget;
+
+    let mut uploads = Vec::new();
+    for _ in 0..3 {
+        uploads.push(stalled_upload(s.server.as_ref().unwrap().addr, 300 * KIB).await);
+    }
+    let start = std::time::Instant::now();
+    while budget.available_kib() > 1024 - 900 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // 124 KiB left: a 200 KiB body is refused at once, whatever its deadline...
+    let r = s
+        .post_png("/caption?timeout_ms=60000", vec![0u8; 200 * KIB])
+        .await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (status, ty, message) = error_type(r).await;
+    assert_eq!((status, ty.as_str()), (429, "overloaded"), "{message}");
+    assert!(message.contains("uploads in progress"), "{message}");
+    // ...as is a JSON body of 50 KiB (three times its size with its parsed copies)...
+    let json_body = json!({"image": "A".repeat(50 * KIB)});
+    let r = s.post_json("/caption", &json_body).await;
+    assert_eq!(error_type(r).await.0, 429);
+    // ...while a small image still fits and is captioned.
+    let r = s.post_png("/caption?steps=2", scene_png(1)).await;
+    assert_eq!(r.status(), 200);
+
+    // An upload that ends (the client left) gives its share back.
+    drop(uploads.pop());
+    let start = std::time::Instant::now();
+    while budget.available_kib() < 1024 - 600 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let r = s
+        .post_png("/caption?timeout_ms=60000", vec![0u8; 200 * KIB])
+        .await;
+    assert_eq!(error_type(r).await.1, "invalid_image");
+    drop(uploads);
+    let start = std::time::Instant::now();
+    while budget.available_kib() < 1024 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    s.stop().await;
+}

@@ -33,6 +33,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the server is busy: the request queue is full; retry later")]
     Overloaded,
+    /// The request bodies being received take all of `--body-memory-mib`.
+    #[error(
+        "the server is busy: the uploads in progress take all of its memory for request \
+         bodies; retry later"
+    )]
+    UploadsBusy,
     #[error("{0}")]
     NotReady(String),
     /// The body did not arrive in full before the deadline (a slow or stalled upload).
@@ -65,7 +71,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded | ApiError::UploadsBusy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -85,7 +91,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Overloaded => "overloaded",
+            ApiError::Overloaded | ApiError::UploadsBusy => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::BodyTimeout => "request_timeout",
             ApiError::Timeout => "timeout",
@@ -108,7 +114,7 @@ impl ApiError {
     /// Seconds a client should wait before retrying, for the statuses where that helps.
     fn retry_after(&self) -> Option<u32> {
         match self {
-            ApiError::Overloaded => Some(1),
+            ApiError::Overloaded | ApiError::UploadsBusy => Some(1),
             ApiError::NotReady(_) => Some(5),
             _ => None,
         }
@@ -203,6 +209,7 @@ mod tests {
             ),
             (ApiError::ImageTooLarge("x".into()), 422, "image_too_large"),
             (ApiError::Overloaded, 429, "overloaded"),
+            (ApiError::UploadsBusy, 429, "overloaded"),
             (ApiError::NotReady("x".into()), 503, "not_ready"),
             (ApiError::BodyTimeout, 408, "request_timeout"),
             (ApiError::Timeout, 504, "timeout"),

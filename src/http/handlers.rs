@@ -12,10 +12,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::body::{BodyKind, hold, is_raw_image_type, read_body};
 use super::error::{ApiError, ErrorBody};
 use super::request::{
-    self, BatchJson, CaptionJson, CaptionParams, Resolved, decode_base64_image, is_raw_image_type,
-    media_type, parse_json, parse_multipart, read_body,
+    self, BatchJson, CaptionJson, CaptionParams, Resolved, decode_base64_image, media_type,
+    parse_json, parse_multipart,
 };
 use super::{AppState, InFlight, X_INFERENCE_TIME, X_QUEUE_TIME, X_TOTAL_TIME, millis_header};
 use crate::preprocess;
@@ -80,19 +81,20 @@ pub async fn caption(
     })?;
     let limit = state.settings.max_body_bytes;
     let body_deadline = start + request_timeout(&state, &query)?;
+    let budget = &state.body_budget;
+    let read = |kind| read_body(&parts.headers, body, limit, body_deadline, budget, kind);
+    // The image bytes keep the body's memory reserved until they are decoded.
     let (image, params): (Bytes, CaptionParams) = if is_raw_image_type(&media) {
-        (
-            read_body(&parts.headers, body, limit, body_deadline).await?,
-            query,
-        )
+        let (bytes, reserved) = read(BodyKind::Raw).await?;
+        (hold(bytes, Arc::new(reserved)), query)
     } else if media == "multipart/form-data" {
-        let bytes = read_body(&parts.headers, body, limit, body_deadline).await?;
+        let (bytes, reserved) = read(BodyKind::Multipart).await?;
         let (image, form) = parse_multipart(&parts.headers, bytes).await?;
-        (image, query.overridden_by(form))
+        (hold(image, Arc::new(reserved)), query.overridden_by(form))
     } else if media == "application/json" {
-        let bytes = read_body(&parts.headers, body, limit, body_deadline).await?;
+        let (bytes, reserved) = read(BodyKind::Json).await?;
         let json: CaptionJson = parse_json(&bytes)?;
-        let image = Bytes::from(decode_base64_image(&json.image)?);
+        let image = hold(decode_base64_image(&json.image)?, Arc::new(reserved));
         (image, query.overridden_by(json.params()))
     } else {
         return Err(ApiError::UnsupportedMediaType(format!(
@@ -331,13 +333,16 @@ pub async fn caption_batch(
         }
     }
     let body_deadline = start + request_timeout(&state, &query)?;
-    let bytes = read_body(
+    let (bytes, reserved) = read_body(
         &parts.headers,
         body,
         state.settings.max_body_bytes,
         body_deadline,
+        &state.body_budget,
+        BodyKind::Json,
     )
     .await?;
+    let reserved = Arc::new(reserved);
     let json: BatchJson = parse_json(&bytes)?;
     let max = state.settings.max_batch_images;
     if json.images.is_empty() || json.images.len() > max {
@@ -352,9 +357,8 @@ pub async fn caption_batch(
     let resolved = resolve(&state, &params)?;
     let mut images = Vec::with_capacity(json.images.len());
     for (i, b64) in json.images.iter().enumerate() {
-        images.push(Bytes::from(
-            decode_base64_image(b64).map_err(|e| at_index(i, e))?,
-        ));
+        let image = decode_base64_image(b64).map_err(|e| at_index(i, e))?;
+        images.push(hold(image, reserved.clone()));
     }
     // Every image is decoded, and refused if it must be, before any is queued: a bad
     // image is answered at once, not after the other images' captions.
@@ -635,6 +639,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             "max_image_side": s.image_limits.max_side,
             "max_batch_images": s.max_batch_images,
             "decode_memory_mib": s.decode_memory_mib,
+            "body_memory_mib": s.body_memory_mib,
         },
         "scheduler": {
             "workers": s.workers,

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, shared state, and the middleware every response passes
 //! through (request id, timing header, metrics, auth).
 
+pub mod body;
 pub mod error;
 mod handlers;
 pub mod request;
@@ -53,6 +54,9 @@ pub struct HttpSettings {
     pub max_batch_images: usize,
     /// MiB the images decoded at once may take together (`--decode-memory-mib`).
     pub decode_memory_mib: u32,
+    /// MiB the request bodies being read or held may take together
+    /// (`--body-memory-mib`).
+    pub body_memory_mib: u32,
     pub api_key: Option<String>,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
@@ -82,6 +86,8 @@ pub struct AppState {
     pub decode_permits: Arc<Semaphore>,
     /// ...nor more memory than the budget: one permit per MiB.
     pub decode_memory: Arc<Semaphore>,
+    /// Memory of the request bodies being read or held.
+    pub body_budget: body::BodyBudget,
     pub started: Instant,
 }
 
@@ -97,6 +103,7 @@ impl AppState {
     pub fn new(settings: HttpSettings, manifest: Arc<Manifest>, metrics: Arc<Metrics>) -> AppState {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let decode_memory_mib = settings.decode_memory_mib.max(1) as usize;
+        let body_budget = body::BodyBudget::new(settings.body_memory_mib);
         AppState {
             defaults: SamplerParams::defaults(&manifest),
             settings,
@@ -109,6 +116,7 @@ impl AppState {
             in_flight: AtomicUsize::new(0),
             decode_permits: Arc::new(Semaphore::new(cores * 2)),
             decode_memory: Arc::new(Semaphore::new(decode_memory_mib)),
+            body_budget,
             started: Instant::now(),
         }
     }

@@ -1,9 +1,9 @@
 //! Reading a caption request in any of its forms (raw image body, multipart, JSON with
 //! base64) into image bytes plus parameters, and validating the parameters.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use base64::Engine;
 use base64::engine::DecodePaddingMode;
@@ -232,44 +232,6 @@ pub fn timeout(
     }
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413, and a body that
-/// has not arrived in full by `deadline` (a slow or stalled upload) with 408.
-pub async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    deadline: Instant,
-) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let deadline = tokio::time::Instant::from_std(deadline);
-    let Ok(read) = tokio::time::timeout_at(deadline, axum::body::to_bytes(body, limit)).await
-    else {
-        return Err(ApiError::BodyTimeout);
-    };
-    match read {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let inner = e.into_inner();
-            if inner
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ApiError::PayloadTooLarge { limit })
-            } else {
-                Err(ApiError::MalformedRequest(format!(
-                    "cannot read the request body: {inner}"
-                )))
-            }
-        }
-    }
-}
-
 /// The media type without parameters, lower-cased.
 pub fn media_type(headers: &HeaderMap) -> Option<String> {
     let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
@@ -399,11 +361,6 @@ pub async fn parse_multipart(
         ApiError::MalformedRequest("the multipart form has no field named \"image\"".into())
     })?;
     Ok((image, params))
-}
-
-/// Body bytes that are a raw image, by media type.
-pub fn is_raw_image_type(media: &str) -> bool {
-    media.starts_with("image/") || media == "application/octet-stream"
 }
 
 #[cfg(test)]

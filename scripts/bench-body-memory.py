@@ -1,0 +1,106 @@
+"""Peak RSS of the server while 60 connections each send most of a 20 MiB body and hold.
+
+Usage: python3 scripts/bench-body-memory.py target/release/ladic-serve BUDGET_MIB
+(ORT_DYLIB_PATH set as for `serve`). Prints one JSON line: RSS before, while the uploads
+are held, peak, and after they close, and how many uploads got 429. Run it with the
+default budget (256) and with one too large to matter (4000) to compare.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+CONNECTIONS = 60
+BODY = 20 * 1024 * 1024 - 1
+SENT_EACH = 19 * 1024 * 1024
+CHUNK = b"\0" * (1 << 20)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def wait_ready(base):
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(base + "/health/ready", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit("the server did not become ready")
+
+
+def main():
+    binary, budget = sys.argv[1], sys.argv[2]
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "serve", "--bind", f"127.0.0.1:{port}", "--body-memory-mib", budget],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        start = rss_mb(server.pid, "VmRSS")
+        head = (
+            "POST /caption?timeout_ms=120000 HTTP/1.1\r\nhost: x\r\n"
+            f"content-type: image/png\r\ncontent-length: {BODY}\r\n\r\n"
+        ).encode()
+        socks = []
+        for _ in range(CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head)
+            s.setblocking(False)
+            socks.append(s)
+        sent = [0] * CONNECTIONS
+        deadline = time.time() + 60
+        while time.time() < deadline and any(n < SENT_EACH for n in sent):
+            for i, s in enumerate(socks):
+                if sent[i] >= SENT_EACH:
+                    continue
+                try:
+                    sent[i] += s.send(CHUNK)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sent[i] = SENT_EACH  # answered and closed
+            time.sleep(0.001)
+        time.sleep(2)
+        refused = 0
+        for s in socks:
+            try:
+                refused += b" 429 " in s.recv(4096)[:20]
+            except OSError:
+                pass
+        held, peak = rss_mb(server.pid, "VmRSS"), rss_mb(server.pid, "VmHWM")
+        for s in socks:
+            s.close()
+        time.sleep(2)
+        after = rss_mb(server.pid, "VmRSS")
+    finally:
+        server.terminate()
+        server.wait()
+    print(json.dumps({
+        "body_memory_mib": int(budget),
+        "connections": CONNECTIONS,
+        "refused_429": refused,
+        "rss_start_mb": start,
+        "rss_held_mb": held,
+        "rss_peak_mb": peak,
+        "rss_after_mb": after,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+//! Reading request bodies within a memory budget shared by all requests.
+//!
+//! A body is buffered whole before its image is decoded, and a client decides how many
+//! connections it opens and how slowly it sends: without a bound, many large uploads
+//! at once would take memory without limit (the queue bounds requests only once their
+//! image is decoded). Every body reserves its size from the budget
+//! (`--body-memory-mib`) before it is read (its `Content-Length`; a chunked body as it
+//! arrives), times the copies its media type makes while it is parsed
+//! ([`BodyKind::copies`]). The reservation lasts until the image bytes taken from it
+//! are dropped, after the decode. A body that does not fit is refused at once with
+//! 429 `overloaded` and `Retry-After`, before it is read, so the client can retry later
+//! or elsewhere; nothing waits for room.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{HeaderMap, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::ApiError;
+
+const KIB: usize = 1024;
+
+/// How a body is parsed, which decides how many copies of it exist at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// The body is the image.
+    Raw,
+    /// multipart/form-data: the parser buffers the body again.
+    Multipart,
+    /// JSON with base64 images: the parsed strings, then the decoded images (3/4).
+    Json,
+}
+
+impl BodyKind {
+    /// Bytes held at once per byte of body, at most.
+    pub fn copies(self) -> usize {
+        match self {
+            BodyKind::Raw => 1,
+            BodyKind::Multipart => 2,
+            BodyKind::Json => 3,
+        }
+    }
+}
+
+/// The memory all request bodies being read or held may take together.
+#[derive(Debug)]
+pub struct BodyBudget {
+    /// One permit per KiB.
+    permits: Arc<Semaphore>,
+}
+
+impl BodyBudget {
+    pub fn new(mib: u32) -> BodyBudget {
+        BodyBudget {
+            permits: Arc::new(Semaphore::new(mib.max(1) as usize * KIB)),
+        }
+    }
+
+    /// KiB free now (tests, metrics).
+    pub fn available_kib(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// An empty reservation, to grow as the body arrives.
+    fn reservation(&self) -> Reservation {
+        Reservation {
+            permits: self.permits.clone(),
+            held: None,
+            bytes: 0,
+        }
+    }
+}
+
+/// Memory reserved from a [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    permits: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    /// Bytes covered (a whole number of KiB).
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Grows the reservation to cover at least `bytes`, if the budget has room now.
+    fn grow_to(&mut self, bytes: usize) -> Result<(), ApiError> {
+        if bytes <= self.bytes {
+            return Ok(());
+        }
+        let more = (bytes - self.bytes).div_ceil(KIB);
+        let permit = u32::try_from(more)
+            .ok()
+            .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok())
+            .ok_or(ApiError::UploadsBusy)?;
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        self.bytes += more * KIB;
+        Ok(())
+    }
+}
+
+/// Bytes that keep a [`Reservation`] until the last clone of them is dropped.
+pub fn hold(data: impl AsRef<[u8]> + Send + 'static, reservation: Arc<Reservation>) -> Bytes {
+    struct Held<T> {
+        data: T,
+        _reservation: Arc<Reservation>,
+    }
+    impl<T: AsRef<[u8]>> AsRef<[u8]> for Held<T> {
+        fn as_ref(&self) -> &[u8] {
+            self.data.as_ref()
+        }
+    }
+    Bytes::from_owner(Held {
+        data,
+        _reservation: reservation,
+    })
+}
+
+/// Reads the whole body within `budget`: 413 above `limit` bytes, 408 if it has not
+/// arrived in full by `deadline` (a slow or stalled upload), 429 if the budget has no
+/// room for it (times `kind`'s copies). The reservation comes back with the bytes:
+/// hold it (see [`hold`]) until the image taken from them is decoded.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: Instant,
+    budget: &BodyBudget,
+    kind: BodyKind,
+) -> Result<(Bytes, Reservation), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let copies = kind.copies();
+    let mut reservation = budget.reservation();
+    // A declared length is reserved before anything is read (hyper refuses a body
+    // longer than it declared).
+    let declared = declared.map_or(0, |n| n as usize);
+    reservation.grow_to(declared * copies)?;
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let mut body = body;
+    let mut buffer: Vec<u8> = Vec::with_capacity(declared);
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
+        let frame = match tokio::time::timeout_at(deadline, frame).await {
+            Err(_) => return Err(ApiError::BodyTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::MalformedRequest(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let len = buffer.len() + data.len();
+        if len > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        if len > buffer.capacity() {
+            // Grow as a vector does (doubling), with the reservation ahead of it.
+            let capacity = len.max(buffer.capacity() * 2).min(limit);
+            reservation.grow_to(capacity * copies)?;
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(buffer), reservation))
+}
+
+/// Media types whose body is the image itself.
+pub fn is_raw_image_type(media: &str) -> bool {
+    media.starts_with("image/") || media == "application/octet-stream"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(len: Option<usize>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(n) = len {
+            h.insert(header::CONTENT_LENGTH, n.into());
+        }
+        h
+    }
+
+    fn later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn a_declared_body_reserves_its_copies_until_its_bytes_are_dropped() {
+        let budget = BodyBudget::new(1);
+        let body = vec![7u8; 100 * KIB];
+        let (bytes, reservation) = read_body(
+            &headers(Some(body.len())),
+            Body::from(body.clone()),
+            1 << 20,
+            later(),
+            &budget,
+            BodyKind::Json,
+        )
+        .await
+        .unwrap();
+        assert_eq!(bytes, body);
+        assert_eq!(budget.available_kib(), 1024 - 300);
+        let image = hold(bytes.slice(..10), Arc::new(reservation));
+        drop(bytes);
+        assert_eq!(budget.available_kib(), 1024 - 300);
+        let clone = image.clone();
+        drop(image);
+        assert_eq!(budget.available_kib(), 1024 - 300);
+        drop(clone);
+        assert_eq!(budget.available_kib(), 1024);
+    }
+
+    #[tokio::test]
+    async fn a_body_the_budget_has_no_room_for_is_refused_before_it_is_read() {
+        let budget = BodyBudget::new(1);
+        let (_held, _r) = read_body(
+            &headers(Some(700 * KIB)),
+            Body::from(vec![0u8; 700 * KIB]),
+            1 << 20,
+            later(),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap();
+        let e = read_body(
+            &headers(Some(400 * KIB)),
+            Body::from(vec![0u8; 400 * KIB]),
+            1 << 20,
+            later(),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, ApiError::UploadsBusy);
+        assert_eq!(e.status(), 429);
+        // A failed reservation takes nothing.
+        assert_eq!(budget.available_kib(), 1024 - 700);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_reserves_as_it_arrives_and_gives_back_on_failure() {
+        let budget = BodyBudget::new(1);
+        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..8)
+            .map(|_| Ok(Bytes::from(vec![1u8; 64 * KIB])))
+            .collect();
+        let (bytes, reservation) = read_body(
+            &headers(None),
+            Body::from_stream(futures_util::stream::iter(chunks)),
+            1 << 20,
+            later(),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap();
+        assert_eq!(bytes.len(), 512 * KIB);
+        assert!(reservation.bytes >= 512 * KIB && reservation.bytes <= 1024 * KIB);
+        drop(reservation);
+        // Too large for the budget as a whole, though under the body limit: 429 partway.
+        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..40)
+            .map(|_| Ok(Bytes::from(vec![1u8; 64 * KIB])))
+            .collect();
+        let e = read_body(
+            &headers(None),
+            Body::from_stream(futures_util::stream::iter(chunks)),
+            4 << 20,
+            later(),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, ApiError::UploadsBusy);
+        assert_eq!(budget.available_kib(), 1024);
+    }
+
+    #[tokio::test]
+    async fn limits_and_deadlines_still_apply() {
+        let budget = BodyBudget::new(64);
+        let e = read_body(
+            &headers(Some(2000)),
+            Body::from(vec![0u8; 2000]),
+            1000,
+            later(),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status(), 413);
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            (0..3).map(|_| Ok(Bytes::from(vec![1u8; 600]))).collect();
+        let e = read_body(
+            &headers(None),
+            Body::from_stream(futures_util::stream::iter(chunks)),
+            1000,
+            later(),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status(), 413);
+        let stalled = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
+        let e = read_body(
+            &headers(Some(10)),
+            Body::from_stream(stalled),
+            1000,
+            Instant::now() + std::time::Duration::from_millis(50),
+            &budget,
+            BodyKind::Raw,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status(), 408);
+        assert_eq!(budget.available_kib(), 64 * 1024);
+    }
+}
