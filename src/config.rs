@@ -191,6 +191,13 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_HEADER_READ_TIMEOUT_MS", default_value_t = 75_000, value_parser = at_least_one::<u64>)]
     pub header_read_timeout_ms: u64,
 
+    /// A worker that has been inside one denoising step (its model calls) for longer
+    /// than this is stuck, a hung GPU for instance: `/health/live` and `/health/ready`
+    /// answer 503 `worker_stalled` until it comes out, so that an orchestrator restarts
+    /// the server. 0 turns the check off.
+    #[arg(long, env = "LADIC_WORKER_STALL_TIMEOUT_MS", default_value_t = 120_000)]
+    pub worker_stall_timeout_ms: u64,
+
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT; those still
     /// waiting for a caption then get 503, and the server exits within about 5 s more.
     #[arg(long, env = "LADIC_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]

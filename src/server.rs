@@ -57,6 +57,8 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         batching: args.batching,
         max_batch_rows: args.max_batch_rows as usize,
         cors_allow_origins: cors_origins(&args.cors_allow_origin)?,
+        worker_stall_timeout: (args.worker_stall_timeout_ms > 0)
+            .then(|| Duration::from_millis(args.worker_stall_timeout_ms)),
     };
     let state = Arc::new(AppState::new(
         settings,

@@ -497,3 +497,76 @@ async fn sigterm_past_the_grace_period_answers_503_and_exits() {
         "exited {exited_after:?} after SIGTERM: {log}"
     );
 }
+
+/// A worker inside one step for longer than `--worker-stall-timeout-ms` turns both
+/// health probes 503 `worker_stalled` (an orchestrator then restarts a stuck server),
+/// and they recover once it comes out. Here the limit is 1 ms, so that the ordinary
+/// steps of a long caption count as stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stuck_in_a_step_fails_the_health_probes() {
+    let mut args = test_args();
+    args.worker_stall_timeout_ms = 1;
+    args.batching = ladic_serve::config::BatchingMode::Off;
+    let s = TestServer::start(args).await;
+    let info: Value = s.get("/info").await.json().await.unwrap();
+    assert_eq!(info["limits"]["worker_stall_timeout_ms"], 1);
+    // (A reply is sent before its worker's step ends: the warm-up's step may still be
+    // finishing.)
+    probes_pass_soon(&s).await;
+
+    let long = s.post_png("/caption?steps=100&candidates=8&guidance=2", scene_png(3));
+    let probe = async {
+        let start = Instant::now();
+        let (mut live_failed, mut ready_failed) = (false, false);
+        while !(live_failed && ready_failed) {
+            for (path, failed) in [
+                ("/health/live", &mut live_failed),
+                ("/health/ready", &mut ready_failed),
+            ] {
+                let r = s.get(path).await;
+                if r.status() == 503 {
+                    let body: Value = r.json().await.unwrap();
+                    assert_eq!(body["error_type"], "worker_stalled", "{path}: {body}");
+                    assert!(
+                        body["error"].as_str().unwrap().contains("worker 0"),
+                        "{body}"
+                    );
+                    *failed = true;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "never stalled");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    };
+    let (r, ()) = tokio::join!(long, probe);
+    assert_eq!(r.status(), 200);
+    // Out of its steps, the worker is not stalled any more.
+    probes_pass_soon(&s).await;
+    s.stop().await;
+}
+
+async fn probes_pass_soon(s: &TestServer) {
+    let start = Instant::now();
+    while s.get("/health/live").await.status() != 200
+        || s.get("/health/ready").await.status() != 200
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "still stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// With the default limit (2 minutes), ordinary steps never fail the probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_steps_do_not_fail_the_health_probes() {
+    let s = TestServer::start(test_args()).await;
+    let long = s.post_png("/caption?steps=100&candidates=8&guidance=2", scene_png(3));
+    let probe = async {
+        for _ in 0..200 {
+            assert_eq!(s.get("/health/live").await.status(), 200);
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    };
+    let (r, ()) = tokio::join!(long, probe);
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+}

@@ -51,6 +51,9 @@ pub enum ApiError {
     Timeout,
     #[error("{0}")]
     Inference(String),
+    /// A worker has been stuck in one step for longer than `--worker-stall-timeout-ms`.
+    #[error("{0}")]
+    WorkerStalled(String),
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::WorkerStalled(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -96,6 +100,7 @@ impl ApiError {
             ApiError::BodyTimeout => "request_timeout",
             ApiError::Timeout => "timeout",
             ApiError::Inference(_) => "inference_failed",
+            ApiError::WorkerStalled(_) => "worker_stalled",
         }
     }
 
@@ -104,7 +109,7 @@ impl ApiError {
     /// any more) ready happens now and then (info).
     pub fn log(&self) {
         let status = self.status();
-        if matches!(self, ApiError::Inference(_)) {
+        if matches!(self, ApiError::Inference(_) | ApiError::WorkerStalled(_)) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else if status.is_server_error() {
             tracing::info!(status = status.as_u16(), error = %self, "request not served");
@@ -214,6 +219,7 @@ mod tests {
             (ApiError::BodyTimeout, 408, "request_timeout"),
             (ApiError::Timeout, 504, "timeout"),
             (ApiError::Inference("x".into()), 500, "inference_failed"),
+            (ApiError::WorkerStalled("x".into()), 503, "worker_stalled"),
         ];
         for (e, status, ty) in cases {
             assert_eq!(e.status().as_u16(), status, "{e:?}");

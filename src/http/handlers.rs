@@ -577,17 +577,23 @@ pub async fn index() -> Response {
         .into_response()
 }
 
-/// `GET /health/live`: the process is up and serving HTTP.
-pub async fn live() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "alive"}))
+/// `GET /health/live`: the process is up and serving HTTP, and no worker is stuck in
+/// a step (then only a restart helps).
+pub async fn live(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.stalled_worker() {
+        Some(stalled) => Err(stalled),
+        None => Ok(Json(serde_json::json!({"status": "alive"}))),
+    }
 }
 
-/// `GET /health/ready`: the bundle is loaded, a warm-up caption succeeded, and the
-/// server is not draining.
+/// `GET /health/ready`: the bundle is loaded, a warm-up caption succeeded, the server
+/// is not draining, and no worker is stuck in a step.
 pub async fn ready(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if state.is_ready() {
+    if let Some(stalled) = state.stalled_worker() {
+        Err(stalled)
+    } else if state.is_ready() {
         Ok(Json(serde_json::json!({"status": "ready"})))
     } else if state.is_draining() {
         Err(ApiError::NotReady("the server is shutting down".into()))
@@ -639,6 +645,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
             "max_image_side": s.image_limits.max_side,
             "max_batch_images": s.max_batch_images,
             "decode_memory_mib": s.decode_memory_mib,
+            "worker_stall_timeout_ms": s.worker_stall_timeout.map(|t| t.as_millis() as u64),
             "body_memory_mib": s.body_memory_mib,
         },
         "scheduler": {

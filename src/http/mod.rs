@@ -66,6 +66,8 @@ pub struct HttpSettings {
     pub max_batch_rows: usize,
     /// Origins allowed by CORS (`*`: any); empty sends no CORS headers at all.
     pub cors_allow_origins: Vec<String>,
+    /// A worker in one step for longer than this fails the health probes; `None`: never.
+    pub worker_stall_timeout: Option<Duration>,
 }
 
 /// State shared by all handlers.
@@ -140,6 +142,18 @@ impl AppState {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// A worker stuck in one step for longer than the stall timeout, as the error the
+    /// health probes answer.
+    fn stalled_worker(&self) -> Option<ApiError> {
+        let limit = self.settings.worker_stall_timeout?;
+        let (worker, age) = self.scheduler.get()?.stalled_worker(limit)?;
+        Some(ApiError::WorkerStalled(format!(
+            "worker {worker} has been in one denoising step for {:.1} s, more than \
+             --worker-stall-timeout-ms allows: it is stuck; restart the server",
+            age.as_secs_f64()
+        )))
     }
 
     /// The scheduler, if the server may take caption requests now.

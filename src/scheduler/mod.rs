@@ -156,6 +156,68 @@ pub struct SchedulerConfig {
     pub session: SessionOptions,
 }
 
+/// When each worker started the step it is in, if it is in one: a worker stuck inside
+/// a model call (a hung GPU, a deadlock in a library) never comes out, and the health
+/// probes tell from this ([`Scheduler::stalled_worker`]).
+#[derive(Debug)]
+pub struct WorkerSteps {
+    epoch: Instant,
+    /// Per worker: milliseconds from `epoch` to the start of its step, plus one; 0 when
+    /// it is not in a step.
+    started: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl WorkerSteps {
+    pub fn new(workers: usize) -> WorkerSteps {
+        WorkerSteps {
+            epoch: Instant::now(),
+            started: (0..workers).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Marks `worker` as in a step until the guard is dropped (also when the step
+    /// panics).
+    pub fn enter(&self, worker: usize) -> InStep<'_> {
+        let since = self.epoch.elapsed().as_millis() as u64 + 1;
+        if let Some(slot) = self.started.get(worker) {
+            slot.store(since, Ordering::SeqCst);
+        }
+        InStep {
+            steps: self,
+            worker,
+        }
+    }
+
+    /// The worker that has been in one step the longest, if that is longer than
+    /// `limit`, and for how long.
+    pub fn stalled(&self, limit: Duration) -> Option<(usize, Duration)> {
+        let now = self.epoch.elapsed();
+        self.started
+            .iter()
+            .enumerate()
+            .filter_map(|(worker, slot)| {
+                let since = slot.load(Ordering::SeqCst).checked_sub(1)?;
+                Some((worker, now.saturating_sub(Duration::from_millis(since))))
+            })
+            .max_by_key(|&(_, age)| age)
+            .filter(|&(_, age)| age > limit)
+    }
+}
+
+/// A worker's step in progress; see [`WorkerSteps::enter`].
+pub struct InStep<'a> {
+    steps: &'a WorkerSteps,
+    worker: usize,
+}
+
+impl Drop for InStep<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.steps.started.get(self.worker) {
+            slot.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
 /// What the workers loaded, reported once all are up.
 #[derive(Debug, Clone)]
 pub struct LoadedInfo {
@@ -175,6 +237,7 @@ pub struct Scheduler {
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Shared with the workers: see [`Scheduler::abandon`].
     abandoned: Arc<AtomicBool>,
+    steps: Arc<WorkerSteps>,
     metrics: Arc<Metrics>,
     pub info: LoadedInfo,
 }
@@ -207,6 +270,7 @@ impl Scheduler {
         config.session.max_batch_rows = config.max_batch_rows;
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(WorkerSteps::new(config.workers.max(1)));
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
             let ctx = worker::WorkerContext {
@@ -217,6 +281,7 @@ impl Scheduler {
                 metrics: metrics.clone(),
                 config: config.clone(),
                 abandoned: abandoned.clone(),
+                steps: steps.clone(),
             };
             let loaded_tx = loaded_tx.clone();
             let runtime = runtime.clone();
@@ -249,6 +314,7 @@ impl Scheduler {
             rx,
             workers: Mutex::new(workers),
             abandoned,
+            steps,
             metrics,
             info: info.clone().unwrap_or(LoadedInfo {
                 device: ActiveDevice::Cpu,
@@ -312,6 +378,12 @@ impl Scheduler {
         self.rx.len()
     }
 
+    /// A worker that has been inside one step (its model calls) for longer than
+    /// `limit`, and for how long: it is stuck, and will not answer its requests.
+    pub fn stalled_worker(&self, limit: Duration) -> Option<(usize, Duration)> {
+        self.steps.stalled(limit)
+    }
+
     /// Gives up on every job: the workers answer each one they hold or find in the
     /// queue [`InferError::ShuttingDown`] (503) at their next step, now and for any job
     /// queued later. For the end of a shutdown's grace period, so that the process can
@@ -364,5 +436,33 @@ fn join_worker(handle: JoinHandle<()>) {
 impl Drop for Scheduler {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::panic::AssertUnwindSafe;
+
+    use super::*;
+
+    #[test]
+    fn a_worker_is_stalled_only_while_in_a_step_past_the_limit() {
+        let steps = WorkerSteps::new(2);
+        assert_eq!(steps.stalled(Duration::ZERO), None);
+        let in_step = steps.enter(1);
+        std::thread::sleep(Duration::from_millis(20));
+        let (worker, age) = steps.stalled(Duration::from_millis(10)).unwrap();
+        assert_eq!(worker, 1);
+        assert!(age >= Duration::from_millis(20), "{age:?}");
+        assert_eq!(steps.stalled(Duration::from_secs(60)), None);
+        drop(in_step);
+        assert_eq!(steps.stalled(Duration::ZERO), None);
+        // A step that panics leaves it too.
+        let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _in_step = steps.enter(0);
+            panic!("a model call failed");
+        }));
+        assert!(caught.is_err());
+        assert_eq!(steps.stalled(Duration::ZERO), None);
     }
 }

@@ -43,6 +43,8 @@ pub(super) struct WorkerContext {
     ///
     /// [`Scheduler::abandon`]: super::Scheduler::abandon
     pub abandoned: Arc<AtomicBool>,
+    /// Where this worker says it is in a step, for the health probes.
+    pub steps: Arc<super::WorkerSteps>,
 }
 
 /// A job a worker has taken from the queue.
@@ -262,7 +264,10 @@ impl<B: Backend> Worker<B> {
                 continue;
             }
             let start = Instant::now();
+            let steps = self.ctx.steps.clone();
+            let in_step = steps.enter(self.ctx.index);
             let result = self.tick();
+            drop(in_step);
             self.ctx
                 .metrics
                 .worker_tick_duration_seconds
@@ -703,6 +708,7 @@ mod tests {
             text: Arc::new(text),
             metrics: metrics.clone(),
             abandoned: Arc::default(),
+            steps: Arc::new(super::super::WorkerSteps::new(1)),
             config: SchedulerConfig {
                 workers: 1,
                 batching: BatchingMode::Continuous,
