@@ -184,35 +184,61 @@ pub fn is_raw_image_type(media: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    fn headers(len: Option<usize>) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        if let Some(n) = len {
-            h.insert(header::CONTENT_LENGTH, n.into());
-        }
-        h
+    /// A body of `len` zeros with its Content-Length, read within 10 s.
+    async fn declared(
+        len: usize,
+        limit: usize,
+        budget: &BodyBudget,
+        kind: BodyKind,
+    ) -> Result<(Bytes, Reservation), ApiError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, len.into());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        read_body(
+            &headers,
+            Body::from(vec![0u8; len]),
+            limit,
+            deadline,
+            budget,
+            kind,
+        )
+        .await
     }
 
-    fn later() -> Instant {
-        Instant::now() + std::time::Duration::from_secs(10)
+    /// A chunked body (no Content-Length) of `chunks` chunks of `size` bytes.
+    async fn chunked(
+        chunks: usize,
+        size: usize,
+        limit: usize,
+        budget: &BodyBudget,
+    ) -> Result<(Bytes, Reservation), ApiError> {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..chunks)
+            .map(|_| Ok(Bytes::from(vec![1u8; size])))
+            .collect();
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        read_body(
+            &HeaderMap::new(),
+            body,
+            limit,
+            deadline,
+            budget,
+            BodyKind::Raw,
+        )
+        .await
     }
 
     #[tokio::test]
     async fn a_declared_body_reserves_its_copies_until_its_bytes_are_dropped() {
         let budget = BodyBudget::new(1);
-        let body = vec![7u8; 100 * KIB];
-        let (bytes, reservation) = read_body(
-            &headers(Some(body.len())),
-            Body::from(body.clone()),
-            1 << 20,
-            later(),
-            &budget,
-            BodyKind::Json,
-        )
-        .await
-        .unwrap();
-        assert_eq!(bytes, body);
+        let (bytes, reservation) = declared(100 * KIB, 1 << 20, &budget, BodyKind::Json)
+            .await
+            .unwrap();
+        assert_eq!(bytes.len(), 100 * KIB);
         assert_eq!(budget.available_kib(), 1024 - 300);
         let image = hold(bytes.slice(..10), Arc::new(reservation));
         drop(bytes);
@@ -227,26 +253,12 @@ mod tests {
     #[tokio::test]
     async fn a_body_the_budget_has_no_room_for_is_refused_before_it_is_read() {
         let budget = BodyBudget::new(1);
-        let (_held, _r) = read_body(
-            &headers(Some(700 * KIB)),
-            Body::from(vec![0u8; 700 * KIB]),
-            1 << 20,
-            later(),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap();
-        let e = read_body(
-            &headers(Some(400 * KIB)),
-            Body::from(vec![0u8; 400 * KIB]),
-            1 << 20,
-            later(),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap_err();
+        let _held = declared(700 * KIB, 1 << 20, &budget, BodyKind::Raw)
+            .await
+            .unwrap();
+        let e = declared(400 * KIB, 1 << 20, &budget, BodyKind::Raw)
+            .await
+            .unwrap_err();
         assert_eq!(e, ApiError::UploadsBusy);
         assert_eq!(e.status(), 429);
         // A failed reservation takes nothing.
@@ -256,36 +268,12 @@ mod tests {
     #[tokio::test]
     async fn a_chunked_body_reserves_as_it_arrives_and_gives_back_on_failure() {
         let budget = BodyBudget::new(1);
-        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..8)
-            .map(|_| Ok(Bytes::from(vec![1u8; 64 * KIB])))
-            .collect();
-        let (bytes, reservation) = read_body(
-            &headers(None),
-            Body::from_stream(futures_util::stream::iter(chunks)),
-            1 << 20,
-            later(),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap();
+        let (bytes, reservation) = chunked(8, 64 * KIB, 1 << 20, &budget).await.unwrap();
         assert_eq!(bytes.len(), 512 * KIB);
         assert!(reservation.bytes >= 512 * KIB && reservation.bytes <= 1024 * KIB);
         drop(reservation);
         // Too large for the budget as a whole, though under the body limit: 429 partway.
-        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..40)
-            .map(|_| Ok(Bytes::from(vec![1u8; 64 * KIB])))
-            .collect();
-        let e = read_body(
-            &headers(None),
-            Body::from_stream(futures_util::stream::iter(chunks)),
-            4 << 20,
-            later(),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap_err();
+        let e = chunked(40, 64 * KIB, 4 << 20, &budget).await.unwrap_err();
         assert_eq!(e, ApiError::UploadsBusy);
         assert_eq!(budget.available_kib(), 1024);
     }
@@ -293,41 +281,20 @@ mod tests {
     #[tokio::test]
     async fn limits_and_deadlines_still_apply() {
         let budget = BodyBudget::new(64);
-        let e = read_body(
-            &headers(Some(2000)),
-            Body::from(vec![0u8; 2000]),
-            1000,
-            later(),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap_err();
+        let e = declared(2000, 1000, &budget, BodyKind::Raw)
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), 413);
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            (0..3).map(|_| Ok(Bytes::from(vec![1u8; 600]))).collect();
-        let e = read_body(
-            &headers(None),
-            Body::from_stream(futures_util::stream::iter(chunks)),
-            1000,
-            later(),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap_err();
+        let e = chunked(3, 600, 1000, &budget).await.unwrap_err();
         assert_eq!(e.status(), 413);
         let stalled = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
-        let e = read_body(
-            &headers(Some(10)),
-            Body::from_stream(stalled),
-            1000,
-            Instant::now() + std::time::Duration::from_millis(50),
-            &budget,
-            BodyKind::Raw,
-        )
-        .await
-        .unwrap_err();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, 10.into());
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let body = Body::from_stream(stalled);
+        let e = read_body(&headers, body, 1000, deadline, &budget, BodyKind::Raw)
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), 408);
         assert_eq!(budget.available_kib(), 64 * 1024);
     }
