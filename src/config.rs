@@ -171,7 +171,7 @@ pub struct ServeArgs {
     /// Memory, in MiB, that the request bodies being received or held at once may take
     /// together, each counted at its size times the copies its parsing makes (1 for a
     /// raw image, 2 multipart, 3 JSON) until its image is decoded. A body with no room
-    /// is refused at once with 429. At least 3 x --max-body-bytes.
+    /// gets 429 (after the rest of it is read and thrown away). At least 3 x --max-body-bytes.
     #[arg(long, env = "LADIC_BODY_MEMORY_MIB", default_value_t = 256, value_parser = at_least_one::<u32>)]
     pub body_memory_mib: u32,
 
@@ -232,7 +232,7 @@ impl ServeArgs {
                 self.request_timeout_ms, self.max_request_timeout_ms
             ));
         }
-        let largest_body = 3 * self.max_body_bytes as u64;
+        let largest_body = (self.max_body_bytes as u64).saturating_mul(3);
         if u64::from(self.body_memory_mib) << 20 < largest_body {
             return Err(format!(
                 "--body-memory-mib {} is less than 3 x --max-body-bytes ({} MiB): a JSON body of the largest size could never be read",

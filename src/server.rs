@@ -34,6 +34,7 @@ const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Validates the bundle and library, binds, and starts loading; returns at once.
 pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
+    args.check().map_err(LoadError::Infer)?;
     let model = args.model.clone();
     let prepared = tokio::task::spawn_blocking(move || pipeline::prepare(&model))
         .await
@@ -240,8 +241,9 @@ impl Server {
 
     /// Turns unready, waits up to `grace` for in-flight requests, then answers the
     /// requests still waiting for a caption 503, stops serving and stops the workers.
-    /// Returns within `grace` plus [`CLOSE_TIMEOUT`] (plus one model call, if a worker
-    /// is in one then), so that an orchestrator's kill deadline can be set from it.
+    /// Returns within `grace` plus [`CLOSE_TIMEOUT`], so that an orchestrator's kill
+    /// deadline can be set from it: a worker still inside a model call then is not
+    /// waited for (its batch's connections close when the process exits).
     pub async fn shutdown(self, grace: Duration) {
         self.state.begin_drain();
         tracing::info!(in_flight = self.state.in_flight(), "draining");

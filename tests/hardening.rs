@@ -310,8 +310,9 @@ async fn decodes_wait_for_room_in_the_memory_budget() {
     s.stop().await;
 }
 
-/// Sends a request head announcing `length` bytes of raw image, and half of them: an
-/// upload in progress, holding its part of the body budget while the stream is open.
+/// Sends a request head announcing `length` bytes of raw image, and all of them but
+/// one: an upload in progress, holding its part of the body budget while the stream is
+/// open.
 async fn stalled_upload(addr: std::net::SocketAddr, length: usize) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -319,13 +320,14 @@ async fn stalled_upload(addr: std::net::SocketAddr, length: usize) -> tokio::net
         "POST /caption?timeout_ms=60000 HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: {length}\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&vec![0u8; length / 2]).await.unwrap();
+    stream.write_all(&vec![0u8; length - 1]).await.unwrap();
     stream
 }
 
-/// Concurrent uploads share `--body-memory-mib`: one with no room left is refused at
-/// once with 429 (before its body is read), smaller ones still fit, and an upload that
-/// ends gives its share back.
+/// Concurrent uploads share `--body-memory-mib`: one with no room left is refused with
+/// 429 (read to its end, so that the client sees the answer), smaller ones still fit,
+/// and an upload that ends gives its share back. Connections that send headers only
+/// hold nothing.
 #[tokio::test]
 async fn uploads_share_the_body_memory_budget() {
     const KIB: usize = 1024;
@@ -337,6 +339,14 @@ async fn uploads_share_the_body_memory_budget() {
     assert_eq!(info["limits"]["body_memory_mib"], 1);
     let budget = &s.state().body_budget;
 
+    let mut headers_only = Vec::new();
+    for _ in 0..8 {
+        // (A body of one byte, none of it sent.)
+        headers_only.push(stalled_upload(s.server.as_ref().unwrap().addr, 1).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(budget.available_kib(), 1024);
+
     let mut uploads = Vec::new();
     for _ in 0..3 {
         uploads.push(stalled_upload(s.server.as_ref().unwrap().addr, 300 * KIB).await);
@@ -346,7 +356,7 @@ async fn uploads_share_the_body_memory_budget() {
         assert!(start.elapsed() < std::time::Duration::from_secs(10));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    // 124 KiB left: a 200 KiB body is refused at once, whatever its deadline...
+    // 124 KiB left: a 200 KiB body is refused, whatever its deadline...
     let r = s
         .post_png("/caption?timeout_ms=60000", vec![0u8; 200 * KIB])
         .await;
@@ -374,10 +384,104 @@ async fn uploads_share_the_body_memory_budget() {
         .await;
     assert_eq!(error_type(r).await.1, "invalid_image");
     drop(uploads);
+    drop(headers_only);
     let start = std::time::Instant::now();
     while budget.available_kib() < 1024 {
         assert!(start.elapsed() < std::time::Duration::from_secs(10));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    s.stop().await;
+}
+
+/// An upload refused for want of room is still read to its end, so a client sending a
+/// body larger than the socket buffers gets its 429 instead of a reset connection.
+#[tokio::test]
+async fn a_refused_large_upload_still_gets_its_429() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MIB: usize = 1 << 20;
+    let mut args = test_args();
+    args.body_memory_mib = 64;
+    args.max_body_bytes = 20 * MIB;
+    let s = TestServer::start(args).await;
+    let budget = &s.state().body_budget;
+    let addr = s.server.as_ref().unwrap().addr;
+    let mut uploads = Vec::new();
+    for _ in 0..3 {
+        uploads.push(stalled_upload(addr, 20 * MIB).await);
+    }
+    let start = std::time::Instant::now();
+    while budget.available_kib() > 4 * 1024 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // A client that writes its whole body before it reads the answer.
+    let length = 16 * MIB;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&vec![0u8; length])
+        .await
+        .expect("the whole body is taken in");
+    let mut answer = vec![0u8; 512];
+    let n = stream.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    drop(uploads);
+    s.stop().await;
+}
+
+/// A body's memory is given back once its images are decoded, not when its answer is
+/// sent: while a batch and a JSON caption are being denoised, the budget is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_gives_its_memory_back_once_its_images_are_decoded() {
+    use base64::Engine;
+    let mut args = test_args();
+    // Room for all three images' rows in the running batch.
+    args.max_batch_rows = 64;
+    let s = TestServer::start(args).await;
+    let budget = &s.state().body_budget;
+    let full = budget.available_kib();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(scene_png(2));
+    let query = "steps=100&candidates=8&guidance=2";
+    let (batch_path, single_path) = (
+        format!("/caption/batch?{query}"),
+        format!("/caption?{query}"),
+    );
+    let (batch_body, single_body) = (
+        json!({"images": [b64.clone(), b64.clone()]}),
+        json!({"image": b64}),
+    );
+    let batch = s.post_json(&batch_path, &batch_body);
+    let single = s.post_json(&single_path, &single_body);
+    let look = async {
+        let start = std::time::Instant::now();
+        // All three images are being denoised (8 guided candidates each: 48 rows)...
+        loop {
+            let m = s.metrics_text().await;
+            let rows = m
+                .lines()
+                .find_map(|l| l.strip_prefix("ladic_rows_in_flight "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if rows >= 24.0 {
+                break;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "{m}");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        // ...and their bodies hold nothing.
+        budget.available_kib()
+    };
+    let (batch, single, available) = tokio::join!(batch, single, look);
+    assert_eq!(available, full);
+    assert_eq!(batch.status(), 200);
+    assert_eq!(single.status(), 200);
     s.stop().await;
 }

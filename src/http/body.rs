@@ -3,13 +3,13 @@
 //! A body is buffered whole before its image is decoded, and a client decides how many
 //! connections it opens and how slowly it sends: without a bound, many large uploads
 //! at once would take memory without limit (the queue bounds requests only once their
-//! image is decoded). Every body reserves its size from the budget
-//! (`--body-memory-mib`) before it is read (its `Content-Length`; a chunked body as it
-//! arrives), times the copies its media type makes while it is parsed
-//! ([`BodyKind::copies`]). The reservation lasts until the image bytes taken from it
-//! are dropped, after the decode. A body that does not fit is refused at once with
-//! 429 `overloaded` and `Retry-After`, before it is read, so the client can retry later
-//! or elsewhere; nothing waits for room.
+//! image is decoded). Every body reserves memory from the budget
+//! (`--body-memory-mib`) as it arrives, ahead of its buffer (which doubles, up to the
+//! declared `Content-Length`), times the copies its media type makes while it is
+//! parsed ([`BodyKind::copies`]). The reservation lasts until the image bytes taken
+//! from it are dropped, after the decode. A body that does not fit is refused with 429
+//! `overloaded` and `Retry-After`, so the client can retry later or elsewhere; nothing
+//! waits for room. A connection that has sent headers but no body holds nothing.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -119,10 +119,17 @@ pub fn hold(data: impl AsRef<[u8]> + Send + 'static, reservation: Arc<Reservatio
     })
 }
 
+/// The first reservation of a body, and the least it grows by.
+const FIRST_RESERVATION: usize = 64 * KIB;
+
 /// Reads the whole body within `budget`: 413 above `limit` bytes, 408 if it has not
 /// arrived in full by `deadline` (a slow or stalled upload), 429 if the budget has no
-/// room for it (times `kind`'s copies). The reservation comes back with the bytes:
-/// hold it (see [`hold`]) until the image taken from them is decoded.
+/// room for it (times `kind`'s copies). The reservation grows with the bytes received
+/// (doubling, up to the declared length), so a client holds only what it has sent. A
+/// body refused for want of room is still read to its end, and thrown away as it
+/// comes, so that the client, still sending, gets the 429 rather than a reset
+/// connection. The reservation comes back with the bytes: hold it (see [`hold`])
+/// until the image taken from them is decoded.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -138,43 +145,67 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
+    // Hyper refuses a body longer than it declared.
+    let most = declared.map_or(limit, |n| n as usize);
     let copies = kind.copies();
     let mut reservation = budget.reservation();
-    // A declared length is reserved before anything is read (hyper refuses a body
-    // longer than it declared).
-    let declared = declared.map_or(0, |n| n as usize);
-    reservation.grow_to(declared * copies)?;
     let deadline = tokio::time::Instant::from_std(deadline);
     let mut body = body;
-    let mut buffer: Vec<u8> = Vec::with_capacity(declared);
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut refused = false;
+    let mut received = 0usize;
+    while let Some(data) = next_data(&mut body, deadline).await? {
+        received += data.len();
+        if received > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        if refused {
+            continue;
+        }
+        if received > buffer.capacity() {
+            // Grow as a vector does (doubling), with the reservation ahead of it.
+            let capacity = received
+                .max(buffer.capacity() * 2)
+                .max(FIRST_RESERVATION)
+                .min(most.max(received));
+            if reservation.grow_to(capacity * copies).is_err() {
+                refused = true;
+                buffer = Vec::new();
+                reservation = budget.reservation();
+                continue;
+            }
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    if refused {
+        return Err(ApiError::UploadsBusy);
+    }
+    Ok((Bytes::from(buffer), reservation))
+}
+
+/// The body's next piece of data: `None` at its end; 408 once `deadline` passes.
+async fn next_data(
+    body: &mut Body,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Bytes>, ApiError> {
     loop {
-        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
-        let frame = match tokio::time::timeout_at(deadline, frame).await {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx));
+        match tokio::time::timeout_at(deadline, frame).await {
             Err(_) => return Err(ApiError::BodyTimeout),
-            Ok(None) => break,
+            Ok(None) => return Ok(None),
             Ok(Some(Err(e))) => {
                 return Err(ApiError::MalformedRequest(format!(
                     "cannot read the request body: {e}"
                 )));
             }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        let len = buffer.len() + data.len();
-        if len > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                } // else trailers: read on
+            }
         }
-        if len > buffer.capacity() {
-            // Grow as a vector does (doubling), with the reservation ahead of it.
-            let capacity = len.max(buffer.capacity() * 2).min(limit);
-            reservation.grow_to(capacity * copies)?;
-            buffer.reserve_exact(capacity - buffer.len());
-        }
-        buffer.extend_from_slice(&data);
     }
-    Ok((Bytes::from(buffer), reservation))
 }
 
 /// Media types whose body is the image itself.
@@ -251,7 +282,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_the_budget_has_no_room_for_is_refused_before_it_is_read() {
+    async fn a_body_the_budget_has_no_room_for_is_refused_and_takes_nothing() {
         let budget = BodyBudget::new(1);
         let _held = declared(700 * KIB, 1 << 20, &budget, BodyKind::Raw)
             .await
@@ -276,6 +307,30 @@ mod tests {
         let e = chunked(40, 64 * KIB, 4 << 20, &budget).await.unwrap_err();
         assert_eq!(e, ApiError::UploadsBusy);
         assert_eq!(budget.available_kib(), 1024);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_no_body_holds_nothing() {
+        let budget = BodyBudget::new(1);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, (900 * KIB).into());
+        let stalled = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let read = read_body(
+            &headers,
+            Body::from_stream(stalled),
+            1 << 20,
+            deadline,
+            &budget,
+            BodyKind::Json,
+        );
+        let look = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            budget.available_kib()
+        };
+        let (read, available) = tokio::join!(read, look);
+        assert_eq!(available, 1024);
+        assert_eq!(read.unwrap_err().status(), 408);
     }
 
     #[tokio::test]

@@ -120,7 +120,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             ApiError::Overloaded | ApiError::UploadsBusy => Some(1),
-            ApiError::NotReady(_) => Some(5),
+            ApiError::NotReady(_) | ApiError::WorkerStalled(_) => Some(5),
             _ => None,
         }
     }

@@ -94,6 +94,7 @@ pub async fn caption(
     } else if media == "application/json" {
         let (bytes, reserved) = read(BodyKind::Json).await?;
         let json: CaptionJson = parse_json(&bytes)?;
+        drop(bytes);
         let image = hold(decode_base64_image(&json.image)?, Arc::new(reserved));
         (image, query.overridden_by(json.params()))
     } else {
@@ -342,8 +343,8 @@ pub async fn caption_batch(
         BodyKind::Json,
     )
     .await?;
-    let reserved = Arc::new(reserved);
     let json: BatchJson = parse_json(&bytes)?;
+    drop(bytes);
     let max = state.settings.max_batch_images;
     if json.images.is_empty() || json.images.len() > max {
         return Err(ApiError::InvalidParameter(format!(
@@ -355,11 +356,15 @@ pub async fn caption_batch(
     refuse_batch_stream(&params)?;
     refuse_if_queue_full(&state, &scheduler, json.images.len())?;
     let resolved = resolve(&state, &params)?;
+    // The images keep the body's reservation (shared) until the last is decoded; each
+    // base64 string goes as soon as it is decoded.
+    let reserved = Arc::new(reserved);
     let mut images = Vec::with_capacity(json.images.len());
-    for (i, b64) in json.images.iter().enumerate() {
-        let image = decode_base64_image(b64).map_err(|e| at_index(i, e))?;
+    for (i, b64) in json.images.into_iter().enumerate() {
+        let image = decode_base64_image(&b64).map_err(|e| at_index(i, e))?;
         images.push(hold(image, reserved.clone()));
     }
+    drop(reserved);
     // Every image is decoded, and refused if it must be, before any is queued: a bad
     // image is answered at once, not after the other images' captions.
     let deadline = start + resolved.timeout;

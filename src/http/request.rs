@@ -269,18 +269,24 @@ pub fn decode_base64_image(s: &str) -> Result<Vec<u8>, ApiError> {
     } else {
         s
     };
-    let cleaned: String = payload
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    // A copy without line breaks only where there are any.
+    let cleaned: std::borrow::Cow<str> = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        payload
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect::<String>()
+            .into()
+    } else {
+        payload.into()
+    };
     if cleaned.is_empty() {
         return Err(ApiError::MalformedRequest(
             "the image field is empty".into(),
         ));
     }
     STANDARD_LENIENT
-        .decode(&cleaned)
-        .or_else(|_| URL_SAFE_LENIENT.decode(&cleaned))
+        .decode(cleaned.as_bytes())
+        .or_else(|_| URL_SAFE_LENIENT.decode(cleaned.as_bytes()))
         .map_err(|e| ApiError::MalformedRequest(format!("the image is not valid base64: {e}")))
 }
 

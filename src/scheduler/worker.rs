@@ -321,13 +321,20 @@ impl<B: Backend> Worker<B> {
             "shutdown grace period over; answering the requests still held 503"
         );
         self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
+        let now = Instant::now();
         for job in jobs {
-            self.ctx
-                .metrics
-                .requests_dropped_total
-                .with_label_values(&[SHUTDOWN])
-                .inc();
-            let _ = job.reply.send(Err(InferError::ShuttingDown));
+            match leave_reason(&job, now) {
+                // Gone or past its deadline anyway: counted (and answered) as such.
+                Some(reason) => self.drop_job(job, reason),
+                None => {
+                    self.ctx
+                        .metrics
+                        .requests_dropped_total
+                        .with_label_values(&[SHUTDOWN])
+                        .inc();
+                    let _ = job.reply.send(Err(InferError::ShuttingDown));
+                }
+            }
         }
     }
 
