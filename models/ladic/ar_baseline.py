@@ -52,9 +52,10 @@ from . import data, scenes
 from .config import ImageEncoderConfig, micro_config, tiny_config
 from .metrics import exact_match
 from .model import ImageEncoder, attend, count_parameters, merge_heads, split_heads
+from .rundir import newest_weights, run_problem
 from .sampler import ids_to_text
 from .tokenizer import build_word_tokenizer, load_tokenizer, special_ids
-from .train import lr_at, open_log, save_atomic
+from .train import every, lr_at, open_log, rng_state, save_atomic, set_rng_state
 
 # ---------------------------------------------------------------------------- config
 
@@ -335,14 +336,16 @@ def teacher_forcing_loss(model: ArCaptioner, pixels: Tensor, ids: Tensor) -> Ten
 
 
 def load_ar_run(run: Path, device: str = "cpu") -> tuple[ArCaptioner, Path]:
-    """The AR model of a training run directory (final.pt, else the last checkpoint)."""
-    final = run / "final.pt"
-    if final.exists():
-        blob = torch.load(final, map_location=device, weights_only=False)
+    """The AR model of a training run directory: the newer of final.pt and the last
+    checkpoint (`rundir.newest_weights`)."""
+    problem = run_problem(run, "ladic.ar_baseline")
+    if problem:
+        raise FileNotFoundError(problem)
+    _, blob = newest_weights(run, device)
+    if "config" in blob:
         cfg = ArConfig.from_dict(blob["config"])
     else:
         cfg = ArConfig.from_dict(json.loads((run / "config.json").read_text()))
-        blob = torch.load(run / "checkpoint.pt", map_location=device, weights_only=False)
     model = ArCaptioner(cfg).to(device)
     model.load_state_dict(blob["model"])
     return model.eval(), run / "tokenizer.json"
@@ -404,8 +407,11 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        rng = np.random.default_rng([args.seed, step])
-        torch.manual_seed(args.seed + step)
+        if "rng" in ckpt:
+            set_rng_state(rng, ckpt["rng"])
+        else:  # a checkpoint from before the RNG states were saved
+            rng = np.random.default_rng([args.seed, step])
+            torch.manual_seed(args.seed + step)
         print(f"resumed at step {step}")
 
     log_file = open_log(out / "train_log.csv", ["step", "loss", "lr", "seconds", "val_exact"], step)
@@ -413,6 +419,7 @@ def train(args: argparse.Namespace) -> Path:
     model.train()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="ar baseline")
     t_last = time.time()
+    done = step
     for step in bar:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
@@ -426,24 +433,25 @@ def train(args: argparse.Namespace) -> Path:
         opt.step()
         done = step + 1
         val = ""
-        if n_val and (done % args.eval_every == 0 or done == args.steps):
+        if n_val and (every(done, args.eval_every) or done == args.steps):
             acc, caps = evaluate_exact_match(model, val_images, val_scenes, tokenizer)
             val = f"{acc:.4f}"
             tqdm.write(f"step {done}: val exact match {acc:.3f}; e.g. {caps[0]!r}")
-        if done % args.log_every == 0 or val or done == args.steps:
+        if every(done, args.log_every) or val or done == args.steps:
             now = time.time()
             writer.writerow([done, f"{loss.item():.5f}", f"{lr:.6f}", f"{now - t_last:.2f}", val])
             log_file.flush()
             t_last = now
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if done % args.checkpoint_every == 0 or done == args.steps:
+        if every(done, args.checkpoint_every) or done == args.steps:
             save_atomic(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                 "rng": rng_state(rng)},
                 ckpt_path,
             )
     log_file.close()
     final = out / "final.pt"
-    save_atomic({"config": cfg.to_dict(), "model": model.state_dict()}, final)
+    save_atomic({"config": cfg.to_dict(), "model": model.state_dict(), "step": done}, final)
     print(f"saved {final}")
     return final
 
@@ -481,10 +489,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     t.add_argument("--size", choices=["tiny", "micro"], default="tiny")
     t.add_argument("--train-images", type=int, default=None, help="first N train images")
-    t.add_argument("--checkpoint-every", type=int, default=250)
-    t.add_argument("--eval-every", type=int, default=1000)
-    t.add_argument("--eval-images", type=int, default=200)
-    t.add_argument("--log-every", type=int, default=25)
+    t.add_argument("--checkpoint-every", type=int, default=250,
+                   help="steps between checkpoints (0: only at the end)")
+    t.add_argument("--eval-every", type=int, default=1000,
+                   help="steps between validation runs (0: only at the end)")
+    t.add_argument("--eval-images", type=int, default=200,
+                   help="validation images (0: no validation)")
+    t.add_argument("--log-every", type=int, default=25,
+                   help="steps between log rows (0: only at the end)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data-dir", type=Path, default=data.DATA_DIR, help="image cache")
     c = sub.add_parser("caption", help="print captions of a split next to the truth")
@@ -494,7 +506,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "train":
+        for name in ("checkpoint_every", "eval_every", "eval_images", "log_every", "steps"):
+            if getattr(args, name) < 0:
+                p.error(f"--{name.replace('_', '-')} must not be negative")
+    else:
+        problem = run_problem(args.run, "ladic.ar_baseline")
+        if problem:
+            p.error(problem)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,11 +80,10 @@ def load_backend(bundle: Path, run: Path, threads: int) -> tuple[Backend, LadicC
         (run / "final.pt").exists() or (run / "checkpoint.pt").exists()
     )
     if has_run:
-        from .export import load_run
+        from .export import load_run_weights
 
-        model, _ = load_run(run)
-        which = "final.pt" if (run / "final.pt").exists() else "checkpoint.pt"
-        return TorchBackend(model), model.cfg, "pytorch", f"{run}/{which}"
+        model, _, weights = load_run_weights(run)
+        return TorchBackend(model), model.cfg, "pytorch", str(weights)
     manifest = json.loads((bundle / "manifest.json").read_text())
     cfg = LadicConfig.from_dict(manifest["model_config"])
     return OnnxBackend(str(bundle), threads=threads), cfg, "onnxruntime", str(bundle)

@@ -16,15 +16,17 @@ Quality, on test-seen and test-novel (the first --limit images of each):
 - Metrics: `ladic.metrics.caption_report` against the 5 references of each scene.
 
 Latency per image in PyTorch, on this machine in this run, with --threads CPU threads:
-the diffusion model from its training run (`ladic.export.load_run`, --run) through
-`TorchBackend` at the bundle's default iterations and at 34, and the AR baseline with
-greedy decoding, each at batch 1 and 32; the median of --repeats timed runs after one
-warm-up. The image encoder's output for the empty image (classifier-free guidance) is
-computed once per model, as the service does. ONNX Runtime rows for the diffusion model
-are added for reference.
+the diffusion model from its training run (`ladic.export.load_run`, --run; skipped,
+with a message, when the run is missing or its model config is not the bundle's)
+through `TorchBackend` at the bundle's default iterations and at 34, and the AR
+baseline with greedy decoding, each at batch 1 and 32; the median of --repeats timed
+runs after one warm-up. The image encoder's output for the empty image (classifier-free
+guidance) is computed once per model, as the service does. ONNX Runtime rows for the
+diffusion model are added for reference.
 
 Writes results.json, results.md (tables), captions.json (every caption) and the plots
-quality_vs_iterations.png and latency_vs_batch.png (`ladic.plots`).
+quality_vs_iterations.png and latency_vs_batch.png (`ladic.plots`); the quality results
+are written before the latency phase starts, and again with the latency at the end.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .ar_baseline import ArCaptioner, beam_decode, greedy_decode, load_ar_run
 from .config import BackRefineConfig, LadicConfig
 from .metrics import NGRAM_KEYS, caption_report
 from .model import Ladic, count_parameters
+from .rundir import bundle_problem, config_differences, run_problem
 from .sampler import (
     Backend,
     OnnxBackend,
@@ -98,7 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--no-ngrams", action="store_true", help="skip the n-gram metrics (Java)")
     p.add_argument("--data-dir", type=Path, default=data.DATA_DIR, help="image cache")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = bundle_problem(args.bundle)
+    if problem is None and args.ar is not None:
+        problem = run_problem(args.ar, "ladic.ar_baseline")
+    if problem:
+        p.error(problem)
+    return args
 
 
 def ints(text: str) -> list[int]:
@@ -265,27 +274,49 @@ def ar_latency(model: ArCaptioner, pixels: np.ndarray, batch: int, repeats: int)
     return median_seconds(lambda: greedy_decode(model, x), repeats) / batch
 
 
+# Model config fields an export may set differently from the training run's (the
+# sampler and Back&Refine defaults in the manifest): not compared with the run.
+SAMPLING_FIELDS = ("sampler.", "back_refine.")
+
+
+def run_model(run: Path, bundle: Bundle) -> tuple[Ladic | None, dict[str, Any]]:
+    """The diffusion run's model for the PyTorch latency rows, if it is the bundle's
+    model: a run that is missing or whose model config differs from the manifest's
+    `model_config` (sampling defaults aside) gives None and the reason, printed."""
+    info: dict[str, Any] = {"path": str(run), "weights": None, "skipped": None}
+    problem = run_problem(run)
+    if problem is None:
+        saved = json.loads((run / "config.json").read_text())
+        differ = config_differences(saved, bundle.manifest["model_config"], SAMPLING_FIELDS)
+        if differ:
+            shown = ", ".join(f"{k} ({a!r} in the run, {b!r} in the bundle)"
+                              for k, a, b in differ[:5])
+            more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+            problem = f"{run} is not the bundle's model: {shown}{more}"
+    if problem:
+        info["skipped"] = problem
+        print(f"{problem}: PyTorch diffusion latency skipped")
+        return None, info
+    from .export import load_run_weights
+
+    model, _, weights = load_run_weights(run)
+    info["weights"] = str(weights)
+    return model, info
+
+
 def measure_latency(
     args: argparse.Namespace,
     bundle: Bundle,
     ar: ArCaptioner | None,
     pixels: np.ndarray,
     ar_pixels: np.ndarray | None,
+    torch_model: Ladic | None = None,
 ) -> list[dict[str, Any]]:
+    """Latency rows; PyTorch diffusion rows only with `torch_model` (`run_model`)."""
     rows: list[dict[str, Any]] = []
     batches = ints(args.latency_batches)
     steps = sorted({bundle.default_steps, 34})
-    torch_backend: Backend | None = None
-    run_final = args.run / "final.pt"
-    if (args.run / "config.json").exists() and (
-        run_final.exists() or (args.run / "checkpoint.pt").exists()
-    ):
-        from .export import load_run
-
-        model, _ = load_run(args.run)
-        torch_backend = TorchBackend(model)
-    else:
-        print(f"no diffusion run at {args.run}: PyTorch diffusion latency skipped")
+    torch_backend: Backend | None = TorchBackend(torch_model) if torch_model else None
     jobs: list[tuple[str, str, int | None, int, Callable[[], float]]] = []
     for b in batches:
         for s in steps:
@@ -398,6 +429,12 @@ def markdown_report(results: dict[str, Any]) -> str:
             + (f"; AR {params['ar']['total']:,} (image encoder {params['ar']['image_encoder']:,}, "
                f"decoder {params['ar']['decoder']:,})" if "ar" in params else "")
         )
+    run = results.get("run")
+    if run:
+        lines.append(
+            f"- PyTorch latency: skipped ({run['skipped']})" if run["skipped"]
+            else f"- PyTorch latency: `{run['weights']}` (run `{run['path']}`)"
+        )
     if results.get("seconds"):
         lines.append(f"- Evaluation time: {results['seconds'] / 60:.1f} min")
     lines += [
@@ -441,6 +478,9 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     mbr = sorted(set(ints(args.mbr)))
     grid = diffusion_grid(bundle.default_steps, ints(args.iterations))
     splits = [s for s in args.splits.split(",") if s]
+    torch_model, run_info = None, None
+    if not args.no_latency:  # checked now, not after the quality phase
+        torch_model, run_info = run_model(args.run, bundle)
     parameters: dict[str, Any] = {"ladic": bundle.parameters()}
     if ar is not None:
         parameters["ar"] = {
@@ -463,6 +503,7 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             "default_mbr": bundle.default_mbr,
         },
         "ar": {"path": str(args.ar), "beam": args.beam} if ar is not None else None,
+        "run": run_info,
         "noise_seed": args.seed,
         "parameters": parameters,
         "quality": {},
@@ -524,8 +565,10 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
         if latency_pixels is None:
             latency_pixels = pixels[:32]
     if not args.no_latency and latency_pixels is not None:
+        results["seconds"] = time.time() - t_start
+        write_outputs(results, all_captions, args.out)  # the quality, in case latency fails
         results["latency"] = measure_latency(
-            args, bundle, ar, latency_pixels, ar_latency_pixels
+            args, bundle, ar, latency_pixels, ar_latency_pixels, torch_model
         )
     results["seconds"] = time.time() - t_start
     write_outputs(results, all_captions, args.out)

@@ -4,10 +4,13 @@
     python -m ladic.export --random-init base --out /tmp/ladic-base    # full size, random
     python -m ladic.export --official CKPT --vit VIT --bert BERT --mean M --std S --out DIR
     python -m ladic.export --run runs/scenes-tiny --out scenes-tiny-fp16 --precision fp16
+    python -m ladic.export --run runs/scenes-tiny --checkpoint CKPT --out DIR   # other weights
 
+`--run` exports the newer of the run's final.pt and checkpoint.pt (by training step).
 Every graph gets a dynamic batch axis; the export is checked against PyTorch with
-ONNX Runtime before the manifest is written. `--precision fp16` (or `mixed`) then
-converts the graphs in place (ladic/precision.py) and checks them against fp32.
+ONNX Runtime before the manifest is written (an old manifest in --out is removed
+first, so a failed export leaves no loadable bundle). `--precision fp16` (or `mixed`)
+then converts the graphs in place (ladic/precision.py) and checks them against fp32.
 
 On a host without network where some Python packages are missing (a GPU host that has
 PyTorch only), a random-weight bundle can still be written:
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 
 from .config import LadicConfig, base_config, micro_config, tiny_config
 from .model import Ladic, fused_attention_export
+from .rundir import newest_weights, run_problem
 
 FORMAT = "ladic-bundle"
 FORMAT_VERSION = 1
@@ -232,6 +236,26 @@ def export_graphs(
                 custom_opsets={"com.microsoft": 1} if fused_attention else None,
                 dynamo=False,
             )
+        fix_static_dims(out / spec["file"], spec)
+
+
+def fix_static_dims(path: Path, spec: dict[str, Any]) -> bool:
+    """Declare the manifest's fixed sizes on a graph's inputs and outputs: the exporter
+    leaves some output axes symbolic (`Concatimage_kv_dim_2`). Needs the `onnx` package;
+    returns False, changing nothing, without it."""
+    try:
+        import onnx
+    except ImportError:
+        return False
+    model = onnx.load(str(path))
+    shapes = {io["name"]: io["shape"] for io in spec["inputs"] + spec["outputs"]}
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shapes[value.name]):
+            if isinstance(size, int):
+                dim.dim_value = size  # clears dim_param (one of the two)
+    onnx.save(model, str(path))
+    return True
 
 
 def max_graph_difference(
@@ -320,6 +344,9 @@ def write_bundle(
     unconditional_half: bool = False,
 ) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
+    # An old manifest beside new graphs would still load as a bundle: the manifest goes
+    # first and comes back only after the graphs pass the check.
+    (out / "manifest.json").unlink(missing_ok=True)
     export_graphs(
         model, out, fused_attention=fused_attention, unconditional_half=unconditional_half
     )
@@ -340,14 +367,23 @@ def write_bundle(
 
 def load_run(run: Path, checkpoint: Path | None = None) -> tuple[Ladic, Path]:
     """A trained model from a `ladic.train` output directory: `checkpoint` if given, else
-    the final weights, else the last checkpoint."""
+    the newer of the final weights and the last checkpoint (`rundir.newest_weights`)."""
+    return load_run_weights(run, checkpoint)[:2]
+
+
+def load_run_weights(run: Path, checkpoint: Path | None = None) -> tuple[Ladic, Path, Path]:
+    """`load_run`, and the weights file it loaded."""
+    problem = run_problem(run, weights=checkpoint is None)
+    if problem:
+        raise FileNotFoundError(problem)
     cfg = LadicConfig.from_dict(json.loads((run / "config.json").read_text()))
     model = Ladic(cfg)
-    final = run / "final.pt"
-    path = checkpoint or (final if final.exists() else run / "checkpoint.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    model.load_state_dict(state)
-    return model.eval(), run / "tokenizer.json"
+    if checkpoint is not None:
+        path, blob = checkpoint, torch.load(checkpoint, map_location="cpu", weights_only=False)
+    else:
+        path, blob = newest_weights(run)
+    model.load_state_dict(blob["model"])
+    return model.eval(), run / "tokenizer.json", path
 
 
 def placeholder_tokenizer(cfg: LadicConfig, path: Path) -> Path:
@@ -487,6 +523,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--run", type=Path, help="a ladic.train output directory")
     src.add_argument("--random-init", choices=["base", "tiny", "micro"])
     src.add_argument("--official", type=Path, help="the released LaDiC checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="with --run: these weights (default: the newer of final.pt and checkpoint.pt)",
+    )
     p.add_argument("--vit", type=Path, help="BLIP checkpoint with the ViT (official only)")
     p.add_argument("--bert", type=Path, help="bert-base-uncased directory (official only)")
     p.add_argument("--mean", type=Path, help="latent mean pickle (official only)")
@@ -496,6 +537,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="upper BERT layers in the decoder (official only; 0 = as released)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load official files that hold Python objects besides tensors (this runs\n"
+        "code from the file: only for files you trust)",
     )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="bundle name (default: the output directory's name)")
@@ -551,40 +598,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fp32",
         help="fp16 or mixed: export fp32, then convert the graphs (ladic.precision)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad values and missing files before anything is loaded or written."""
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None and args.guidance < 0:
+        p.error(f"--guidance must be at least 0, got {args.guidance}")
+    if args.kv_precision != "fp32" and args.precision != "fp16":
+        p.error("--kv-precision fp16 needs --precision fp16")
+    if args.no_onnx_package and args.precision != "fp32":
+        p.error("--no-onnx-package: --precision fp16/mixed needs the onnx package")
+    if args.checkpoint is not None and not args.run:
+        p.error("--checkpoint needs --run")
+    if args.run:
+        problem = run_problem(args.run, weights=args.checkpoint is None)
+        if problem:
+            p.error(problem)
+        if args.checkpoint is not None and not args.checkpoint.is_file():
+            p.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.official:
+        absent = [f"--{n}" for n in ("bert", "mean", "std") if getattr(args, n) is None]
+        if absent:
+            p.error(f"--official needs {', '.join(absent)} (see ladic/official.py)")
+        for name in ("official", "vit", "bert", "mean", "std"):
+            path = getattr(args, name)
+            if path is not None and not path.exists():
+                p.error(f"--{name} {path}: no such file or directory")
+
+
+def load_source(args: argparse.Namespace, out: Path) -> tuple[Ladic, Path, str]:
+    """The model the arguments name, its tokenizer file (written into `out`, created
+    here, for random and official weights) and the bundle description."""
+    if args.run:
+        model, tok = load_run(args.run, args.checkpoint)
+        out.mkdir(parents=True, exist_ok=True)
+        return model, tok, f"LaDiC {model.cfg.name} trained on Scenes"
+    if args.random_init:
+        model = random_model(args.random_init, args.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        tok = placeholder_tokenizer(model.cfg, out / "tokenizer.json")
+        return model, tok, f"LaDiC {args.random_init}, random weights (for speed tests only)"
+    from .official import bert_tokenizer_json, load_official
+
+    model = load_official(
+        args.official,
+        vit=args.vit,
+        bert=args.bert,
+        mean=args.mean,
+        std=args.std,
+        decoder_layers=args.decoder_layers,
+        allow_pickle=args.allow_pickle,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tok = bert_tokenizer_json(args.bert, model.cfg.text.max_len, out / "tokenizer.json")
+    return model, tok, "LaDiC (official release checkpoint)"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if args.kv_precision != "fp32" and args.precision != "fp16":
-        raise SystemExit("--kv-precision fp16 needs --precision fp16")
     if args.no_onnx_package:
-        if args.precision != "fp32":
-            raise SystemExit("--no-onnx-package: --precision fp16/mixed needs the onnx package")
         allow_export_without_onnx()
-    if args.run:
-        model, tok = load_run(args.run)
-        description = f"LaDiC {model.cfg.name} trained on Scenes"
-    elif args.random_init:
-        model = random_model(args.random_init, args.seed)
-        tok = placeholder_tokenizer(model.cfg, out / "tokenizer.json")
-        description = f"LaDiC {args.random_init}, random weights (for speed tests only)"
-    else:
-        from .official import bert_tokenizer_json, load_official
-
-        model = load_official(
-            args.official,
-            vit=args.vit,
-            bert=args.bert,
-            mean=args.mean,
-            std=args.std,
-            decoder_layers=args.decoder_layers,
-        )
-        tok = bert_tokenizer_json(args.bert, model.cfg.text.max_len, out / "tokenizer.json")
-        description = "LaDiC (official release checkpoint)"
-    if args.steps:
+    try:
+        model, tok, description = load_source(args, out)
+    except (OSError, ValueError) as e:  # OfficialCheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    if args.steps is not None:
         model.cfg.sampler.steps = args.steps
     if args.guidance is not None:
         model.cfg.sampler.guidance = args.guidance
@@ -605,9 +689,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.precision != "fp32":
         from .precision import convert_bundle, print_conversion
 
-        report = convert_bundle(
-            out, precision=args.precision, check=not args.no_check, kv_precision=args.kv_precision
-        )
+        try:
+            report = convert_bundle(
+                out, precision=args.precision, check=not args.no_check,
+                kv_precision=args.kv_precision,
+            )
+        except BaseException:
+            # The fp32 bundle is not what was asked for: leave nothing servable.
+            (out / "manifest.json").unlink(missing_ok=True)
+            raise
         print_conversion(report)
     print(f"wrote {out} (precision {args.precision})")
 

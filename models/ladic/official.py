@@ -173,7 +173,8 @@ def official_state_dict_to_ours(sd: dict[str, Tensor], cfg: LadicConfig) -> dict
     Holds every key of `Ladic(cfg).state_dict()` except `DERIVED_BUFFERS`. Keys the
     mapping does not use (the diffuser's word table, `position_ids` buffers, the unused
     upper layers, ...) are ignored. A token-type table in the diffuser embeddings, if any,
-    is folded into our position embeddings (BERT adds row 0 at every position).
+    is folded into our position embeddings (BERT adds row 0 at every position). A weight
+    of another shape than `Ladic(cfg)` has raises `OfficialCheckpointError`.
     """
     sd = canonical(sd)
     if HEAD_BIAS not in sd and HEAD_BIAS_ALIAS in sd:
@@ -186,6 +187,23 @@ def official_state_dict_to_ours(sd: dict[str, Tensor], cfg: LadicConfig) -> dict
         raise OfficialCheckpointError(
             f"the official state dict lacks {len(missing)} key(s) the model needs:\n"
             f"  {shown}{more}"
+        )
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Ladic(cfg).state_dict().items()}
+    wrong = [(off, tuple(sd[off].shape), want[o]) for o, off in pairs
+             if tuple(sd[off].shape) != want[o]]
+    if DIFFUSER_TOKEN_TYPE in sd:  # any number of rows, each as wide as a position's
+        got = tuple(sd[DIFFUSER_TOKEN_TYPE].shape)
+        width = want["diffuser.position_embeddings.weight"][1]
+        if len(got) != 2 or got[1] != width:
+            wrong.append((DIFFUSER_TOKEN_TYPE, got, ("rows", width)))
+    if wrong:
+        shown = "\n  ".join(f"{off}: {got} in the checkpoint, {need} in the model"
+                            for off, got, need in wrong[:20])
+        more = f"\n  ... and {len(wrong) - 20} more" if len(wrong) > 20 else ""
+        raise OfficialCheckpointError(
+            f"{len(wrong)} official weight(s) have another shape than the model "
+            f"({cfg.name} config) needs:\n  {shown}{more}"
         )
     ours = {o: sd[off] for o, off in pairs}
     if DIFFUSER_TOKEN_TYPE in sd:
@@ -204,16 +222,53 @@ def ours_to_official_state_dict(sd: dict[str, Tensor], cfg: LadicConfig) -> dict
 # ---------------------------------------------------------------------------- files
 
 
+# What torch.load raises for a file that is not a checkpoint it can read (a text file,
+# random bytes, a truncated or foreign zip archive, an empty file).
+_NOT_A_CHECKPOINT = (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError,
+                     IndexError, TypeError, AttributeError)
+
+
+def _first_line(err: BaseException) -> str:
+    """A short reason from a load error, in parentheses (none from a KeyError: its text is
+    just the key the reader looked up)."""
+    text = str(err).strip().splitlines()
+    return f" ({text[0][:120]})" if text and not isinstance(err, KeyError) else ""
+
+
+def _not_a_checkpoint(path: Path, err: BaseException) -> OfficialCheckpointError:
+    return OfficialCheckpointError(
+        f"{path}: not a PyTorch or safetensors checkpoint{_first_line(err)}"
+    )
+
+
+def _is_weights_only_refusal(err: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) refused a real pickle for naming a Python
+    class or function (an object besides tensors), rather than failing to parse it."""
+    text = str(err)
+    return isinstance(err, pickle.UnpicklingError) and (
+        "Unsupported global" in text or "Unsupported class" in text  # torch >= 2.4, older
+    )
+
+
 def _torch_load(path: Path, allow_pickle: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except _NOT_A_CHECKPOINT as err:
+        if not _is_weights_only_refusal(err):
+            raise _not_a_checkpoint(path, err) from err
         if not allow_pickle:
             raise OfficialCheckpointError(
-                f"{path} holds Python objects besides tensors; load it with "
-                "allow_pickle=True only if you trust the file"
+                f"{path} holds Python objects besides tensors; rerun with --allow-pickle "
+                "only if you trust the file: loading it runs code from it"
             ) from err
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except ImportError as err:
+        raise OfficialCheckpointError(
+            f"{path} holds objects of a module that is not installed ({err})"
+        ) from err
+    except _NOT_A_CHECKPOINT as err:
+        raise _not_a_checkpoint(path, err) from err
 
 
 _ST_DTYPES = {
@@ -282,7 +337,12 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]
         else:
             raise OfficialCheckpointError(f"no weight file in {path}")
     if path.suffix == ".safetensors":
-        return canonical(read_safetensors(path))
+        try:
+            return canonical(read_safetensors(path))
+        except (OfficialCheckpointError, OSError):
+            raise
+        except Exception as err:  # the safetensors package has its own error type
+            raise _not_a_checkpoint(path, err) from err
     return canonical(_tensor_dict(_torch_load(path, allow_pickle), path))
 
 
@@ -326,7 +386,18 @@ def _fill(
 
 
 def _load_vector(path: Path, dim: int, what: str) -> Tensor:
-    t = torch.load(path, map_location="cpu", weights_only=True)
+    hint = f"--{what} takes the official repository's datasets/{what}_emb_split.pickle"
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise OfficialCheckpointError(
+            f"cannot read the latent {what} from {path} ({err.strerror or err}); {hint}"
+        ) from err
+    except _NOT_A_CHECKPOINT as err:
+        raise OfficialCheckpointError(
+            f"{path}: not a torch.save file with the latent {what}{_first_line(err)}; "
+            f"{hint}"
+        ) from err
     if not isinstance(t, Tensor) or t.numel() != dim:
         raise OfficialCheckpointError(f"{path}: expected a {dim}-d tensor for the latent {what}")
     return t.detach().reshape(dim).float()
@@ -363,7 +434,8 @@ def load_official(
     if mean is None or std is None:
         raise OfficialCheckpointError(
             "the latent mean/std are not in the checkpoint: pass the official repository's "
-            "datasets/mean_emb_split.pickle and datasets/std_emb_split.pickle"
+            "datasets/mean_emb_split.pickle and datasets/std_emb_split.pickle as --mean and "
+            "--std"
         )
 
     sd = read_state_dict(Path(ckpt), allow_pickle)
@@ -373,7 +445,7 @@ def load_official(
 
     need_vit = any(k not in sd and k.startswith("visual_encoder.") for k in needed)
     blip = read_state_dict(Path(vit), allow_pickle) if (need_vit and vit is not None) else None
-    from_vit = _fill(sd, needed, ("visual_encoder.",), "vit=model_base_capfilt_large.pth",
+    from_vit = _fill(sd, needed, ("visual_encoder.",), "--vit model_base_capfilt_large.pth",
                      blip, lambda d, k: d.get(k), "ViT")
 
     text_prefixes = ("space_encoder.", "space_decoder.", "lm_head.")
@@ -381,7 +453,7 @@ def load_official(
     bert_sd = None
     if need_bert and bert is not None:
         bert_sd = read_state_dict(Path(bert), allow_pickle)
-    from_bert = _fill(sd, needed, text_prefixes, "bert=<bert-base-uncased>", bert_sd,
+    from_bert = _fill(sd, needed, text_prefixes, "--bert <bert-base-uncased folder>", bert_sd,
                       _from_bert, "text")
     if from_vit:
         log.info("filled %d ViT weights from %s", len(from_vit), vit)
@@ -440,7 +512,7 @@ def bert_tokenizer_json(
     from tokenizers.models import WordPiece
 
     if bert is None:
-        raise OfficialCheckpointError("the tokenizer needs bert=<bert-base-uncased folder>")
+        raise OfficialCheckpointError("the tokenizer needs --bert <bert-base-uncased folder>")
     folder = Path(bert) if Path(bert).is_dir() else Path(bert).parent
     if (folder / "tokenizer.json").is_file():
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))

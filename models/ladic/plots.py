@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.run and not args.results:
         p.error("give --run and/or --results")
+    for run in args.run:
+        if not (run / "train_log.csv").is_file():
+            p.error(f"--run {run}: not a training run (no train_log.csv)")
+    if args.results and not args.results.is_file():
+        p.error(f"--results {args.results}: no such file (an evaluate results.json)")
     if args.run:
         out = args.out or args.run[0] / "loss_curve.png"
         print(f"wrote {plot_loss(args.run, out)}")

@@ -386,7 +386,8 @@ def convert_bundle(
     way, and a cast commutes with a gather.
 
     The check (fp16 vs fp32 on random inputs, `export.check_batches`) runs before anything is
-    written; a graph off by more than MAX_RELATIVE_DIFF raises. Returns the differences,
+    written; a graph off by more than MAX_RELATIVE_DIFF raises. The manifest is removed
+    before the graphs are written and rewritten after them. Returns the differences,
     the conversion summaries and the graph sizes in bytes.
     """
     from .export import check_batches, is_unconditional_half
@@ -419,6 +420,9 @@ def convert_bundle(
     if dst.resolve() != src.resolve():
         shutil.copytree(src, dst, dirs_exist_ok=True)
     sizes = {name: {"fp32": (src / f).stat().st_size} for name, f in files.items()}
+    # The fp32 manifest must not describe half-written graphs: it goes first, and the
+    # converted one is written last.
+    (dst / "manifest.json").unlink(missing_ok=True)
     for name, f in files.items():
         onnx.save(fp16[name], str(dst / f))
         sizes[name]["fp16"] = (dst / f).stat().st_size

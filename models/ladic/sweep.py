@@ -6,9 +6,10 @@ without looking at the test splits.
 
 Each positional argument is one setting: comma-separated `field=value` overrides of the
 run's sampler defaults (`SampleParams`: steps, guidance, time_shift, renoise_scale,
-self_conditioning, candidates). The model is the run's `final.pt` (or `--checkpoint`),
-in PyTorch; noise is seeded per image and candidate, the same for every setting.
-Prints one line per setting and, with --json, writes them all.
+self_conditioning, candidates). The model is the newer of the run's `final.pt` and
+`checkpoint.pt` (or `--checkpoint`), in PyTorch; noise is seeded per image and
+candidate, the same for every setting. Prints one line per setting and, with --json,
+writes them all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from . import data, scenes
 from .export import load_run
+from .rundir import run_problem
 from .sampler import SampleParams
 from .tokenizer import load_tokenizer
 from .train import evaluate_exact_match
@@ -48,13 +50,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("settings", nargs="+", help="field=value[,field=value...] per setting")
     p.add_argument("--run", type=Path, default=Path("runs/scenes-tiny"))
-    p.add_argument("--checkpoint", type=Path, help="a checkpoint other than the run's final.pt")
+    p.add_argument("--checkpoint", type=Path,
+                   help="these weights (default: the newer of final.pt and checkpoint.pt)")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
+    problem = run_problem(args.run, weights=args.checkpoint is None)
+    if problem is None and args.checkpoint is not None and not args.checkpoint.is_file():
+        problem = f"--checkpoint {args.checkpoint}: no such file"
+    if problem:
+        p.error(problem)
     torch.set_num_threads(args.threads)
 
     model, tokenizer_path = load_run(args.run, args.checkpoint)

@@ -3,7 +3,13 @@
     python -m ladic.train --out runs/scenes-tiny            # CPU, resumable
     python -m ladic.train --out runs/scenes-tiny --device cuda
 
-Re-running the same command resumes from the last checkpoint in --out.
+Re-running the same command resumes from the last checkpoint in --out, with the
+model, optimizer and random-number generator states, so a resumed run trains exactly as
+an uninterrupted one. On resume only the training length, the learning-rate schedule
+and the bookkeeping may change (RESUMABLE: --steps, --lr, --warmup, --checkpoint-every,
+--eval-every, --eval-images, --device, --threads, --data-dir); the model, the objective
+and the data must stay the run's (config.json and train_args.json in --out), or the
+command refuses.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from .config import tiny_config
 from .diffusion import alpha_bar, training_loss
 from .metrics import exact_match
 from .model import Ladic, TextLatent, count_parameters
+from .rundir import config_differences
 from .sampler import SampleParams, SeededNoise, TorchBackend, caption_images, ids_to_text
 from .tokenizer import build_word_tokenizer, load_tokenizer, special_ids
 
@@ -65,11 +72,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="on",
         help="divide x_t by its training std before the diffuser's embeddings (off: as LaDiC)",
     )
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--train-images", type=int, default=None, help="first N train images")
+    p.add_argument("--checkpoint-every", type=int, default=250,
+                   help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=1000,
+                   help="steps between validation runs (0: only at the end)")
+    p.add_argument("--eval-images", type=int, default=200,
+                   help="validation images (0: no validation)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--data-dir", type=Path, default=data.DATA_DIR, help="image cache")
+    args = p.parse_args(argv)
+    for name in ("checkpoint_every", "eval_every", "eval_images", "text_steps", "steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
+    if args.train_images is not None and args.train_images < 1:
+        p.error("--train-images must be at least 1")
+    return args
+
+
+# Flags that may differ when a run is resumed: its length and learning-rate schedule
+# (which follows --steps anyway; the AR baseline's runs were extended with a lower
+# --lr, models/README.md) and the bookkeeping. Every other flag shapes the model, the
+# objective or the data, and a resumed run must keep the run's.
+RESUMABLE = frozenset(
+    {"out", "device", "threads", "steps", "lr", "warmup", "checkpoint_every", "eval_every",
+     "eval_images", "data_dir"}
+)
+# Model config fields that come from flags, for the resume check's message.
+CONFIG_FLAGS = {
+    "schedule.train_noise_scale": "--train-noise-scale",
+    "diffuser.scale_input": "--scale-input",
+}
+
+
+def train_args(args: argparse.Namespace) -> dict[str, object]:
+    """The flags as train_args.json records them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
+
+
+def resume_conflicts(out: Path, cfg: dict[str, object], args: argparse.Namespace) -> list[str]:
+    """What differs between the run already in `out` (its config.json and
+    train_args.json, where present) and the model config and flags given now, outside
+    RESUMABLE; empty when there is nothing trained to resume."""
+    trained = ("text_latent.pt", "checkpoint.pt", "final.pt")
+    if not any((out / name).exists() for name in trained):
+        return []
+    conflicts = []
+    if (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        for key, was, new in config_differences(saved, cfg):
+            flag = f" ({CONFIG_FLAGS[key]})" if key in CONFIG_FLAGS else ""
+            conflicts.append(f"{key}{flag}: {was!r} in the run, {new!r} now")
+    if (out / "train_args.json").exists():
+        saved_args = json.loads((out / "train_args.json").read_text())
+        now_args = train_args(args)
+        for key in sorted(saved_args.keys() & now_args.keys() - RESUMABLE):
+            if saved_args[key] != now_args[key]:
+                conflicts.append(
+                    f"--{key.replace('_', '-')}: {saved_args[key]!r} in the run, "
+                    f"{now_args[key]!r} now"
+                )
+    return conflicts
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -98,6 +163,27 @@ def open_log(path: Path, header: list[str], step: int):  # type: ignore[no-untyp
         csv.writer(f).writerows(kept)
     os.replace(tmp, path)
     return open(path, "a", newline="")
+
+
+def every(done: int, interval: int) -> bool:
+    """Whether step `done` is a multiple of `interval` (0: never)."""
+    return interval > 0 and done % interval == 0
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, object]:
+    """The states of every random-number generator training draws from: the numpy
+    Generator (batches), torch's CPU generator and, when this process uses CUDA, CUDA's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(rng: np.random.Generator, state: dict[str, object]) -> None:
+    """Restore what `rng_state` saved (CUDA's where there are as many devices)."""
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"].cpu())  # type: ignore[attr-defined]
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])  # type: ignore[attr-defined]
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -245,14 +331,23 @@ def main(argv: list[str] | None = None) -> None:
     cfg = tiny_config(tokenizer.get_vocab_size(), special_ids(tokenizer))
     cfg.schedule.train_noise_scale = args.train_noise_scale
     cfg.diffuser.scale_input = args.scale_input == "on"
+    conflicts = resume_conflicts(out, cfg.to_dict(), args)
+    if conflicts:
+        raise SystemExit(
+            f"error: {out} holds a run trained with other settings; resume it with its own "
+            "flags (only "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE - {"out"}))
+            + " may change) or train into a new --out. Differences: " + "; ".join(conflicts)
+        )
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "train_args.json").write_text(json.dumps(train_args(args), indent=2))
     model = Ladic(cfg).to(device)
     print(
         f"parameters: image {count_parameters(model.image_encoder):,} "
         f"text {count_parameters(model.text):,} diffuser {count_parameters(model.diffuser):,}"
     )
 
-    train_refs = data.split_captions("train")
+    train_refs = data.split_captions("train", args.train_images)
     text_path = out / "text_latent.pt"
     if text_path.exists():
         model.text.load_state_dict(torch.load(text_path, map_location=device))
@@ -276,9 +371,12 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         latents = torch.cat([model.text.encode(c.to(device)).cpu() for c in cap_ids.split(2048)])
     targets = model.text.decoder_targets(cap_ids)
-    images = data.split_images("train", cfg.image)
-    val_scenes = scenes.generate_split("val")[: args.eval_images]
-    val_images = data.split_images("val", cfg.image)[: args.eval_images]
+    images = data.split_images("train", cfg.image, args.train_images, cache_dir=args.data_dir)
+    n_val = args.eval_images
+    val_scenes = scenes.generate_split("val", n_val) if n_val else []
+    val_images = (
+        data.split_images("val", cfg.image, n_val, cache_dir=args.data_dir) if n_val else None
+    )
 
     for p in model.text.parameters():
         p.requires_grad_(False)
@@ -296,8 +394,11 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        rng = np.random.default_rng([args.seed, step])
-        torch.manual_seed(args.seed + step)
+        if "rng" in ckpt:
+            set_rng_state(rng, ckpt["rng"])
+        else:  # a checkpoint from before the RNG states were saved
+            rng = np.random.default_rng([args.seed, step])
+            torch.manual_seed(args.seed + step)
         print(f"resumed at step {step}")
 
     header = ["step", "loss", "latent", "token", "lr", "seconds", "val_exact"]
@@ -306,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="diffusion")
     t_last = time.time()
+    done = step
     for step in bar:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
@@ -322,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         done = step + 1
         val = ""
-        if done % args.eval_every == 0 or done == args.steps:
+        if n_val and (every(done, args.eval_every) or done == args.steps):
             acc, caps = evaluate_exact_match(
                 model, val_images, val_scenes, tokenizer, device, SampleParams.defaults(cfg)
             )
@@ -337,13 +439,16 @@ def main(argv: list[str] | None = None) -> None:
             log_file.flush()
             t_last = now
             bar.set_postfix(loss=f"{loss.item():.4f}", tok=f"{parts['token']:.3f}")
-        if done % args.checkpoint_every == 0 or done == args.steps:
+        if every(done, args.checkpoint_every) or done == args.steps:
             save_atomic(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                 "rng": rng_state(rng)},
                 ckpt_path,
             )
     log_file.close()
-    save_atomic({"config": cfg.to_dict(), "model": model.state_dict()}, out / "final.pt")
+    save_atomic(
+        {"config": cfg.to_dict(), "model": model.state_dict(), "step": done}, out / "final.pt"
+    )
     print(f"saved {out / 'final.pt'}")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from ladic import scenes
@@ -133,7 +136,8 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys) -> None:  # type: ignor
               "--eval-images", "4", "--log-every", "1", "--data-dir", str(tmp_path / "data")]
     train(parse_args(common + ["--steps", "4"]))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 4
+    assert ckpt["step"] == 4 and "rng" in ckpt
+    assert torch.load(out / "final.pt", weights_only=False)["step"] == 4
     assert (out / "final.pt").exists() and (out / "tokenizer.json").exists()
     # Re-running with the same step count resumes at the end: no new step, same weights.
     train(parse_args(common + ["--steps", "4"]))
@@ -149,3 +153,17 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys) -> None:  # type: ignor
     assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
     model, tok = load_ar_run(out)
     assert model.cfg.name == "ar-micro" and tok.exists()
+
+
+def test_load_ar_run_takes_the_newer_weights(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A finished run resumed with more steps and stopped: its checkpoint is newer."""
+    old, new = micro(seed=5), micro(seed=6)
+    torch.save({"config": old.cfg.to_dict(), "model": old.state_dict(), "step": 4},
+               tmp_path / "final.pt")
+    torch.save({"model": new.state_dict(), "step": 6}, tmp_path / "checkpoint.pt")
+    (tmp_path / "config.json").write_text(json.dumps(new.cfg.to_dict()))
+    model, _ = load_ar_run(tmp_path)
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit):
+        parse_args(["caption", "--run", str(tmp_path / "missing")])
+    assert "not a ladic.ar_baseline run" in capsys.readouterr().err

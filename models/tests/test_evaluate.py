@@ -139,3 +139,67 @@ def test_loss_plot(tmp_path: Path) -> None:
     )
     plots.main(["--run", str(run), "--run", str(ar)])
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def quick_eval(setup: dict[str, Path], out: Path, run: Path) -> list[str]:
+    return ["--bundle", str(setup["bundle"]), "--run", str(run), "--splits", "test-seen",
+            "--limit", "2", "--iterations", "5", "--mbr", "1", "--out", str(out),
+            "--no-ngrams", "--repeats", "1", "--latency-batches", "1", "--chunk", "2",
+            "--data-dir", str(setup["root"] / "data")]
+
+
+def test_a_run_of_another_model_is_not_timed(setup: dict[str, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    """--run must hold the bundle's model (sampler defaults aside) for the PyTorch rows."""
+    same, other = setup["root"] / "same", setup["root"] / "other"
+    for run, change in ((same, ("sampler", "steps", 7)), (other, ("diffuser", "layers", 3))):
+        run.mkdir()
+        for f in ("final.pt", "tokenizer.json"):
+            (run / f).write_bytes((setup["run"] / f).read_bytes())
+        cfg = json.loads((setup["run"] / "config.json").read_text())
+        cfg[change[0]][change[1]] = change[2]
+        (run / "config.json").write_text(json.dumps(cfg))
+    for run, timed in ((same, True), (other, False)):
+        out = setup["root"] / f"out-{run.name}"
+        results = evaluate.evaluate(evaluate.parse_args(quick_eval(setup, out, run)))
+        runtimes = {(r["model"], r["runtime"]) for r in results["latency"]}
+        assert ("diffusion", "ONNX Runtime") in runtimes
+        assert (("diffusion", "PyTorch") in runtimes) == timed
+        assert results["run"]["path"] == str(run)
+        if timed:
+            assert results["run"]["weights"] == str(run / "final.pt")
+        else:
+            assert "diffuser.layers (3 in the run, 2 in the bundle)" in results["run"]["skipped"]
+            assert "not the bundle's model" in capsys.readouterr().out
+
+
+def test_quality_is_written_before_the_latency_phase(setup: dict[str, Path], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("latency failed")
+
+    monkeypatch.setattr(evaluate, "measure_latency", fail)
+    out = setup["root"] / "out-early"
+    with pytest.raises(RuntimeError, match="latency failed"):
+        evaluate.main(quick_eval(setup, out, setup["run"]))
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["quality"]["test-seen"]) == 2 and results["latency"] == []
+
+
+def test_paths_that_are_not_what_a_command_needs(setup: dict[str, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    from ladic import sweep
+
+    missing = setup["root"] / "missing"
+    cases = [
+        (lambda: evaluate.parse_args(["--bundle", str(setup["run"])]),
+         "not a bundle (no manifest.json)"),
+        (lambda: evaluate.parse_args(["--bundle", str(setup["bundle"]), "--ar", str(missing)]),
+         "not a ladic.ar_baseline run"),
+        (lambda: sweep.main(["guidance=1", "--run", str(setup["bundle"])]),
+         "not a ladic.train run (no config.json)"),
+        (lambda: sweep.main(["guidance=1", "--run", str(missing)]), "no such directory"),
+        (lambda: plots.main(["--run", str(missing)]), "not a training run (no train_log.csv)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SystemExit):
+            call()
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

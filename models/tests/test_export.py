@@ -310,3 +310,177 @@ def test_committed_parity_fixtures_are_current(tmp_path: Path) -> None:
         assert f["ids"] == c["ids"] and f["caption"] == c["caption"] and f["chosen"] == c["chosen"]
         np.testing.assert_allclose(f["noise"][0][0], c["noise"][0][0], atol=0)
         np.testing.assert_allclose(f["trace"][0][-1]["x0"], c["trace"][0][-1]["x0"], atol=1e-4)
+
+
+# ------------------------------------------------------------ runs, checks, CLI errors
+
+
+def test_graphs_declare_the_manifests_fixed_sizes(micro) -> None:  # type: ignore[no-untyped-def]
+    """Every axis the manifest gives a size has that size in the graph too (the exporter
+    left some output axes symbolic), and the named axes stay named."""
+    import onnx
+
+    _, out = micro
+    manifest = json.loads((out / "manifest.json").read_text())
+    for spec in manifest["graphs"].values():
+        graph = onnx.load(str(out / spec["file"])).graph
+        declared = {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]
+        }
+        for io in spec["inputs"] + spec["outputs"]:
+            assert declared[io["name"]] == io["shape"], (spec["file"], io["name"])
+
+
+def micro_run(root: Path, steps: dict[str, int | None]) -> dict[str, Ladic]:
+    """A ladic.train-like run folder with a different micro model in each of final.pt
+    and checkpoint.pt (`steps`: file -> its step; None writes no step, absent no file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for seed, name in enumerate(("final.pt", "checkpoint.pt")):
+        model = random_model("micro", seed=10 + seed)
+        models[name] = model
+        if name not in steps:
+            continue
+        blob: dict[str, object] = {"model": model.state_dict()}
+        if steps[name] is not None:
+            blob["step"] = steps[name]
+        torch.save(blob, root / name)
+    (root / "config.json").write_text(json.dumps(models["final.pt"].cfg.to_dict()))
+    placeholder_tokenizer(models["final.pt"].cfg, root / "tokenizer.json")
+    return models
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "steps, newest",
+    [
+        ({"final.pt": 4, "checkpoint.pt": 6}, "checkpoint.pt"),  # resumed, stopped later
+        ({"final.pt": 6, "checkpoint.pt": 6}, "final.pt"),
+        ({"final.pt": None, "checkpoint.pt": 6}, "checkpoint.pt"),  # final.pt without step
+        ({"final.pt": 4}, "final.pt"),
+        ({"checkpoint.pt": 6}, "checkpoint.pt"),
+    ],
+)
+def test_load_run_takes_the_newer_weights(tmp_path: Path, steps, newest: str) -> None:  # type: ignore[no-untyped-def]
+    from ladic.export import load_run, load_run_weights
+
+    models = micro_run(tmp_path / "run", steps)
+    model, _ = load_run(tmp_path / "run")
+    assert same_weights(model, models[newest])
+    assert load_run_weights(tmp_path / "run")[2] == tmp_path / "run" / newest
+
+
+def test_export_checkpoint_flag(tmp_path: Path) -> None:
+    from ladic.export import main
+
+    models = micro_run(tmp_path / "run", {"final.pt": 4, "checkpoint.pt": 6})
+    other = tmp_path / "older.pt"
+    torch.save({"model": models["final.pt"].state_dict(), "step": 4}, other)
+    main(["--run", str(tmp_path / "run"), "--checkpoint", str(other), "--out",
+          str(tmp_path / "b"), "--no-check"])
+    diffs = max_graph_difference(models["final.pt"], tmp_path / "b", 1)
+    assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
+    with pytest.raises(SystemExit):
+        main(["--random-init", "micro", "--checkpoint", str(other), "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_failed_export_leaves_no_manifest(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from ladic import export
+
+    model = random_model("micro", seed=3)
+    tokenizer = placeholder_tokenizer(model.cfg, tmp_path / "tokenizer.json")
+    write_bundle(model, tokenizer, tmp_path, "m", "m", check=False)
+    assert (tmp_path / "manifest.json").exists()
+    monkeypatch.setattr(export, "max_graph_difference", lambda *a, **k: {"encoder.x": 1.0})
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        write_bundle(random_model("micro", seed=4), tokenizer, tmp_path, "m", "m")
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_failed_fp16_step_leaves_no_manifest(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    from ladic import export, precision
+
+    out = tmp_path / "b"
+    real_save = onnx.save
+
+    def failing_save(model, path, *a, **k):  # type: ignore[no-untyped-def]
+        if str(path).endswith("denoiser.onnx"):
+            raise OSError("disk full")
+        return real_save(model, path, *a, **k)
+
+    # In ladic.precision: the conversion writes the encoder, then fails on the denoiser.
+    monkeypatch.setattr(precision.onnx, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export.main(["--random-init", "micro", "--out", str(out), "--no-check",
+                     "--precision", "fp16"])
+    assert (out / "encoder.onnx").exists() and not (out / "manifest.json").exists()
+    # A conversion that fails its check writes no graph, and the export, which asked for
+    # fp16, leaves no fp32 manifest either.
+    monkeypatch.setattr(precision.onnx, "save", real_save)
+    monkeypatch.setattr(precision, "_worse", lambda diffs: {"denoiser.x0": 1.0})
+    with pytest.raises(RuntimeError, match="beyond tolerance"):
+        export.main(["--random-init", "micro", "--out", str(out), "--precision", "fp16"])
+    assert not (out / "manifest.json").exists()
+
+
+def export_error(argv: list[str], capsys) -> str:  # type: ignore[no-untyped-def]
+    """The one-line error of an export that must refuse (argparse's or main's)."""
+    from ladic.export import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    message = str(exit_info.value.code) if exit_info.value.code not in (None, 2) else err[-1]
+    assert "Traceback" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [(["--steps", "0"], "--steps must be at least 1"),
+     (["--guidance", "-1"], "--guidance must be at least 0")],
+)
+def test_export_rejects_bad_sampler_defaults(tmp_path: Path, capsys, flags, expected) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    assert expected in export_error(["--random-init", "micro", "--out", str(out), *flags], capsys)
+    assert not out.exists()
+
+
+def test_export_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    for run in (tmp_path / "empty", tmp_path / "missing"):
+        msg = export_error(["--run", str(run), "--out", str(out)], capsys)
+        assert "not a ladic.train run" in msg and str(run) in msg
+    assert not out.exists()
+
+
+def test_export_official_arguments_are_checked_first(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    ckpt = tmp_path / "ckpt.bin"
+    ckpt.write_text("not a checkpoint\n")
+    out = tmp_path / "out"
+    msg = export_error(["--official", str(ckpt), "--out", str(out)], capsys)
+    assert "--bert" in msg and "--mean" in msg and "--std" in msg
+    flags = ["--official", str(ckpt), "--bert", str(tmp_path), "--mean", str(tmp_path / "m"),
+             "--std", str(ckpt), "--out", str(out)]
+    assert "--mean" in export_error(flags, capsys) and "no such file" in export_error(flags, capsys)
+    assert not out.exists()
+
+
+def test_export_official_errors_are_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    ckpt = tmp_path / "ckpt.bin"
+    ckpt.write_text("not a checkpoint\n")
+    out = tmp_path / "out"
+    msg = export_error(["--official", str(ckpt), "--bert", str(tmp_path), "--mean", str(ckpt),
+                        "--std", str(ckpt), "--out", str(out)], capsys)
+    assert msg.startswith("error: ") and "not a PyTorch or safetensors checkpoint" in msg
+    assert "allow" not in msg and "\n" not in msg
+    assert not out.exists()

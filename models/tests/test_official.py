@@ -243,18 +243,69 @@ def test_load_official_takes_a_head_from_bert_with_a_warning(tmp_path: Path) -> 
 def test_load_official_errors(tmp_path: Path) -> None:
     cfg = small_config()
     paths = write_official_files(tmp_path, random_model(cfg))
-    with pytest.raises(OfficialCheckpointError, match="lacks .* ViT weight.*pass vit="):
+    with pytest.raises(OfficialCheckpointError, match="lacks .* ViT weight.*pass --vit "):
         load_official(paths["ckpt"], vit=None, bert=paths["bert"], mean=paths["mean"],
                       std=paths["std"], decoder_layers=2, config=cfg)
-    with pytest.raises(OfficialCheckpointError, match="mean_emb_split.pickle"):
+    with pytest.raises(OfficialCheckpointError, match="mean_emb_split.pickle.*--mean"):
         load_official(paths["ckpt"], vit=paths["vit"], bert=paths["bert"], mean=None,
                       std=paths["std"], config=cfg)
     with pytest.raises(ValueError, match="decoder_layers must be in 0..6"):
         load_official(paths["ckpt"], vit=None, bert=None, mean=None, std=None,
                       decoder_layers=7)
     torch.save({"model": {}, "args": object()}, tmp_path / "pickled.pth")
-    with pytest.raises(OfficialCheckpointError, match="allow_pickle"):
+    with pytest.raises(OfficialCheckpointError, match="Python objects.*--allow-pickle"):
         official.read_state_dict(tmp_path / "pickled.pth")
+    with pytest.raises(OfficialCheckpointError, match="needs --bert"):
+        official.bert_tokenizer_json(None, 8, tmp_path / "t.json")
+
+
+def test_shape_mismatch_names_the_official_key_and_both_shapes(tmp_path: Path) -> None:
+    cfg = small_config()
+    off = ours_to_official_state_dict(random_model(cfg).state_dict(), cfg)
+    key = "diffuser.encoder.layer.1.crossattention.self.key.weight"
+    off[key] = torch.zeros(5, 7)
+    with pytest.raises(OfficialCheckpointError) as err:
+        official_state_dict_to_ours(off, cfg)
+    msg = str(err.value)
+    want = tuple(Ladic(cfg).state_dict()["diffuser.layers.1.cross_key.weight"].shape)
+    assert "1 official weight(s)" in msg and key in msg
+    assert "(5, 7) in the checkpoint" in msg and f"{want} in the model" in msg
+    # Through load_official: a checkpoint of another size gives the same error, not
+    # torch's size mismatch from load_state_dict.
+    paths = write_official_files(tmp_path, random_model(cfg))
+    wide = small_config()
+    wide.text.hidden = 32
+    with pytest.raises(OfficialCheckpointError, match="another shape"):
+        load_official(paths["ckpt"], vit=paths["vit"], bert=paths["bert"], mean=paths["mean"],
+                      std=paths["std"], decoder_layers=2, config=wide)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello\n" * 20, bytes(range(256)) * 4, "zip"])
+def test_files_that_are_not_checkpoints(tmp_path: Path, content) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "ckpt.bin"
+    if content == "zip":  # a torch file cut short
+        torch.save({"w": torch.zeros(100)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(OfficialCheckpointError) as err:
+        official.read_state_dict(path)
+    assert "not a PyTorch or safetensors checkpoint" in str(err.value)
+    assert "pickle" not in str(err.value)
+    path.rename(tmp_path / "ckpt.safetensors")
+    with pytest.raises(OfficialCheckpointError, match="not a PyTorch or safetensors"):
+        official.read_state_dict(tmp_path / "ckpt.safetensors")
+
+
+def test_unreadable_latent_statistics(tmp_path: Path) -> None:
+    cfg = small_config()
+    paths = write_official_files(tmp_path, random_model(cfg))
+    kw = dict(vit=paths["vit"], bert=paths["bert"], decoder_layers=2, config=cfg)
+    with pytest.raises(OfficialCheckpointError, match="cannot read the latent mean.*--mean"):
+        load_official(paths["ckpt"], mean=tmp_path / "missing.pickle", std=paths["std"], **kw)
+    (tmp_path / "std.txt").write_text("0.5\n")
+    with pytest.raises(OfficialCheckpointError, match="std.txt: not a torch.save file"):
+        load_official(paths["ckpt"], mean=paths["mean"], std=tmp_path / "std.txt", **kw)
 
 
 def test_safetensors_reader(tmp_path: Path) -> None:
