@@ -79,6 +79,11 @@ async fn a_client_that_disconnects_mid_request_frees_its_rows() {
         "{text}"
     );
     assert!(text.contains("ladic_rows_in_flight 0"), "{text}");
+    // The request itself is counted, as nginx does, as 499 "client closed request".
+    assert!(
+        text.contains(r#"ladic_requests_total{route="/caption",status="499"} 1"#),
+        "{text}"
+    );
     assert!(
         freed_after < Duration::from_secs(30),
         "rows freed {freed_after:?} after the hang-up"

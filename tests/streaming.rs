@@ -219,6 +219,24 @@ async fn streaming_errors() {
     assert_eq!(body["error_type"], "timeout");
     assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
     assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+    // The request metrics count the stream when it ends, with its last event's status
+    // and its whole duration (not the 200 of its response head).
+    let m = &s.state().metrics;
+    let counted = |status: &str| {
+        m.requests_total
+            .with_label_values(&["/caption", status])
+            .get()
+    };
+    assert_eq!(counted("504"), 1);
+    let plain_200s = counted("200");
+    let stream = post_png_sse(&s, "/caption?steps=3", scene_png(1)).await;
+    assert_eq!(all_events(stream).await.last().unwrap().0, "done");
+    assert_eq!(counted("200"), plain_200s + 1);
+    let durations = m.request_duration_seconds.with_label_values(&["/caption"]);
+    assert!(
+        durations.get_sample_sum() >= 0.4,
+        "the 400 ms stream's time is counted"
+    );
     s.stop().await;
 }
 
@@ -266,6 +284,13 @@ async fn a_client_that_leaves_mid_stream_frees_its_rows() {
         0,
         "the stream no longer counts as in flight"
     );
+    let left = s
+        .state()
+        .metrics
+        .requests_total
+        .with_label_values(&["/caption", "499"])
+        .get();
+    assert_eq!(left, 1, "counted as a client that left");
 
     // The server carries on.
     let body = plain_caption(&s, "steps=2").await;

@@ -18,7 +18,10 @@ use super::request::{
     self, BatchJson, CaptionJson, CaptionParams, Resolved, decode_base64_image, media_type,
     parse_json, parse_multipart,
 };
-use super::{AppState, InFlight, X_INFERENCE_TIME, X_QUEUE_TIME, X_TOTAL_TIME, millis_header};
+use super::{
+    AppState, InFlight, RecordSlot, RequestRecord, X_INFERENCE_TIME, X_QUEUE_TIME, X_TOTAL_TIME,
+    millis_header,
+};
 use crate::preprocess;
 use crate::sampler::{Schedule, planned_iterations};
 use crate::scheduler::{Candidate, CaptionJob, CaptionOutput, InferError, Scheduler, StepEvent};
@@ -107,7 +110,8 @@ pub async fn caption(
         .stream
         .unwrap_or_else(|| accepts_event_stream(&parts.headers))
     {
-        return stream_caption(state.clone(), &scheduler, image, resolved, start).await;
+        let record = parts.extensions.get::<RecordSlot>().cloned();
+        return stream_caption(state.clone(), &scheduler, image, resolved, start, record).await;
     }
     let output = run_caption(&state, &scheduler, image, &resolved, start).await?;
     let total = start.elapsed();
@@ -192,6 +196,7 @@ async fn stream_caption(
     image: Bytes,
     resolved: Resolved,
     start: Instant,
+    record: Option<RecordSlot>,
 ) -> Result<Response, ApiError> {
     let deadline = start + resolved.timeout;
     let pixels = decode_image(&state, image, deadline).await?;
@@ -216,7 +221,11 @@ async fn stream_caption(
         deadline: tokio::time::Instant::from_std(deadline),
         resolved,
         start,
-        in_flight: StreamInFlight::new(state),
+        // The stream counts the request in the metrics when it ends, with the status
+        // of its last event.
+        record: record.and_then(|slot| slot.take()),
+        in_flight: Some(StreamInFlight::new(state.clone())),
+        state,
     };
     let events = futures_util::stream::unfold(stream, CaptionStream::next);
     let mut response = Sse::new(events)
@@ -230,8 +239,8 @@ async fn stream_caption(
     Ok(response)
 }
 
-/// Counts a streaming request as in flight until its stream ends or is dropped, so a
-/// draining server lets it finish.
+/// Counts a streaming request as in flight until its last event is out (or the stream
+/// is dropped), so a draining server lets it finish.
 struct StreamInFlight(Arc<AppState>);
 
 impl StreamInFlight {
@@ -261,7 +270,12 @@ struct CaptionStream {
     deadline: tokio::time::Instant,
     resolved: Resolved,
     start: Instant,
-    in_flight: StreamInFlight,
+    state: Arc<AppState>,
+    /// `None` once the last event is out (or the middleware counted the request).
+    record: Option<RequestRecord>,
+    /// `None` once the last event is out: what the socket still holds is not the
+    /// server's work, and must not hold up a drain.
+    in_flight: Option<StreamInFlight>,
 }
 
 impl CaptionStream {
@@ -277,21 +291,31 @@ impl CaptionStream {
                 return Some((Ok(json_event("step", &step)), self));
             }
             Ok(None) => {}
-            Err(_) => return Some((Ok(error_event(&ApiError::Timeout)), self)),
+            Err(_) => return Some((Ok(self.last_event(Err(ApiError::Timeout))), self)),
         }
         let result = match tokio::time::timeout_at(self.deadline, reply).await {
             Err(_) => Err(ApiError::Timeout),
             Ok(Err(_)) => Err(ApiError::Inference("the worker dropped the request".into())),
             Ok(Ok(result)) => result.map_err(ApiError::from),
         };
-        let state = &self.in_flight.0;
-        let event = match result
-            .and_then(|output| caption_body(state, &self.resolved, &output, self.start.elapsed()))
-        {
-            Ok(body) => json_event("done", &body),
-            Err(e) => error_event(&e),
+        let body = result.and_then(|output| {
+            caption_body(&self.state, &self.resolved, &output, self.start.elapsed())
+        });
+        Some((Ok(self.last_event(body)), self))
+    }
+
+    /// The `done` or `error` event; the request is counted with its status, and no
+    /// longer in flight.
+    fn last_event(&mut self, body: Result<CaptionResponse, ApiError>) -> Event {
+        let (event, status) = match body {
+            Ok(body) => (json_event("done", &body), 200),
+            Err(e) => (error_event(&e), e.status().as_u16()),
         };
-        Some((Ok(event), self))
+        if let Some(record) = self.record.take() {
+            record.finish(status);
+        }
+        self.in_flight = None;
+        event
     }
 }
 

@@ -346,7 +346,7 @@ fn request_span(req: &Request) -> tracing::Span {
 }
 
 /// Request id, total time header and the request metrics, for every response.
-async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = req
         .extensions()
@@ -358,7 +358,20 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         .filter(|v| v.len() <= 128 && !v.is_empty())
         .cloned()
         .unwrap_or_else(new_request_id);
-    let method = req.method().clone();
+    // CORS preflights are not counted. The record is counted when the response is
+    // ready, or by a stream when it ends, or, if neither happens (the client left
+    // before its answer), as 499 when it is dropped.
+    let slot = RecordSlot::default();
+    if req.method() != Method::OPTIONS {
+        let record = RequestRecord {
+            metrics: state.metrics.clone(),
+            route,
+            start,
+            counted: false,
+        };
+        *slot.lock() = Some(record);
+        req.extensions_mut().insert(slot.clone());
+    }
     let mut response = next.run(req).await;
     let elapsed = start.elapsed();
     let headers = response.headers_mut();
@@ -366,20 +379,66 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
     if !headers.contains_key(&X_TOTAL_TIME) {
         headers.insert(X_TOTAL_TIME.clone(), millis_header(elapsed));
     }
-    if method != Method::OPTIONS {
-        let status = response.status().as_u16().to_string();
-        state
-            .metrics
-            .requests_total
-            .with_label_values(&[route.as_str(), status.as_str()])
-            .inc();
-        state
-            .metrics
-            .request_duration_seconds
-            .with_label_values(&[route.as_str()])
-            .observe(elapsed.as_secs_f64());
+    if let Some(record) = slot.take() {
+        record.finish(response.status().as_u16());
     }
     response
+}
+
+/// The status counted for a request whose client left before its answer (nginx's
+/// "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// One request's entry in the request metrics (`requests_total`,
+/// `request_duration_seconds`), counted once: by [`finish`](Self::finish), or as
+/// [`CLIENT_CLOSED`] when dropped unfinished.
+pub struct RequestRecord {
+    metrics: Arc<Metrics>,
+    route: String,
+    start: Instant,
+    counted: bool,
+}
+
+impl RequestRecord {
+    pub fn finish(mut self, status: u16) {
+        self.count(status);
+        self.counted = true;
+    }
+
+    fn count(&self, status: u16) {
+        let status = status.to_string();
+        self.metrics
+            .requests_total
+            .with_label_values(&[self.route.as_str(), status.as_str()])
+            .inc();
+        self.metrics
+            .request_duration_seconds
+            .with_label_values(&[self.route.as_str()])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.count(CLIENT_CLOSED);
+        }
+    }
+}
+
+/// Where a request's [`RequestRecord`] waits, in the request's extensions: a handler
+/// that answers with a stream takes it, to count the request when the stream ends.
+#[derive(Clone, Default)]
+pub struct RecordSlot(Arc<std::sync::Mutex<Option<RequestRecord>>>);
+
+impl RecordSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<RequestRecord>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn take(&self) -> Option<RequestRecord> {
+        self.lock().take()
+    }
 }
 
 fn new_request_id() -> HeaderValue {
