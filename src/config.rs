@@ -191,6 +191,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_HEADER_READ_TIMEOUT_MS", default_value_t = 75_000, value_parser = at_least_one::<u64>)]
     pub header_read_timeout_ms: u64,
 
+    /// Milliseconds a connection may take none of its response before it is closed: a
+    /// client that stopped reading (a stream, or a large answer) cannot hold a socket
+    /// and its buffered events for ever.
+    #[arg(long, env = "LADIC_SEND_STALL_TIMEOUT_MS", default_value_t = 30_000, value_parser = at_least_one::<u64>)]
+    pub send_stall_timeout_ms: u64,
+
     /// A worker that has been inside one denoising step (its model calls) for longer
     /// than this is stuck, a hung GPU for instance: `/health/live` and `/health/ready`
     /// answer 503 `worker_stalled` until it comes out, so that an orchestrator restarts

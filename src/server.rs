@@ -82,6 +82,7 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
         listener,
         app,
         Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        Duration::from_millis(args.send_stall_timeout_ms.max(1)),
         async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         },
@@ -106,11 +107,14 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
 /// Accepts connections and serves `app` on each (HTTP/1.1) until `stop` completes, then
 /// lets the open connections finish their requests (the caller bounds that wait).
 /// Unlike `axum::serve`, a connection that sends no complete request head within
-/// `header_read_timeout` is closed, so idle or trickling clients cannot hold sockets.
+/// `header_read_timeout` is closed, so idle or trickling clients cannot hold sockets;
+/// so is one that takes no bytes of its response for `send_stall_timeout` (a client
+/// that stopped reading a stream).
 async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
     header_read_timeout: Duration,
+    send_stall_timeout: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -144,7 +148,10 @@ async fn serve_connections(
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            .serve_connection(
+                TokioIo::new(SendStallTimeout::new(stream, send_stall_timeout)),
+                TowerToHyperService::new(service),
+            );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -155,6 +162,104 @@ async fn serve_connections(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// A connection whose writes fail once the peer has taken no bytes for `limit`: the
+/// socket's buffers are full and the client is not reading. The write error ends the
+/// connection, and with it the response (a stream's rows are then freed, as for a
+/// client that left).
+struct SendStallTimeout<IO> {
+    io: IO,
+    limit: Duration,
+    /// Armed when a write could not go through; cleared by any progress.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> SendStallTimeout<IO> {
+    fn new(io: IO, limit: Duration) -> Self {
+        SendStallTimeout {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After a write attempt: progress clears the timer; no progress arms it, and fails
+    /// the write once it has run out.
+    fn after_write<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        attempt: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if attempt.is_ready() {
+            self.stalled = None;
+            return attempt;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client took none of its response for {} ms",
+                    limit.as_millis()
+                ),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendStallTimeout<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendStallTimeout<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let attempt = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.after_write(cx, attempt)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let attempt = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.after_write(cx, attempt)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let attempt = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.after_write(cx, attempt)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// An accept error that concerns one connection only.
@@ -289,5 +394,34 @@ impl Server {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::SendStallTimeout;
+
+    #[tokio::test]
+    async fn writes_fail_once_the_peer_has_taken_nothing_for_the_limit() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut near = SendStallTimeout::new(near, Duration::from_millis(100));
+        // Writes that go through, slowly taken, never time out.
+        for _ in 0..5 {
+            near.write_all(&[1; 64]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let mut taken = [0; 64];
+            far.read_exact(&mut taken).await.unwrap();
+        }
+        // Nobody reads: the buffer fills, and the write fails after the limit.
+        let start = std::time::Instant::now();
+        let e = near.write_all(&[1; 1024]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 }

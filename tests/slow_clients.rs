@@ -2,7 +2,8 @@
 //! part of one, is closed after `--header-read-timeout-ms` (also when it idles
 //! between keep-alive requests); a body that does not arrive by the request's deadline
 //! is answered 408; a decode that outlasts the deadline is answered 504 at the
-//! deadline, not when the decode ends. The server goes on serving throughout.
+//! deadline, not when the decode ends; a client that stops reading its answers is
+//! disconnected after `--send-stall-timeout-ms`. The server goes on serving throughout.
 
 mod common;
 
@@ -180,5 +181,58 @@ async fn a_decode_past_the_deadline_is_answered_at_the_deadline() {
 
     let r = s.post_png("/caption?steps=2", scene_png(0)).await;
     assert_eq!(r.status(), 200);
+    s.stop().await;
+}
+
+/// A client that stops reading its answers: once the socket's buffers are full and it
+/// has taken nothing for `--send-stall-timeout-ms`, the connection is closed, and the
+/// stream it was on is dropped (counted as a client that left, its rows freed) instead
+/// of staying open for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let mut args = test_args();
+    args.send_stall_timeout_ms = 300;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let left = || {
+        metrics
+            .requests_total
+            .with_label_values(&["/caption", "499"])
+            .get()
+    };
+
+    // Pipelined streams of about 2.5 MB each, on a connection with a small receive
+    // buffer that is never read: more than the socket buffers hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let png = scene_png(1);
+    let head = format!(
+        "POST /caption?steps=100&candidates=8&guidance=1&back_refine=true&stream=true HTTP/1.1\r\n\
+         host: x\r\ncontent-type: image/png\r\ncontent-length: {}\r\n\r\n",
+        png.len()
+    );
+    for _ in 0..4 {
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&png).await.unwrap();
+    }
+    let start = Instant::now();
+    while left() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "a stream nobody reads is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = Instant::now();
+    while metrics.rows_in_flight.get() != 0 || s.state().in_flight() != 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "rows still held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server goes on serving.
+    let r = s.post_png("/caption?steps=2", scene_png(0)).await;
+    assert_eq!(r.status(), 200);
+    drop(stream);
     s.stop().await;
 }
