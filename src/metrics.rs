@@ -62,23 +62,25 @@ impl Metrics {
         let queue_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "queue_wait_seconds",
-                "Time an image waited in the queue before a worker took it.",
+                "Time an image waited in the queue before a worker took it, or dropped it \
+                 (its deadline passed or its client left).",
             )
             .buckets(latency_buckets),
         )?;
         let batch_rows = Histogram::with_opts(
             HistogramOpts::new(
                 "batch_rows",
-                "Denoiser rows in one step of a worker's batch (one model call, or several \
-                 when the rows do not fit the largest call).",
+                "Denoiser rows in one denoiser call of a worker: a step of its batch, in calls \
+                 of at most --max-batch-rows rows (a call the model takes in parts, such as \
+                 fixed-shape buckets, counts once).",
             )
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
         )?;
         let denoiser_step_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "denoiser_step_duration_seconds",
-                "Wall time of one denoiser step over a worker's batch of rows (one model call, \
-                 or several when the rows do not fit the largest call).",
+                "Wall time of one denoiser call of a worker (see batch_rows), all its parts \
+                 included.",
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
         )?;

@@ -127,5 +127,7 @@ async fn a_queued_request_whose_client_left_is_skipped() {
         client_gone(&metrics) == 1
     })
     .await;
+    // Its wait in the queue is counted too: the warm-up, the first request and it.
+    assert_eq!(metrics.queue_wait_seconds.get_sample_count(), 3);
     s.stop().await;
 }

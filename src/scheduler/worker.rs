@@ -384,7 +384,11 @@ impl<B: Backend> Worker<B> {
             self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
             let Queued { job, progress } = queued;
             let now = Instant::now();
+            let waited = now.duration_since(job.enqueued).as_secs_f64();
             if let Some(reason) = leave_reason(&job, now) {
+                // Counted too: under overload, the waits that end in a drop are the
+                // longest.
+                self.ctx.metrics.queue_wait_seconds.observe(waited);
                 self.drop_job(job, reason);
                 continue;
             }
