@@ -20,9 +20,18 @@ fn prepared() -> Prepared {
 }
 
 fn scheduler(p: &Prepared, batching: BatchingMode, max_rows: usize) -> (Scheduler, Arc<Metrics>) {
+    scheduler_of(p, 1, batching, max_rows)
+}
+
+fn scheduler_of(
+    p: &Prepared,
+    workers: usize,
+    batching: BatchingMode,
+    max_rows: usize,
+) -> (Scheduler, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new().unwrap());
     let config = SchedulerConfig {
-        workers: 1,
+        workers,
         batching,
         max_batch_rows: max_rows,
         queue_size: 32,
@@ -185,4 +194,47 @@ fn a_slow_stream_loses_step_events_not_time() {
     // 2 candidates x 10 iterations, one delivered.
     assert_eq!(metrics.stream_events_dropped_total.get(), 19);
     s.stop();
+}
+
+/// With two workers, a job that does not fit the batch of the worker that took it from
+/// the queue runs on the other worker as soon as that one has room, not after the
+/// first worker's (long) batch. Which worker takes it is up to chance, so three rounds.
+#[test]
+fn a_held_job_goes_to_whichever_worker_has_room_first() {
+    let p = prepared();
+    let mut params = SamplerParams::defaults(&p.bundle.manifest);
+    params.guidance = 1.0;
+    params.candidates = 8; // 16 rows: a whole batch of --max-batch-rows 16
+    let with_steps = |steps| SamplerParams {
+        steps,
+        ..params.clone()
+    };
+    let wait_rows = |metrics: &Metrics, rows: i64| {
+        let start = Instant::now();
+        while metrics.rows_in_flight.get() < rows {
+            assert!(start.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    for round in 0..3 {
+        let (s, metrics) = scheduler_of(&p, 2, BatchingMode::Continuous, 16);
+        let submit = |params: SamplerParams| {
+            pipeline::submit(&s, pixels(&p, 0), params, 1, Duration::from_secs(120)).unwrap()
+        };
+        let mut long = submit(with_steps(100));
+        wait_rows(&metrics, 8);
+        let short = submit(with_steps(30));
+        wait_rows(&metrics, 16);
+        // Both workers are busy: one of them takes this job from the queue and holds it.
+        let held = submit(with_steps(2));
+        assert!(held.blocking_recv().unwrap().is_ok());
+        assert!(
+            long.try_recv().is_err(),
+            "round {round}: the held job waited for the long batch"
+        );
+        assert!(short.blocking_recv().unwrap().is_ok());
+        assert!(long.blocking_recv().unwrap().is_ok());
+        assert_eq!(metrics.queue_depth.get(), 0);
+        s.stop();
+    }
 }

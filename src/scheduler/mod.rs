@@ -9,6 +9,7 @@
 
 mod worker;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -156,6 +157,65 @@ pub struct SchedulerConfig {
     pub session: SessionOptions,
 }
 
+/// Jobs a worker took from the queue but could not fit in its running batch, oldest
+/// first, shared by all workers: whichever worker has room first takes them (before
+/// the queue), so that a job never waits on one busy worker while another is idle.
+pub(crate) struct HeldJobs {
+    jobs: Mutex<VecDeque<Queued>>,
+    /// A message per job held, to wake an idle worker.
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+impl HeldJobs {
+    pub(crate) fn new() -> HeldJobs {
+        let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
+        HeldJobs {
+            jobs: Mutex::new(VecDeque::new()),
+            wake_tx,
+            wake_rx,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Holds a job (newer than every job held so far) and wakes an idle worker.
+    pub fn push(&self, job: Queued) {
+        self.lock().push_back(job);
+        let _ = self.wake_tx.try_send(());
+    }
+
+    /// The oldest job held, if `fits` says it fits.
+    pub fn pop_if(&self, fits: impl FnOnce(&Queued) -> bool) -> Option<Queued> {
+        let mut jobs = self.lock();
+        if fits(jobs.front()?) {
+            jobs.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Every job held.
+    pub fn take_all(&self) -> Vec<Queued> {
+        self.lock().drain(..).collect()
+    }
+
+    /// Where an idle worker hears that a job was held.
+    pub fn wakes(&self) -> &Receiver<()> {
+        &self.wake_rx
+    }
+}
+
 /// When each worker started the step it is in, if it is in one: a worker stuck inside
 /// a model call (a hung GPU, a deadlock in a library) never comes out, and the health
 /// probes tell from this ([`Scheduler::stalled_worker`]).
@@ -237,6 +297,7 @@ pub struct Scheduler {
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Shared with the workers: see [`Scheduler::abandon`].
     abandoned: Arc<AtomicBool>,
+    held: Arc<HeldJobs>,
     steps: Arc<WorkerSteps>,
     metrics: Arc<Metrics>,
     pub info: LoadedInfo,
@@ -271,6 +332,7 @@ impl Scheduler {
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
         let steps = Arc::new(WorkerSteps::new(config.workers.max(1)));
+        let held = Arc::new(HeldJobs::new());
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
             let ctx = worker::WorkerContext {
@@ -282,6 +344,7 @@ impl Scheduler {
                 config: config.clone(),
                 abandoned: abandoned.clone(),
                 steps: steps.clone(),
+                held: held.clone(),
             };
             let loaded_tx = loaded_tx.clone();
             let runtime = runtime.clone();
@@ -314,6 +377,7 @@ impl Scheduler {
             rx,
             workers: Mutex::new(workers),
             abandoned,
+            held,
             steps,
             metrics,
             info: info.clone().unwrap_or(LoadedInfo {
@@ -369,13 +433,13 @@ impl Scheduler {
             TrySendError::Full(_) => SubmitError::QueueFull,
             TrySendError::Disconnected(_) => SubmitError::Closed,
         });
-        self.metrics.queue_depth.set(self.rx.len() as i64);
+        self.metrics.queue_depth.set(self.queue_depth() as i64);
         result
     }
 
-    /// Images waiting for a worker.
+    /// Images waiting for a worker: queued, or held for room in a batch.
     pub fn queue_depth(&self) -> usize {
-        self.rx.len()
+        self.rx.len() + self.held.len()
     }
 
     /// A worker that has been inside one step (its model calls) for longer than

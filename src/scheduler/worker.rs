@@ -7,14 +7,13 @@
 //! and answer the jobs whose rows are all done. In continuous mode a job arriving
 //! mid-way joins at the next tick, at its own timestep, in the same denoiser call.
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
 
 use super::{
@@ -45,6 +44,9 @@ pub(super) struct WorkerContext {
     pub abandoned: Arc<AtomicBool>,
     /// Where this worker says it is in a step, for the health probes.
     pub steps: Arc<super::WorkerSteps>,
+    /// Jobs taken from the queue that did not fit a running batch, shared by the
+    /// workers.
+    pub held: Arc<super::HeldJobs>,
 }
 
 /// A job a worker has taken from the queue.
@@ -61,13 +63,15 @@ struct ActiveJob {
 impl ActiveJob {
     /// Denoiser rows this job adds to each call.
     fn denoiser_rows(&self) -> usize {
-        let per = if self.job.params.guidance != 0.0 {
-            2
-        } else {
-            1
-        };
-        per * self.job.params.candidates.max(1)
+        denoiser_rows(&self.job.params)
     }
+}
+
+/// Denoiser rows a job with `params` adds to each call: one per candidate, two when
+/// guided.
+fn denoiser_rows(params: &sampler::SamplerParams) -> usize {
+    let per = if params.guidance != 0.0 { 2 } else { 1 };
+    per * params.candidates.max(1)
 }
 
 /// What a worker runs its batches on: the bundle's sessions ([`Models`]), or a fake in
@@ -216,8 +220,6 @@ struct Worker<B> {
     schedule: Arc<Schedule>,
     latent_shape: (usize, usize),
     active: Vec<ActiveJob>,
-    /// A job taken from the queue that did not fit in the running batch yet.
-    held: VecDeque<Queued>,
     closed: bool,
 }
 
@@ -229,7 +231,6 @@ impl<B: Backend> Worker<B> {
             latent_shape: (m.text.max_len, m.text.latent_dim),
             models,
             active: Vec::new(),
-            held: VecDeque::new(),
             closed: false,
             ctx,
         }
@@ -258,7 +259,7 @@ impl<B: Backend> Worker<B> {
                 self.abandon_all();
             }
             if self.active.is_empty() {
-                if self.closed && self.held.is_empty() {
+                if self.closed && self.ctx.held.is_empty() && self.ctx.rx.is_empty() {
                     return;
                 }
                 continue;
@@ -310,7 +311,7 @@ impl<B: Backend> Worker<B> {
             self.release(&job);
             jobs.push(job.job);
         }
-        jobs.extend(self.held.drain(..).map(|q| q.job));
+        jobs.extend(self.ctx.held.take_all().into_iter().map(|q| q.job));
         jobs.extend(self.ctx.rx.try_iter().map(|q| q.job));
         if jobs.is_empty() {
             return;
@@ -321,6 +322,7 @@ impl<B: Backend> Worker<B> {
             "shutdown grace period over; answering the requests still held 503"
         );
         self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
+        self.set_queue_depth();
         let now = Instant::now();
         for job in jobs {
             match leave_reason(&job, now) {
@@ -342,7 +344,9 @@ impl<B: Backend> Worker<B> {
         self.active.iter().map(ActiveJob::denoiser_rows).sum()
     }
 
-    /// Takes jobs from the queue as the batching mode allows; blocks only when idle.
+    /// Takes jobs as the batching mode allows, the held ones first (oldest first), then
+    /// the queue's; blocks only when idle. A job that does not fit the running batch is
+    /// held for whichever worker has room first, and the jobs behind it wait their turn.
     fn admit(&mut self) {
         let max_rows = self.ctx.config.max_batch_rows.max(1);
         let may_join_running = self.ctx.config.batching == BatchingMode::Continuous;
@@ -353,23 +357,34 @@ impl<B: Backend> Worker<B> {
         let max_images = self.models.max_images_in_flight().max(1);
         loop {
             let idle = self.active.is_empty();
-            let queued = if let Some(queued) = self.held.pop_front() {
+            let fits = |job: &CaptionJob| {
+                idle || (self.rows_in_batch() + denoiser_rows(&job.params) <= max_rows
+                    && self.active.len() < max_images)
+            };
+            let now = Instant::now();
+            let held = self
+                .ctx
+                .held
+                .pop_if(|q| leave_reason(&q.job, now).is_some() || fits(&q.job));
+            let queued = if let Some(queued) = held {
                 queued
+            } else if !self.ctx.held.is_empty() {
+                break; // the oldest held job does not fit: nothing newer goes first
             } else if self.closed {
                 return;
             } else if idle {
-                // Idle: wait, but wake up now and then to notice a closed queue.
-                match self
-                    .ctx
-                    .rx
-                    .recv_timeout(std::time::Duration::from_millis(200))
-                {
-                    Ok(job) => job,
-                    Err(RecvTimeoutError::Timeout) => return,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        self.closed = true;
-                        return;
-                    }
+                // Idle: wait for a job, queued or held by a busy worker, but wake up now
+                // and then to notice a closed queue.
+                crossbeam_channel::select! {
+                    recv(self.ctx.rx) -> job => match job {
+                        Ok(job) => job,
+                        Err(_) => {
+                            self.closed = true;
+                            return;
+                        }
+                    },
+                    recv(self.ctx.held.wakes()) -> _ => continue,
+                    default(std::time::Duration::from_millis(200)) => return,
                 }
             } else {
                 match self.ctx.rx.try_recv() {
@@ -381,7 +396,6 @@ impl<B: Backend> Worker<B> {
                     }
                 }
             };
-            self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
             let Queued { job, progress } = queued;
             let now = Instant::now();
             let waited = now.duration_since(job.enqueued).as_secs_f64();
@@ -390,39 +404,40 @@ impl<B: Backend> Worker<B> {
                 // longest.
                 self.ctx.metrics.queue_wait_seconds.observe(waited);
                 self.drop_job(job, reason);
+                self.set_queue_depth();
                 continue;
             }
-            let mut candidate = ActiveJob {
+            if !fits(&job) {
+                self.ctx.held.push(Queued { job, progress });
+                self.set_queue_depth();
+                break;
+            }
+            self.set_queue_depth();
+            self.ctx.metrics.queue_wait_seconds.observe(waited);
+            self.ctx
+                .metrics
+                .rows_in_flight
+                .add(job.params.candidates as i64);
+            let candidates = job.params.candidates;
+            let mut admitted = ActiveJob {
                 job,
                 admitted: now,
                 kv: None,
                 rows: Vec::new(),
                 progress,
             };
-            if !idle
-                && (self.rows_in_batch() + candidate.denoiser_rows() > max_rows
-                    || self.active.len() >= max_images)
-            {
-                self.held.push_front(Queued {
-                    job: candidate.job,
-                    progress: candidate.progress,
-                });
-                break;
-            }
-            self.ctx
-                .metrics
-                .queue_wait_seconds
-                .observe(now.duration_since(candidate.job.enqueued).as_secs_f64());
-            self.ctx
-                .metrics
-                .rows_in_flight
-                .add(candidate.job.params.candidates as i64);
-            candidate.rows.reserve(candidate.job.params.candidates);
-            self.active.push(candidate);
+            admitted.rows.reserve(candidates);
+            self.active.push(admitted);
             if one_job_only || self.rows_in_batch() >= max_rows || self.active.len() >= max_images {
                 break;
             }
         }
+    }
+
+    /// The queue-depth gauge: jobs queued or held.
+    fn set_queue_depth(&self) {
+        let depth = self.ctx.rx.len() + self.ctx.held.len();
+        self.ctx.metrics.queue_depth.set(depth as i64);
     }
 
     fn release(&self, job: &ActiveJob) {
@@ -720,6 +735,7 @@ mod tests {
             metrics: metrics.clone(),
             abandoned: Arc::default(),
             steps: Arc::new(super::super::WorkerSteps::new(1)),
+            held: Arc::new(super::super::HeldJobs::new()),
             config: SchedulerConfig {
                 workers: 1,
                 batching: BatchingMode::Continuous,
