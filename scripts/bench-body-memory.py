@@ -1,9 +1,11 @@
 """Peak RSS of the server while 60 connections each send most of a 20 MiB body and hold.
 
 Usage: python3 scripts/bench-body-memory.py target/release/ladic-serve BUDGET_MIB
-(ORT_DYLIB_PATH set as for `serve`). Prints one JSON line: RSS before, while the uploads
-are held, peak, and after they close, and how many uploads got 429. Run it with the
-default budget (256) and with one too large to matter (4000) to compare.
+(ORT_DYLIB_PATH set as for `serve`). Prints one JSON line: RSS before and while the
+uploads are held, then each sends the rest of its body and reads its answer (how many
+got 429, the others 400: zeros are no image), then the peak RSS and the RSS after they
+close. Run it with the default budget (256) and with one too large to matter (4000) to
+compare.
 """
 
 import json
@@ -74,16 +76,22 @@ def main():
                 except BlockingIOError:
                     pass
                 except OSError:
-                    sent[i] = SENT_EACH  # answered and closed
+                    sent[i] = BODY  # answered and closed: nothing more to send
             time.sleep(0.001)
         time.sleep(2)
-        refused = 0
-        for s in socks:
+        held = rss_mb(server.pid, "VmRSS")
+        refused = answered = 0
+        for i, s in enumerate(socks):
+            s.setblocking(True)
+            s.settimeout(60)
             try:
-                refused += b" 429 " in s.recv(4096)[:20]
+                s.sendall(b"\0" * (BODY - sent[i]))
+                answer = s.recv(4096)
+                answered += answer.startswith(b"HTTP/1.1 ")
+                refused += answer.startswith(b"HTTP/1.1 429")
             except OSError:
                 pass
-        held, peak = rss_mb(server.pid, "VmRSS"), rss_mb(server.pid, "VmHWM")
+        peak = rss_mb(server.pid, "VmHWM")
         for s in socks:
             s.close()
         time.sleep(2)
@@ -94,6 +102,7 @@ def main():
     print(json.dumps({
         "body_memory_mib": int(budget),
         "connections": CONNECTIONS,
+        "answered": answered,
         "refused_429": refused,
         "rss_start_mb": start,
         "rss_held_mb": held,

@@ -4,9 +4,10 @@
 //! connections it opens and how slowly it sends: without a bound, many large uploads
 //! at once would take memory without limit (the queue bounds requests only once their
 //! image is decoded). Every body reserves memory from the budget
-//! (`--body-memory-mib`) as it arrives, ahead of its buffer (which doubles, up to the
+//! (`--body-memory-mib`) ahead of its bytes as they arrive (doubling, up to the
 //! declared `Content-Length`), times the copies its media type makes while it is
-//! parsed ([`BodyKind::copies`]). The reservation lasts until the image bytes taken
+//! parsed ([`BodyKind::copies`]). A body with a declared length is read into one
+//! buffer of that length, whose pages take memory only as the bytes arrive. The reservation lasts until the image bytes taken
 //! from it are dropped, after the decode. A body that does not fit is refused with 429
 //! `overloaded` and `Retry-After`, so the client can retry later or elsewhere; nothing
 //! waits for room. A connection that has sent headers but no body holds nothing.
@@ -162,19 +163,28 @@ pub async fn read_body(
         if refused {
             continue;
         }
-        if received > buffer.capacity() {
-            // Grow as a vector does (doubling), with the reservation ahead of it.
-            let capacity = received
-                .max(buffer.capacity() * 2)
+        // The reservation stays ahead of the bytes received, doubling (at least 64 KiB,
+        // at most the declared length).
+        if received * copies > reservation.bytes {
+            let ahead = received
+                .max(reservation.bytes / copies * 2)
                 .max(FIRST_RESERVATION)
                 .min(most.max(received));
-            if reservation.grow_to(capacity * copies).is_err() {
+            if reservation.grow_to(ahead * copies).is_err() {
                 refused = true;
                 buffer = Vec::new();
                 reservation = budget.reservation();
                 continue;
             }
-            buffer.reserve_exact(capacity - buffer.len());
+            if declared.is_none() {
+                // A chunked body's buffer grows with its reservation.
+                buffer.reserve_exact(ahead - buffer.len());
+            }
+        }
+        if buffer.capacity() == 0 && declared.is_some() {
+            // One allocation of the declared length: its pages take memory only as the
+            // bytes arrive, and no regrowth copies them.
+            buffer.reserve_exact(most);
         }
         buffer.extend_from_slice(&data);
     }
