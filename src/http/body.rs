@@ -7,7 +7,8 @@
 //! (`--body-memory-mib`) ahead of its bytes as they arrive (doubling, up to the
 //! declared `Content-Length`), times the copies its media type makes while it is
 //! parsed ([`BodyKind::copies`]). A body with a declared length is read into one
-//! buffer of that length, whose pages take memory only as the bytes arrive. The reservation lasts until the image bytes taken
+//! buffer of that length, whose pages take memory only as the bytes arrive (an
+//! allocation the system refuses is a 429 too, not an abort). The reservation lasts until the image bytes taken
 //! from it are dropped, after the decode. A body that does not fit is refused with 429
 //! `overloaded` and `Retry-After`, so the client can retry later or elsewhere; nothing
 //! waits for room. A connection that has sent headers but no body holds nothing.
@@ -163,28 +164,26 @@ pub async fn read_body(
         if refused {
             continue;
         }
-        // The reservation stays ahead of the bytes received, doubling (at least 64 KiB,
-        // at most the declared length).
-        if received * copies > reservation.bytes {
+        if received.saturating_mul(copies) > reservation.bytes || received > buffer.capacity() {
+            // The reservation stays ahead of the bytes received, doubling (at least
+            // 64 KiB, at most the declared length).
             let ahead = received
                 .max(reservation.bytes / copies * 2)
                 .max(FIRST_RESERVATION)
                 .min(most.max(received));
-            if reservation.grow_to(ahead * copies).is_err() {
+            // A declared body gets one buffer of its length (its pages take memory as
+            // the bytes arrive; no regrowth copies it); a chunked one grows with its
+            // reservation.
+            let capacity = if declared.is_some() { most } else { ahead };
+            let room = reservation.grow_to(ahead * copies).is_ok()
+                && (capacity <= buffer.capacity()
+                    || buffer.try_reserve_exact(capacity - buffer.len()).is_ok());
+            if !room {
                 refused = true;
                 buffer = Vec::new();
                 reservation = budget.reservation();
                 continue;
             }
-            if declared.is_none() {
-                // A chunked body's buffer grows with its reservation.
-                buffer.reserve_exact(ahead - buffer.len());
-            }
-        }
-        if buffer.capacity() == 0 && declared.is_some() {
-            // One allocation of the declared length: its pages take memory only as the
-            // bytes arrive, and no regrowth copies them.
-            buffer.reserve_exact(most);
         }
         buffer.extend_from_slice(&data);
     }

@@ -386,7 +386,8 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
 }
 
 /// The status counted for a request whose client left before its answer (nginx's
-/// "client closed request").
+/// "client closed request"), or whose connection the server closed first (a client
+/// that stopped reading, the end of a shutdown).
 pub const CLIENT_CLOSED: u16 = 499;
 
 /// One request's entry in the request metrics (`requests_total`,
@@ -421,7 +422,13 @@ impl RequestRecord {
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         if !self.counted {
-            self.count(CLIENT_CLOSED);
+            // Dropped while unwinding: a bug of ours, not a client that left.
+            let status = if std::thread::panicking() {
+                500
+            } else {
+                CLIENT_CLOSED
+            };
+            self.count(status);
         }
     }
 }

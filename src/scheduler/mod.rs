@@ -162,14 +162,14 @@ pub struct SchedulerConfig {
 /// the queue), so that a job never waits on one busy worker while another is idle.
 pub(crate) struct HeldJobs {
     jobs: Mutex<VecDeque<Queued>>,
-    /// A message per job held, to wake an idle worker.
+    /// A doorbell (one message at most) that wakes an idle worker when a job is held.
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
 }
 
 impl HeldJobs {
     pub(crate) fn new() -> HeldJobs {
-        let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         HeldJobs {
             jobs: Mutex::new(VecDeque::new()),
             wake_tx,
@@ -195,14 +195,18 @@ impl HeldJobs {
         let _ = self.wake_tx.try_send(());
     }
 
-    /// The oldest job held, if `fits` says it fits.
+    /// The oldest job held, if `fits` says it fits. The doorbell rings again while
+    /// jobs remain, for another idle worker.
     pub fn pop_if(&self, fits: impl FnOnce(&Queued) -> bool) -> Option<Queued> {
         let mut jobs = self.lock();
-        if fits(jobs.front()?) {
-            jobs.pop_front()
-        } else {
-            None
+        if !fits(jobs.front()?) {
+            return None;
         }
+        let job = jobs.pop_front();
+        if !jobs.is_empty() {
+            let _ = self.wake_tx.try_send(());
+        }
+        job
     }
 
     /// Every job held.

@@ -321,7 +321,6 @@ impl<B: Backend> Worker<B> {
             requests = jobs.len(),
             "shutdown grace period over; answering the requests still held 503"
         );
-        self.ctx.metrics.queue_depth.set(self.ctx.rx.len() as i64);
         self.set_queue_depth();
         let now = Instant::now();
         for job in jobs {
