@@ -45,7 +45,6 @@ fn init_tracing(json: bool) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    args.check().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ladic-http")

@@ -8,10 +8,11 @@
 //! declared `Content-Length`), times the copies its media type makes while it is
 //! parsed ([`BodyKind::copies`]). A body with a declared length is read into one
 //! buffer of that length, whose pages take memory only as the bytes arrive (an
-//! allocation the system refuses is a 429 too, not an abort). The reservation lasts until the image bytes taken
-//! from it are dropped, after the decode. A body that does not fit is refused with 429
-//! `overloaded` and `Retry-After`, so the client can retry later or elsewhere; nothing
-//! waits for room. A connection that has sent headers but no body holds nothing.
+//! allocation the system refuses is a 429 too, not an abort). The reservation lasts
+//! until the image bytes taken from it are dropped, after the decode. A body that does
+//! not fit is refused with 429 `overloaded` and `Retry-After`, so the client can retry
+//! later or elsewhere; nothing waits for room. A connection that has sent headers but
+//! no body holds nothing.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -126,12 +127,10 @@ const FIRST_RESERVATION: usize = 64 * KIB;
 
 /// Reads the whole body within `budget`: 413 above `limit` bytes, 408 if it has not
 /// arrived in full by `deadline` (a slow or stalled upload), 429 if the budget has no
-/// room for it (times `kind`'s copies). The reservation grows with the bytes received
-/// (doubling, up to the declared length), so a client holds only what it has sent. A
-/// body refused for want of room is still read to its end, and thrown away as it
-/// comes, so that the client, still sending, gets the 429 rather than a reset
-/// connection. The reservation comes back with the bytes: hold it (see [`hold`])
-/// until the image taken from them is decoded.
+/// room for it (times `kind`'s copies; see [`discard_rest`]). The reservation grows
+/// with the bytes received (doubling, up to the declared length), so a client holds
+/// only what it has sent. The reservation comes back with the bytes: hold it (see
+/// [`hold`]) until the image taken from them is decoded.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -154,15 +153,11 @@ pub async fn read_body(
     let deadline = tokio::time::Instant::from_std(deadline);
     let mut body = body;
     let mut buffer: Vec<u8> = Vec::new();
-    let mut refused = false;
     let mut received = 0usize;
     while let Some(data) = next_data(&mut body, deadline).await? {
         received += data.len();
         if received > limit {
             return Err(ApiError::PayloadTooLarge { limit });
-        }
-        if refused {
-            continue;
         }
         if received.saturating_mul(copies) > reservation.bytes || received > buffer.capacity() {
             // The reservation stays ahead of the bytes received, doubling (at least
@@ -179,18 +174,36 @@ pub async fn read_body(
                 && (capacity <= buffer.capacity()
                     || buffer.try_reserve_exact(capacity - buffer.len()).is_ok());
             if !room {
-                refused = true;
-                buffer = Vec::new();
-                reservation = budget.reservation();
-                continue;
+                drop((buffer, reservation));
+                return Err(discard_rest(&mut body, received, limit, deadline).await);
             }
         }
         buffer.extend_from_slice(&data);
     }
-    if refused {
-        return Err(ApiError::UploadsBusy);
-    }
     Ok((Bytes::from(buffer), reservation))
+}
+
+/// A body refused for want of room, read to its end and thrown away as it comes, so
+/// that the client, still sending, gets the 429 rather than a reset connection: the
+/// 429, or the error that ends the reading first (413, 408, a broken body).
+async fn discard_rest(
+    body: &mut Body,
+    mut received: usize,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> ApiError {
+    loop {
+        match next_data(body, deadline).await {
+            Ok(Some(data)) => {
+                received += data.len();
+                if received > limit {
+                    return ApiError::PayloadTooLarge { limit };
+                }
+            }
+            Ok(None) => return ApiError::UploadsBusy,
+            Err(e) => return e,
+        }
+    }
 }
 
 /// The body's next piece of data: `None` at its end; 408 once `deadline` passes.

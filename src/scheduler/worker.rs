@@ -324,18 +324,9 @@ impl<B: Backend> Worker<B> {
         self.set_queue_depth();
         let now = Instant::now();
         for job in jobs {
-            match leave_reason(&job, now) {
-                // Gone or past its deadline anyway: counted (and answered) as such.
-                Some(reason) => self.drop_job(job, reason),
-                None => {
-                    self.ctx
-                        .metrics
-                        .requests_dropped_total
-                        .with_label_values(&[SHUTDOWN])
-                        .inc();
-                    let _ = job.reply.send(Err(InferError::ShuttingDown));
-                }
-            }
+            // Gone or past its deadline anyway: counted (and answered) as such.
+            let reason = leave_reason(&job, now).unwrap_or(SHUTDOWN);
+            self.drop_job(job, reason);
         }
     }
 
@@ -461,17 +452,21 @@ impl<B: Backend> Worker<B> {
         self.active = kept;
     }
 
-    /// Counts a job that leaves before its answer, and answers it 504 when its
-    /// deadline is the reason.
+    /// Counts a job that leaves before its answer, and answers it as its reason says:
+    /// 504 for its deadline, 503 for the end of a shutdown's grace period (a client
+    /// that left hears nothing).
     fn drop_job(&self, job: CaptionJob, reason: &'static str) {
         self.ctx
             .metrics
             .requests_dropped_total
             .with_label_values(&[reason])
             .inc();
-        if reason == DEADLINE {
-            let _ = job.reply.send(Err(InferError::Deadline));
-        }
+        let answer = match reason {
+            DEADLINE => InferError::Deadline,
+            SHUTDOWN => InferError::ShuttingDown,
+            _ => return,
+        };
+        let _ = job.reply.send(Err(answer));
     }
 
     /// Encodes the images of newly admitted jobs in batched encoder calls and starts
