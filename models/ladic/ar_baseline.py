@@ -55,7 +55,7 @@ from .model import ImageEncoder, attend, count_parameters, merge_heads, split_he
 from .rundir import newest_weights, run_problem
 from .sampler import ids_to_text
 from .tokenizer import build_word_tokenizer, load_tokenizer, special_ids
-from .train import every, lr_at, open_log, rng_state, save_atomic, set_rng_state
+from .train import every, lr_at, open_log, resumed_rng, rng_state, save_atomic
 
 # ---------------------------------------------------------------------------- config
 
@@ -407,11 +407,7 @@ def train(args: argparse.Namespace) -> Path:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        if "rng" in ckpt:
-            set_rng_state(rng, ckpt["rng"])
-        else:  # a checkpoint from before the RNG states were saved
-            rng = np.random.default_rng([args.seed, step])
-            torch.manual_seed(args.seed + step)
+        rng = resumed_rng(ckpt, args.seed)
         print(f"resumed at step {step}")
 
     log_file = open_log(out / "train_log.csv", ["step", "loss", "lr", "seconds", "val_exact"], step)

@@ -177,13 +177,21 @@ def rng_state(rng: np.random.Generator) -> dict[str, object]:
     return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(rng: np.random.Generator, state: dict[str, object]) -> None:
-    """Restore what `rng_state` saved (CUDA's where there are as many devices)."""
+def resumed_rng(ckpt: dict, seed: int) -> np.random.Generator:
+    """The numpy Generator a checkpoint resumes with, torch's generators restored too
+    (what `rng_state` saved; CUDA's where there are as many devices). A checkpoint from
+    before the states were saved reseeds from the seed and its step instead."""
+    step, state = ckpt["step"], ckpt.get("rng")
+    if state is None:
+        torch.manual_seed(seed + step)
+        return np.random.default_rng([seed, step])
+    rng = np.random.default_rng(seed)
     rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"].cpu())  # type: ignore[attr-defined]
+    torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])  # type: ignore[attr-defined]
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    return rng
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -394,11 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        if "rng" in ckpt:
-            set_rng_state(rng, ckpt["rng"])
-        else:  # a checkpoint from before the RNG states were saved
-            rng = np.random.default_rng([args.seed, step])
-            torch.manual_seed(args.seed + step)
+        rng = resumed_rng(ckpt, args.seed)
         print(f"resumed at step {step}")
 
     header = ["step", "loss", "latent", "token", "lr", "seconds", "val_exact"]
