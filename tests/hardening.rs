@@ -397,7 +397,6 @@ async fn uploads_share_the_body_memory_budget() {
 /// body larger than the socket buffers gets its 429 instead of a reset connection.
 #[tokio::test]
 async fn a_refused_large_upload_still_gets_its_429() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const MIB: usize = 1 << 20;
     let mut args = test_args();
     args.body_memory_mib = 64;
@@ -414,26 +413,98 @@ async fn a_refused_large_upload_still_gets_its_429() {
         assert!(start.elapsed() < std::time::Duration::from_secs(20));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    // A client that writes its whole body before it reads the answer.
-    let length = 16 * MIB;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\ncontent-length: {length}\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream
-        .write_all(&vec![0u8; length])
-        .await
-        .expect("the whole body is taken in");
-    let mut answer = vec![0u8; 512];
-    let n = stream.read(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = whole_upload_then_answer(addr, "content-type: image/png\r\n", 16 * MIB).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer}"
     );
     drop(uploads);
+    s.stop().await;
+}
+
+/// What a client that writes a whole `length`-byte body to `POST /caption` (headers
+/// `extra`, each ending in CRLF) before it reads gets back, read to the connection's end.
+async fn whole_upload_then_answer(
+    addr: std::net::SocketAddr,
+    extra: &str,
+    length: usize,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head =
+        format!("POST /caption HTTP/1.1\r\nhost: x\r\n{extra}content-length: {length}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&vec![0u8; length])
+        .await
+        .expect("the whole body is taken in");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server closes the connection after its answer")
+    .expect("the answer arrives, not a reset");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Answers given before the body was read (wrong media type, wrong key, a declared
+/// length over the limit) still reach a client that writes its whole large body first:
+/// the rest of the body is read and thrown away after the answer, and the connection
+/// then closes. Closing at once reset the connection and lost the answer.
+#[tokio::test]
+async fn early_refusals_of_large_uploads_reach_the_client() {
+    const MIB: usize = 1 << 20;
+    let mut args = test_args();
+    args.max_body_bytes = 12 * MIB;
+    args.api_key = Some("s3cret".into());
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let key = "authorization: Bearer s3cret\r\n";
+    let cases = [
+        (
+            format!("{key}content-type: text/plain\r\n"),
+            16 * MIB,
+            "415",
+            "unsupported_media_type",
+        ),
+        (
+            "content-type: image/png\r\n".to_string(),
+            16 * MIB,
+            "401",
+            "unauthorized",
+        ),
+        (
+            format!("{key}content-type: image/png\r\n"),
+            16 * MIB,
+            "413",
+            "payload_too_large",
+        ),
+    ];
+    for (extra, length, status, error_type) in cases {
+        let answer = whole_upload_then_answer(addr, &extra, length).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(answer.contains(error_type), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    // The server keeps serving.
+    let (status, _) = s.post_png_json("/caption?steps=2", scene_png(1)).await;
+    assert_eq!(status, 401, "the key is still required");
+    let r = s
+        .png_request("/caption?steps=2", scene_png(1))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     s.stop().await;
 }
 

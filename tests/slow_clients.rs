@@ -10,6 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, blank_rgba16_png, scene_png, test_args};
+use ladic_serve::http::body::LINGER_IDLE;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,14 +18,27 @@ use tokio::net::TcpStream;
 /// Reads until the server closes the connection; what it sent, and when it closed.
 /// Fails the test if it stays open for `limit`.
 async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Instant) {
+    let (got, _, closed) = read_until_closed_timed(stream, limit).await;
+    (got, closed)
+}
+
+/// [`read_until_closed`], and when the first bytes came.
+async fn read_until_closed_timed(
+    stream: &mut TcpStream,
+    limit: Duration,
+) -> (Vec<u8>, Option<Instant>, Instant) {
     let mut got = Vec::new();
+    let mut first = None;
     let mut buf = [0u8; 4096];
     let end = tokio::time::Instant::now() + limit;
     loop {
         match tokio::time::timeout_at(end, stream.read(&mut buf)).await {
             Err(_) => panic!("the connection is still open after {limit:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return (got, Instant::now()),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, first, Instant::now()),
+            Ok(Ok(n)) => {
+                first.get_or_insert_with(Instant::now);
+                got.extend_from_slice(&buf[..n]);
+            }
         }
     }
 }
@@ -113,7 +127,9 @@ async fn a_body_that_does_not_arrive_by_the_deadline_gets_408() {
         );
         let start = Instant::now();
         stream.write_all(head.as_bytes()).await.unwrap();
-        let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        let (got, answered, closed) =
+            read_until_closed_timed(&mut stream, Duration::from_secs(10)).await;
+        let answered = answered.map(|t| t - start);
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 408"), "{text}");
         assert!(
@@ -122,11 +138,20 @@ async fn a_body_that_does_not_arrive_by_the_deadline_gets_408() {
         );
         let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(body["error_type"], "request_timeout", "{body}");
-        let waited = closed - start;
-        assert!(waited >= Duration::from_millis(deadline - 50), "{waited:?}");
+        // The answer comes at the deadline; the connection closes once the rest of the
+        // body has not come for the linger's idle limit.
+        let (answered, closed) = (answered.expect("an answer"), closed - start);
         assert!(
-            waited < Duration::from_millis(deadline + 3000),
-            "{waited:?}"
+            answered >= Duration::from_millis(deadline - 50),
+            "{answered:?}"
+        );
+        assert!(
+            answered < Duration::from_millis(deadline + 3000),
+            "{answered:?}"
+        );
+        assert!(
+            closed < answered + LINGER_IDLE + Duration::from_secs(3),
+            "{closed:?}"
         );
     }
 

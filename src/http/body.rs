@@ -13,9 +13,14 @@
 //! not fit is refused with 429 `overloaded` and `Retry-After`, so the client can retry
 //! later or elsewhere; nothing waits for room. A connection that has sent headers but
 //! no body holds nothing.
+//!
+//! A body refused before its end (that 429, a 413, or any answer given before the body
+//! was read: a full queue, a wrong key or media type) is read on after the answer and
+//! thrown away as it comes ([`discard_unread`]), for a while: a client that writes its
+//! whole body before it reads gets the answer rather than a reset connection.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::http::{HeaderMap, header};
@@ -127,7 +132,7 @@ const FIRST_RESERVATION: usize = 64 * KIB;
 
 /// Reads the whole body within `budget`: 413 above `limit` bytes, 408 if it has not
 /// arrived in full by `deadline` (a slow or stalled upload), 429 if the budget has no
-/// room for it (times `kind`'s copies; see [`discard_rest`]). The reservation grows
+/// room for it (times `kind`'s copies). The reservation grows
 /// with the bytes received (doubling, up to the declared length), so a client holds
 /// only what it has sent. The reservation comes back with the bytes: hold it (see
 /// [`hold`]) until the image taken from them is decoded.
@@ -174,8 +179,7 @@ pub async fn read_body(
                 && (capacity <= buffer.capacity()
                     || buffer.try_reserve_exact(capacity - buffer.len()).is_ok());
             if !room {
-                drop((buffer, reservation));
-                return Err(discard_rest(&mut body, received, limit, deadline).await);
+                return Err(ApiError::UploadsBusy);
             }
         }
         buffer.extend_from_slice(&data);
@@ -183,25 +187,32 @@ pub async fn read_body(
     Ok((Bytes::from(buffer), reservation))
 }
 
-/// A body refused for want of room, read to its end and thrown away as it comes, so
-/// that the client, still sending, gets the 429 rather than a reset connection: the
-/// 429, or the error that ends the reading first (413, 408, a broken body).
-async fn discard_rest(
-    body: &mut Body,
-    mut received: usize,
-    limit: usize,
-    deadline: tokio::time::Instant,
-) -> ApiError {
+/// How long the rest of a body left unread by its answer is read and thrown away, at
+/// most.
+pub const LINGER_TIME: Duration = Duration::from_secs(10);
+
+/// How long that reading waits for the next bytes: a client that has stopped sending
+/// (a stalled upload that got its 408) is not waited for.
+pub const LINGER_IDLE: Duration = Duration::from_secs(2);
+
+/// Reads the rest of a body that its answer left unread, and throws it away as it comes,
+/// for at most [`LINGER_TIME`] and `max_bytes`, and no longer than [`LINGER_IDLE`]
+/// between pieces; then drops it, which closes the connection. Hyper writes the answer
+/// meanwhile: a client that writes its whole body before it reads (most do) then finds
+/// the answer, where closing at once with its bytes unread would reset the connection
+/// and lose the answer. Nothing is kept, so this costs bandwidth and a connection for a
+/// while, not memory.
+pub async fn discard_unread(mut body: Body, max_bytes: usize) {
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    let mut left = max_bytes;
     loop {
-        match next_data(body, deadline).await {
-            Ok(Some(data)) => {
-                received += data.len();
-                if received > limit {
-                    return ApiError::PayloadTooLarge { limit };
-                }
-            }
-            Ok(None) => return ApiError::UploadsBusy,
-            Err(e) => return e,
+        let deadline = end.min(tokio::time::Instant::now() + LINGER_IDLE);
+        let Ok(Some(data)) = next_data(&mut body, deadline).await else {
+            return;
+        };
+        match left.checked_sub(data.len()) {
+            Some(rest) => left = rest,
+            None => return,
         }
     }
 }
@@ -237,8 +248,6 @@ pub fn is_raw_image_type(media: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     /// A body of `len` zeros with its Content-Length, read within 10 s.
@@ -374,5 +383,46 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.status(), 408);
         assert_eq!(budget.available_kib(), 64 * 1024);
+    }
+
+    /// A body of 1 KiB pieces that counts the pieces taken: `pieces` of them, then its
+    /// end or, if `stall`, nothing more for ever.
+    fn counted_body(pieces: usize, stall: bool) -> (Body, Arc<std::sync::atomic::AtomicUsize>) {
+        use futures_util::StreamExt;
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = taken.clone();
+        let data = futures_util::stream::repeat_with(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![0u8; KIB]))
+        })
+        .take(pieces);
+        let body = if stall {
+            Body::from_stream(data.chain(futures_util::stream::pending()))
+        } else {
+            Body::from_stream(data)
+        };
+        (body, taken)
+    }
+
+    #[tokio::test]
+    async fn an_unread_rest_is_discarded_within_its_bounds() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // To its end, at once.
+        let (body, taken) = counted_body(100, false);
+        let start = Instant::now();
+        discard_unread(body, 1 << 20).await;
+        assert_eq!(taken.load(SeqCst), 100);
+        assert!(start.elapsed() < LINGER_IDLE, "{:?}", start.elapsed());
+        // Up to its byte limit only.
+        let (body, taken) = counted_body(usize::MAX, false);
+        discard_unread(body, 10 * KIB).await;
+        assert_eq!(taken.load(SeqCst), 11);
+        // A client that stops sending is waited for no longer than the idle limit.
+        let (body, taken) = counted_body(3, true);
+        let start = Instant::now();
+        discard_unread(body, 1 << 20).await;
+        assert_eq!(taken.load(SeqCst), 3);
+        let waited = start.elapsed();
+        assert!(waited >= LINGER_IDLE && waited < LINGER_TIME, "{waited:?}");
     }
 }

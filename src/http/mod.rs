@@ -229,20 +229,42 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_failure(()),
         )
         .layer(middleware::from_fn(assign_request_id))
-        .layer(middleware::from_fn(close_if_body_unread))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            close_if_body_unread,
+        ))
         .with_state(state)
 }
 
 /// Adds `Connection: close` to responses sent before the request body was read to its
 /// end (a full queue, a wrong key or media type, a declared length over the limit).
 /// The server then drops the connection, and without the header a keep-alive client
-/// would send its next request into a closed socket.
-async fn close_if_body_unread(req: Request, next: Next) -> Response {
+/// would send its next request into a closed socket. The rest of such a body is read
+/// and thrown away meanwhile (see [`body::discard_unread`]), up to four times the body
+/// limit; a body declared longer than that, or one whose client waits for
+/// `100 Continue` (it sends nothing more), is not.
+async fn close_if_body_unread(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let (parts, body) = req.into_parts();
     let done = Arc::new(AtomicBool::new(HttpBody::is_end_stream(&body)));
+    let most = state.settings.max_body_bytes.saturating_mul(4);
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let waits_for_continue = parts
+        .headers
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let linger = (!waits_for_continue && declared.is_none_or(|n| n <= most as u64)).then_some(most);
     let body = axum::body::Body::new(EndTracked {
         inner: body,
         done: done.clone(),
+        linger,
     });
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if !done.load(Ordering::SeqCst) {
@@ -254,10 +276,12 @@ async fn close_if_body_unread(req: Request, next: Next) -> Response {
     response
 }
 
-/// A request body that records when it has been read to its end.
+/// A request body that records when it has been read to its end, and, dropped before
+/// then, has its rest discarded (at most `linger` bytes).
 struct EndTracked {
     inner: axum::body::Body,
     done: Arc<AtomicBool>,
+    linger: Option<usize>,
 }
 
 impl HttpBody for EndTracked {
@@ -281,6 +305,19 @@ impl HttpBody for EndTracked {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for EndTracked {
+    fn drop(&mut self) {
+        let Some(most) = self.linger else { return };
+        if self.done.load(Ordering::SeqCst) || self.inner.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let rest = std::mem::take(&mut self.inner);
+            runtime.spawn(body::discard_unread(rest, most));
+        }
     }
 }
 
