@@ -107,7 +107,7 @@ def torch_captions(
     draws [rows, L, D]. Returns the final decode's (ids, confidence) [B*candidates, L];
     call it under autocast for reduced precision."""
     T = cfg.schedule.num_timesteps
-    ab = alpha_bar_cache(T)
+    ab = alpha_bar_cache(cfg.schedule)
     stride = stride_for(params.steps, T)
     w = params.guidance
     br = params.back_refine

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import BackRefineConfig, LadicConfig, SamplerConfig
+from .config import BackRefineConfig, LadicConfig, SamplerConfig, ScheduleConfig
 from .diffusion import alpha_bar, stride_for
 
 
@@ -124,14 +124,16 @@ def run_rows(
     null_kv: np.ndarray,
     noises: list[NoiseSource],
     params: SampleParams,
-    num_timesteps: int,
+    schedule: ScheduleConfig,
     latent_shape: tuple[int, int],
     trace: bool = False,
 ) -> list[RowResult]:
     """Denoise R rows in lockstep (every row follows the same timesteps, so a batched
-    run equals R separate runs of the per-row algorithm in docs/bundle.md)."""
+    run equals R separate runs of the per-row algorithm in docs/bundle.md), on the
+    model's noise `schedule`."""
     rows = image_kv.shape[0]
-    ab = alpha_bar_cache(num_timesteps)
+    num_timesteps = schedule.num_timesteps
+    ab = alpha_bar_cache(schedule)
     stride = stride_for(params.steps, num_timesteps)
     w = params.guidance
     br = params.back_refine
@@ -186,15 +188,15 @@ def renoise(x0: np.ndarray, eps: np.ndarray, ab: float, scale: float) -> np.ndar
     return (math.sqrt(ab) * x0 + scale * math.sqrt(1.0 - ab) * eps).astype(np.float32)
 
 
-_AB_CACHE: dict[int, np.ndarray] = {}
+_AB_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def alpha_bar_cache(num_timesteps: int) -> np.ndarray:
-    from .config import ScheduleConfig
-
-    if num_timesteps not in _AB_CACHE:
-        _AB_CACHE[num_timesteps] = alpha_bar(ScheduleConfig(num_timesteps=num_timesteps))
-    return _AB_CACHE[num_timesteps]
+def alpha_bar_cache(schedule: ScheduleConfig) -> np.ndarray:
+    """`alpha_bar(schedule)`, computed once per schedule."""
+    key = (schedule.kind, schedule.beta_start, schedule.beta_end, schedule.num_timesteps)
+    if key not in _AB_CACHE:
+        _AB_CACHE[key] = alpha_bar(schedule)
+    return _AB_CACHE[key]
 
 
 # --------------------------------------------------------------------- ids and MBR
@@ -288,7 +290,7 @@ def caption_images(
     kv_rows = np.repeat(kv, k, axis=0)
     noises = [noise_for(i, j) for i in range(pixels.shape[0]) for j in range(k)]
     rows = run_rows(
-        backend, kv_rows, null_kv, noises, params, cfg.schedule.num_timesteps,
+        backend, kv_rows, null_kv, noises, params, cfg.schedule,
         (cfg.text.max_len, cfg.latent_dim), trace=trace,
     )
     out: list[Caption] = []

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ladic.sampler import TextIds, caption_confidence, clean_ids, mbr_choose, ngram_f1
+from ladic.config import BackRefineConfig, ScheduleConfig
+from ladic.diffusion import alpha_bar, stride_for
+from ladic.sampler import (
+    RecordingNoise,
+    SampleParams,
+    SeededNoise,
+    TextIds,
+    caption_confidence,
+    clean_ids,
+    mbr_choose,
+    ngram_f1,
+    run_rows,
+)
 
 TEXT = TextIds(frozenset({0, 1, 2, 3, 4}), period_id=5)
 
@@ -33,3 +47,43 @@ def test_mbr_picks_the_consensus_candidate() -> None:
     cands = [[9, 9, 9], [1, 2, 3], [1, 2, 4], [1, 2, 3]]
     assert mbr_choose(cands) == 1  # ties with index 3: lowest index wins
     assert mbr_choose([[5]]) == 0
+
+
+class ConstantBackend:
+    """x0 is always `value`; records the x_t of every denoiser call."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self.value = value
+        self.x_ts: list[np.ndarray] = []
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        raise AssertionError("not called")
+
+    def denoise(self, x_t, self_cond, t, image_kv) -> np.ndarray:  # type: ignore[no-untyped-def]
+        self.x_ts.append(x_t.copy())
+        return np.broadcast_to(self.value, x_t.shape).astype(np.float32)
+
+    def decode(self, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(x0.shape[:2], np.int64), np.ones(x0.shape[:2], np.float32)
+
+
+def test_run_rows_renoises_on_the_models_own_schedule() -> None:
+    """A schedule other than the defaults is the one the re-noise uses (it once always
+    used the default betas, unlike training and the service)."""
+    schedule = ScheduleConfig(beta_start=2e-4, beta_end=0.03, num_timesteps=1000)
+    x0 = np.full((4, 3), 0.5, np.float32)
+    backend = ConstantBackend(x0)
+    noise = RecordingNoise(SeededNoise(7, (4, 3)))
+    params = SampleParams(
+        steps=2, guidance=0.0, time_shift=0, renoise_scale=0.8, self_conditioning=False,
+        back_refine=BackRefineConfig(enabled=False),
+    )
+    run_rows(backend, np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), np.float32),
+             [noise], params, schedule, (4, 3))
+    assert len(backend.x_ts) == 2
+    t = 999 - stride_for(2, 1000)
+    ab = alpha_bar(schedule)[t]
+    assert abs(ab - alpha_bar(ScheduleConfig())[t]) > 1e-3, "the schedules differ here"
+    expected = math.sqrt(ab) * x0 + 0.8 * math.sqrt(1 - ab) * noise.draws[1]
+    np.testing.assert_allclose(backend.x_ts[1][0], expected, rtol=1e-6, atol=1e-6)
+
