@@ -64,9 +64,17 @@ impl CleanRules {
     }
 }
 
-/// Spaces before punctuation removed, trailing periods replaced by exactly one.
+/// Repeated words collapsed (a word split into several tokens repeats as a word, not
+/// as a token: "skate ##board skate ##board"), spaces before punctuation removed,
+/// trailing periods replaced by exactly one.
 pub fn tidy(decoded: &str) -> String {
-    let mut text = decoded.to_string();
+    let mut words: Vec<&str> = Vec::new();
+    for word in decoded.split_whitespace() {
+        if words.last() != Some(&word) {
+            words.push(word);
+        }
+    }
+    let mut text = words.join(" ");
     for p in [",", ".", ":", ";", "?", "!"] {
         text = text.replace(&format!(" {p}"), p);
     }
@@ -142,7 +150,7 @@ mod tests {
     #[test]
     fn matches_the_python_reference() {
         let d = decoder();
-        let cases: [(&[i64], &[i64], &str); 4] = [
+        let cases: [(&[i64], &[i64], &str); 5] = [
             (
                 &[1, 5, 6, 6, 7, 13, 8, 9, 15, 10, 11, 12, 2, 0, 0],
                 &[5, 6, 7, 13, 8, 9, 15, 10, 11],
@@ -151,6 +159,12 @@ mod tests {
             (&[1, 2, 0], &[], "."),
             (&[12, 12, 13, 5], &[13, 5], ", a."),
             (&[5, 13, 13, 6, 12, 6], &[5, 13, 6], "a, red."),
+            // "skate ##board" twice: no id repeats, the word does.
+            (
+                &[1, 5, 16, 17, 16, 17, 12, 2],
+                &[5, 16, 17, 16, 17],
+                "a skateboard.",
+            ),
         ];
         for (ids, want_clean, want_text) in cases {
             let clean = d.rules.clean(ids);
@@ -184,5 +198,6 @@ mod tests {
     fn tidy_strips_trailing_periods() {
         assert_eq!(tidy("a cat . ."), "a cat.");
         assert_eq!(tidy("  a dog ! "), "a dog!.");
+        assert_eq!(tidy("a dog dog , dog on on a mat"), "a dog, dog on a mat.");
     }
 }

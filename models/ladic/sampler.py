@@ -304,8 +304,14 @@ def caption_images(
 
 
 def ids_to_text(tokenizer, ids: list[int]) -> str:  # type: ignore[no-untyped-def]
-    """Cleaned ids -> caption text ending in a single "."."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    """Cleaned ids -> caption text ending in a single ".": repeated words collapsed (a
+    word of several tokens repeats as a word, not as a token), no space before
+    punctuation."""
+    words: list[str] = []
+    for word in tokenizer.decode(ids, skip_special_tokens=True).split():
+        if not words or words[-1] != word:
+            words.append(word)
+    text = " ".join(words)
     for p in (",", ".", ":", ";", "?", "!"):
         text = text.replace(" " + p, p)
     return text.strip().rstrip(".").strip() + "."

@@ -87,3 +87,28 @@ def test_run_rows_renoises_on_the_models_own_schedule() -> None:
     expected = math.sqrt(ab) * x0 + 0.8 * math.sqrt(1 - ab) * noise.draws[1]
     np.testing.assert_allclose(backend.x_ts[1][0], expected, rtol=1e-6, atol=1e-6)
 
+
+def test_ids_to_text_matches_the_services_cases() -> None:
+    """The cases of the service's text tests (src/text.rs), on the same tokenizer."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from ladic.sampler import ids_to_text
+
+    path = Path(__file__).resolve().parents[2] / "tests/fixtures/tokenizer/words.json"
+    tok = Tokenizer.from_file(str(path))
+    text = TextIds(frozenset({0, 1, 2, 3, 4}), period_id=12)
+    cases = [
+        (
+            [1, 5, 6, 6, 7, 13, 8, 9, 15, 10, 11, 12, 2, 0, 0],
+            "a red circle, left of the blue square.",
+        ),
+        ([1, 2, 0], "."),
+        ([12, 12, 13, 5], ", a."),
+        ([5, 13, 13, 6, 12, 6], "a, red."),
+        # "skate ##board" twice: no id repeats, the word does.
+        ([1, 5, 16, 17, 16, 17, 12, 2], "a skateboard."),
+    ]
+    for ids, want in cases:
+        assert ids_to_text(tok, clean_ids(ids, text)) == want
