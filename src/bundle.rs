@@ -95,8 +95,8 @@ pub struct ScheduleSpec {
 pub struct SamplerDefaults {
     pub steps: usize,
     pub time_shift: usize,
-    pub guidance: f32,
-    pub renoise_scale: f32,
+    pub guidance: f64,
+    pub renoise_scale: f64,
     pub self_conditioning: bool,
 }
 
@@ -540,6 +540,18 @@ pub(crate) mod tests {
     #[test]
     fn example_manifest_is_valid() {
         validate(&example_manifest()).expect("valid");
+    }
+
+    /// The sampler's defaults are read as the Python side writes them (f64): 0.9 read
+    /// as an f32 differs from 0.9, and so did a re-noise coefficient in the last bit.
+    #[test]
+    fn sampler_defaults_keep_their_decimal_values() {
+        let mut json = example_manifest_json();
+        json["sampler"]["guidance"] = serde_json::json!(0.3);
+        json["sampler"]["renoise_scale"] = serde_json::json!(0.9);
+        let m = parse_manifest(&json.to_string(), Path::new("manifest.json")).unwrap();
+        let params = crate::sampler::SamplerParams::defaults(&m);
+        assert_eq!((params.guidance, params.renoise_scale), (0.3, 0.9));
     }
 
     #[test]

@@ -47,9 +47,9 @@ impl SamplerParams {
     pub fn defaults(m: &Manifest) -> SamplerParams {
         SamplerParams {
             steps: m.sampler.steps,
-            guidance: f64::from(m.sampler.guidance),
+            guidance: m.sampler.guidance,
             time_shift: m.sampler.time_shift,
-            renoise_scale: f64::from(m.sampler.renoise_scale),
+            renoise_scale: m.sampler.renoise_scale,
             self_conditioning: m.sampler.self_conditioning,
             back_refine: m.back_refine.clone(),
             candidates: m.mbr.candidates,

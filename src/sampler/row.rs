@@ -318,15 +318,8 @@ impl Row {
         let l = self.x.nrows();
         let keep_count =
             ((self.params.back_refine.keep_fraction * l as f64).ceil() as usize).min(l);
-        let mut order: Vec<usize> = (0..l).collect();
-        // Stable sort on descending confidence: ties keep the lower position first.
-        order.sort_by(|&a, &b| {
-            confidence[b]
-                .partial_cmp(&confidence[a])
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
         let mut keep = vec![false; l];
-        for &pos in order.iter().take(keep_count) {
+        for pos in most_confident_first(confidence.slice(ndarray::s![..l])).take(keep_count) {
             keep[pos] = true;
         }
         let eps = self.next_noise()?;
@@ -376,5 +369,38 @@ impl Row {
         let x = std::mem::take(&mut self.send_x).then(|| self.x.clone());
         let self_cond = std::mem::take(&mut self.send_self_cond).then(|| self.self_cond.clone());
         (x, self_cond)
+    }
+}
+
+/// Positions by descending confidence, ties in position order, NaN last: numpy's
+/// stable `argsort(-confidence)`, as the reference sampler orders them. (A comparison
+/// that called NaN equal to everything would not be a total order, which the sort
+/// may answer with a panic.)
+fn most_confident_first(confidence: ArrayView1<f32>) -> impl Iterator<Item = usize> {
+    let mut order: Vec<usize> = (0..confidence.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (confidence[a], confidence[b]);
+        match (x.is_nan(), y.is_nan()) {
+            (false, false) => y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal),
+            (nan_a, nan_b) => nan_a.cmp(&nan_b),
+        }
+    });
+    order.into_iter()
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::most_confident_first;
+
+    #[test]
+    fn confidence_order_is_numpys_stable_argsort_with_nan_last() {
+        let order = |c: &[f32]| most_confident_first(c.into()).collect::<Vec<_>>();
+        assert_eq!(order(&[0.1, 0.9, 0.5, 0.9]), [1, 3, 2, 0]);
+        assert_eq!(order(&[f32::NAN, 0.9, 0.8, 0.1]), [1, 2, 3, 0]);
+        assert_eq!(order(&[0.2, f32::NAN, 0.7, f32::NAN]), [2, 0, 1, 3]);
+        let many: Vec<f32> = (0..64)
+            .map(|i| if i % 3 == 0 { f32::NAN } else { (i % 7) as f32 })
+            .collect();
+        assert_eq!(order(&many).len(), 64);
     }
 }
