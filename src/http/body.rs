@@ -189,11 +189,11 @@ pub async fn read_body(
 
 /// How long the rest of a body left unread by its answer is read and thrown away, at
 /// most.
-pub const LINGER_TIME: Duration = Duration::from_secs(10);
+pub const LINGER_TIME: Duration = Duration::from_secs(30);
 
 /// How long that reading waits for the next bytes: a client that has stopped sending
-/// (a stalled upload that got its 408) is not waited for.
-pub const LINGER_IDLE: Duration = Duration::from_secs(2);
+/// (a stalled upload that got its 408) is not waited for long.
+pub const LINGER_IDLE: Duration = Duration::from_secs(5);
 
 /// Reads the rest of a body that its answer left unread, and throws it away as it comes,
 /// for at most [`LINGER_TIME`] and `max_bytes`, and no longer than [`LINGER_IDLE`]
