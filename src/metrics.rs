@@ -24,6 +24,8 @@ pub struct Metrics {
     pub stream_events_dropped_total: IntCounter,
     pub worker_restarts_total: IntCounter,
     pub denoiser_padding_rows_total: IntCounter,
+    pub open_connections: IntGauge,
+    pub connections_closed_total: IntCounterVec,
     pub model_load_seconds: Gauge,
     pub build_info: GaugeVec,
 }
@@ -125,6 +127,22 @@ impl Metrics {
             "Rows run only to pad denoiser calls: to a fixed row count (--cuda-graph), or \
              the halves of a denoiser exported --unconditional-half.",
         )?;
+        let open_connections = IntGauge::new(
+            "open_connections",
+            "HTTP connections open: waiting for a request, running one, sending its answer, \
+             or reading and throwing away a body its answer left unread.",
+        )?;
+        let connections_closed_total = IntCounterVec::new(
+            Opts::new(
+                "connections_closed_total",
+                "HTTP connections closed, by reason: clean; malformed_request (the server \
+                 answered 400 or 431 itself; not in requests_total); header_timeout (no \
+                 complete request head within --header-read-timeout-ms); client_closed \
+                 (reset, or closed in the middle of a message); send_stall (took none of \
+                 its answer for --send-stall-timeout-ms); error (any other).",
+            ),
+            &["reason"],
+        )?;
         let model_load_seconds = Gauge::new(
             "model_load_seconds",
             "Seconds the first worker took to load the bundle into ONNX Runtime.",
@@ -150,6 +168,8 @@ impl Metrics {
         registry.register(Box::new(stream_events_dropped_total.clone()))?;
         registry.register(Box::new(worker_restarts_total.clone()))?;
         registry.register(Box::new(denoiser_padding_rows_total.clone()))?;
+        registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(connections_closed_total.clone()))?;
         registry.register(Box::new(model_load_seconds.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
         Ok(Metrics {
@@ -168,6 +188,8 @@ impl Metrics {
             stream_events_dropped_total,
             worker_restarts_total,
             denoiser_padding_rows_total,
+            open_connections,
+            connections_closed_total,
             model_load_seconds,
             build_info,
         })
@@ -208,6 +230,9 @@ mod tests {
         m.requests_dropped_total
             .with_label_values(&["deadline"])
             .inc();
+        m.connections_closed_total
+            .with_label_values(&["clean"])
+            .inc();
         let text = m.render();
         for family in [
             "requests_total",
@@ -224,6 +249,8 @@ mod tests {
             "stream_events_dropped_total",
             "worker_restarts_total",
             "denoiser_padding_rows_total",
+            "open_connections",
+            "connections_closed_total",
             "model_load_seconds",
             "build_info",
         ] {

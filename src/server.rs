@@ -81,6 +81,7 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
     let serve = tokio::spawn(serve_connections(
         listener,
         app,
+        metrics.clone(),
         Duration::from_millis(args.header_read_timeout_ms.max(1)),
         Duration::from_millis(args.send_stall_timeout_ms.max(1)),
         async move {
@@ -113,6 +114,7 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
 async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
+    metrics: Arc<Metrics>,
     header_read_timeout: Duration,
     send_stall_timeout: Duration,
     stop: impl std::future::Future<Output = ()>,
@@ -153,15 +155,78 @@ async fn serve_connections(
                 TowerToHyperService::new(service),
             );
         let connection = graceful.watch(connection);
+        let open = OpenConnection::new(&metrics);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let result = connection.await;
+            if let Err(e) = &result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            open.closed(close_reason(&result));
         });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// One connection in the `open_connections` gauge, until it is closed (or dropped, when
+/// the runtime ends first).
+struct OpenConnection {
+    metrics: Arc<Metrics>,
+}
+
+impl OpenConnection {
+    fn new(metrics: &Arc<Metrics>) -> OpenConnection {
+        metrics.open_connections.inc();
+        OpenConnection {
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Counts the close in `connections_closed_total`.
+    fn closed(self, reason: &str) {
+        self.metrics
+            .connections_closed_total
+            .with_label_values(&[reason])
+            .inc();
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.open_connections.dec();
+    }
+}
+
+/// How a connection ended, as `connections_closed_total` labels it.
+fn close_reason(result: &Result<(), hyper::Error>) -> &'static str {
+    use std::io::ErrorKind;
+    let Err(e) = result else { return "clean" };
+    if e.is_timeout() {
+        return "header_timeout";
+    }
+    if e.is_parse() {
+        return "malformed_request";
+    }
+    if e.is_incomplete_message() {
+        return "client_closed";
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                // Only SendStallTimeout fails a write this way.
+                ErrorKind::TimedOut => "send_stall",
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof => "client_closed",
+                _ => "error",
+            };
+        }
+        source = cause.source();
+    }
+    "error"
 }
 
 /// A connection whose writes fail once the peer has taken no bytes for `limit`: the

@@ -104,6 +104,16 @@ async fn connections_without_a_request_head_are_closed() {
         String::from_utf8_lossy(&got)
     );
     assert!(closed - answered >= Duration::from_millis(350));
+    let timed_out = s
+        .state()
+        .metrics
+        .connections_closed_total
+        .with_label_values(&["header_timeout"])
+        .get();
+    assert!(
+        timed_out >= 2,
+        "{timed_out} connections closed by the head timeout"
+    );
 
     // Everyone else is still served.
     let r = s.post_png("/caption?steps=2", scene_png(0)).await;
@@ -251,8 +261,18 @@ async fn a_client_that_stops_reading_is_disconnected() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let start = Instant::now();
-    while metrics.rows_in_flight.get() != 0 || s.state().in_flight() != 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "rows still held");
+    while metrics.rows_in_flight.get() != 0
+        || s.state().in_flight() != 0
+        || metrics
+            .connections_closed_total
+            .with_label_values(&["send_stall"])
+            .get()
+            != 1
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "rows still held, or the close not counted as a send stall"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The server goes on serving.
@@ -260,4 +280,71 @@ async fn a_client_that_stops_reading_is_disconnected() {
     assert_eq!(r.status(), 200);
     drop(stream);
     s.stop().await;
+}
+
+/// Connections are counted while open, and when they close, by how: heads the server
+/// answers itself (400, 431) as malformed_request, which requests_total never sees.
+#[tokio::test]
+async fn connections_are_counted_open_and_by_how_they_close() {
+    let s = TestServer::default().await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let closed = |reason: &str| {
+        metrics
+            .connections_closed_total
+            .with_label_values(&[reason])
+            .get()
+    };
+    let before = metrics.open_connections.get();
+    let idle: Vec<TcpStream> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(TcpStream::connect(addr).await.unwrap());
+        }
+        v
+    };
+    wait_until("three more open", || {
+        metrics.open_connections.get() == before + 3
+    })
+    .await;
+    let clean = closed("clean");
+    drop(idle);
+    wait_until("back to before", || {
+        metrics.open_connections.get() == before
+    })
+    .await;
+    assert_eq!(closed("clean"), clean + 3);
+
+    let long_header = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-long: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    for (head, status) in [
+        ("NOT HTTP AT ALL\r\n\r\n".to_string(), "HTTP/1.1 400"),
+        (long_header, "HTTP/1.1 431"),
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let _ = stream.write_all(head.as_bytes()).await;
+        let (got, _) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(status), "{got}");
+    }
+    wait_until("two malformed heads counted", || {
+        closed("malformed_request") == 2
+    })
+    .await;
+    assert!(
+        !s.metrics_text().await.contains(r#"status="400""#),
+        "not in requests_total"
+    );
+    s.stop().await;
+}
+
+/// Waits up to 20 s for `done`; fails the test with `what` after that.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
