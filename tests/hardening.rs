@@ -415,6 +415,13 @@ async fn a_refused_large_upload_still_gets_its_429() {
     }
     let answer = whole_upload_then_answer(addr, "content-type: image/png\r\n", 16 * MIB).await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    // One that waits for 100 Continue (as curl does for large bodies): told to send, it
+    // sends the whole body, and the 429 still reaches it.
+    let answer = continued_upload_then_answer(addr, 16 * MIB).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429"),
+        "{answer}"
+    );
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer}"
@@ -440,6 +447,42 @@ async fn whole_upload_then_answer(
         .await
         .expect("the whole body is taken in");
     let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server closes the connection after its answer")
+    .expect("the answer arrives, not a reset");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// What a client that sends `Expect: 100-continue` for a `length`-byte `image/png`
+/// body gets back: it waits for `100 Continue`, then writes the whole body before it
+/// reads on to the connection's end.
+async fn continued_upload_then_answer(addr: std::net::SocketAddr, length: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\nexpect: 100-continue\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before any answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    stream
+        .write_all(&vec![0u8; length])
+        .await
+        .expect("the whole body is taken in");
     tokio::time::timeout(
         std::time::Duration::from_secs(30),
         stream.read_to_end(&mut answer),
@@ -494,6 +537,27 @@ async fn early_refusals_of_large_uploads_reach_the_client() {
             answer.to_ascii_lowercase().contains("connection: close"),
             "{answer}"
         );
+    }
+    // A client waiting for 100 Continue is not told to send: it gets the answer at once,
+    // and the connection closes without waiting for a body that will not come.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /caption HTTP/1.1\r\nhost: x\r\n{key}content-type: text/plain\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            16 * MIB
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            stream.read_to_end(&mut answer),
+        )
+        .await
+        .expect("closed at once, not after the linger")
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
     }
     // The server keeps serving.
     let (status, _) = s.post_png_json("/caption?steps=2", scene_png(1)).await;

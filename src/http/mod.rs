@@ -241,8 +241,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The server then drops the connection, and without the header a keep-alive client
 /// would send its next request into a closed socket. The rest of such a body is read
 /// and thrown away meanwhile (see [`body::discard_unread`]), up to four times the body
-/// limit; a body declared longer than that, or one whose client waits for
-/// `100 Continue` (it sends nothing more), is not.
+/// limit; a body declared longer than that is not, nor one whose client waits for
+/// `100 Continue` and was not sent it (nothing was read: it sends nothing more).
 async fn close_if_body_unread(
     State(state): State<Arc<AppState>>,
     req: Request,
@@ -260,11 +260,13 @@ async fn close_if_body_unread(
         .headers
         .get(axum::http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let linger = (!waits_for_continue && declared.is_none_or(|n| n <= most as u64)).then_some(most);
+    let linger = declared.is_none_or(|n| n <= most as u64).then_some(most);
     let body = axum::body::Body::new(EndTracked {
         inner: body,
         done: done.clone(),
         linger,
+        waits_for_continue,
+        read_from: false,
     });
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if !done.load(Ordering::SeqCst) {
@@ -282,6 +284,11 @@ struct EndTracked {
     inner: axum::body::Body,
     done: Arc<AtomicBool>,
     linger: Option<usize>,
+    /// The request said `Expect: 100-continue`: the server sends `100 Continue` when the
+    /// body is first read, and the client sends the body only then.
+    waits_for_continue: bool,
+    /// Whether the body has been read from (so `100 Continue` went out).
+    read_from: bool,
 }
 
 impl HttpBody for EndTracked {
@@ -292,6 +299,7 @@ impl HttpBody for EndTracked {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.read_from = true;
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(None) = polled {
             self.done.store(true, Ordering::SeqCst);
@@ -311,7 +319,8 @@ impl HttpBody for EndTracked {
 impl Drop for EndTracked {
     fn drop(&mut self) {
         let Some(most) = self.linger else { return };
-        if self.done.load(Ordering::SeqCst) || self.inner.is_end_stream() {
+        let never_asked_for = self.waits_for_continue && !self.read_from;
+        if never_asked_for || self.done.load(Ordering::SeqCst) || self.inner.is_end_stream() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
