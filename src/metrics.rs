@@ -135,11 +135,14 @@ impl Metrics {
         let connections_closed_total = IntCounterVec::new(
             Opts::new(
                 "connections_closed_total",
-                "HTTP connections closed, by reason: clean; malformed_request (the server \
-                 answered 400 or 431 itself; not in requests_total); header_timeout (no \
-                 complete request head within --header-read-timeout-ms); client_closed \
-                 (reset, or closed in the middle of a message); send_stall (took none of \
-                 its answer for --send-stall-timeout-ms); error (any other).",
+                "HTTP connections closed, by reason: clean (no error at the connection \
+                 level; a body that broke off is its request's error, in requests_total); \
+                 malformed_request (the server answered 400, 414 or 431 itself; not in \
+                 requests_total); header_timeout (no complete request head within \
+                 --header-read-timeout-ms); client_closed (closed or reset in the middle \
+                 of a request head, or while the server read a body or wrote an answer \
+                 at the connection level); send_stall (took none of its answer for \
+                 --send-stall-timeout-ms); error (any other).",
             ),
             &["reason"],
         )?;

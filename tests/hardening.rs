@@ -437,10 +437,20 @@ async fn whole_upload_then_answer(
     extra: &str,
     length: usize,
 ) -> String {
+    whole_upload_then_answer_over("HTTP/1.1", addr, extra, length).await
+}
+
+/// [`whole_upload_then_answer`] in HTTP `version`.
+async fn whole_upload_then_answer_over(
+    version: &str,
+    addr: std::net::SocketAddr,
+    extra: &str,
+    length: usize,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head =
-        format!("POST /caption HTTP/1.1\r\nhost: x\r\n{extra}content-length: {length}\r\n\r\n");
+        format!("POST /caption {version}\r\nhost: x\r\n{extra}content-length: {length}\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
     stream
         .write_all(&vec![0u8; length])
@@ -538,6 +548,10 @@ async fn early_refusals_of_large_uploads_reach_the_client() {
             "{answer}"
         );
     }
+    // HTTP/1.0 has no 100 Continue: its client sends the body at once, Expect or not.
+    let extra = format!("{key}content-type: text/plain\r\nexpect: 100-continue\r\n");
+    let answer = whole_upload_then_answer_over("HTTP/1.0", addr, &extra, 16 * MIB).await;
+    assert!(answer.starts_with("HTTP/1.0 415"), "{answer}");
     // A client waiting for 100 Continue is not told to send: it gets the answer at once,
     // and the connection closes without waiting for a body that will not come.
     {

@@ -333,6 +333,13 @@ async fn connections_are_counted_open_and_by_how_they_close() {
         closed("malformed_request") == 2
     })
     .await;
+    // A head that breaks off.
+    let mut cut = TcpStream::connect(addr).await.unwrap();
+    cut.write_all(b"GET /health/live HTTP/1.1\r\nhost")
+        .await
+        .unwrap();
+    drop(cut);
+    wait_until("a head cut short counted", || closed("client_closed") == 1).await;
     assert!(
         !s.metrics_text().await.contains(r#"status="400""#),
         "not in requests_total"

@@ -256,10 +256,14 @@ async fn close_if_body_unread(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let waits_for_continue = parts
-        .headers
-        .get(axum::http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // As hyper decides it: HTTP/1.1 only, the last Expect line.
+    let waits_for_continue = parts.version == axum::http::Version::HTTP_11
+        && parts
+            .headers
+            .get_all(axum::http::header::EXPECT)
+            .iter()
+            .next_back()
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let linger = declared.is_none_or(|n| n <= most as u64).then_some(most);
     let body = axum::body::Body::new(EndTracked {
         inner: body,
