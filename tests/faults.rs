@@ -159,13 +159,15 @@ struct Process {
 
 impl Process {
     fn start(args: &[&str]) -> Process {
+        Process::start_logging(args, "info,ort=warn,tower_http=debug,ladic_serve=debug")
+    }
+
+    /// [`Process::start`] with `RUST_LOG` set to `filter`.
+    fn start_logging(args: &[&str], filter: &str) -> Process {
         let mut child = bin()
             .args(["--log-json", "serve", "--bind", "127.0.0.1:0"])
             .args(args)
-            .env(
-                "RUST_LOG",
-                "info,ort=warn,tower_http=debug,ladic_serve=debug",
-            )
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -571,4 +573,87 @@ async fn ordinary_steps_do_not_fail_the_health_probes() {
     assert_eq!(long.await.unwrap().unwrap().status(), 200);
     assert!(probes > 10, "only {probes} probes during the caption");
     s.stop().await;
+}
+
+/// The access log: one JSON line per request at info, with its method, route, status,
+/// time and request id (a stream's when it ends); probes and scrapes at debug, so the
+/// default level leaves them out.
+#[tokio::test]
+async fn every_request_gets_an_access_log_line() {
+    let mut p = Process::start_logging(&["--intra-op-threads", "1"], "info,ort=warn");
+    let base = format!("http://{}", p.addr());
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base, &p).await;
+    let post = |path: &str, id: &str, body: Vec<u8>| {
+        client
+            .post(format!("{base}{path}"))
+            .header("content-type", "image/png")
+            .header("x-request-id", id)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post("/caption?steps=2", "log-ok", scene_png(1))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post("/caption", "log-bad", b"not an image".to_vec())
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let streamed = post("/caption?steps=2&stream=true", "log-stream", scene_png(2))
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    streamed.bytes().await.unwrap();
+    client.get(format!("{base}/metrics")).send().await.unwrap();
+    let lines = || -> Vec<Value> {
+        p.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "ladic_serve::access")
+            .collect()
+    };
+    let start = Instant::now();
+    while lines().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "{}", p.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines = lines();
+    let find = |id: &str| {
+        lines
+            .iter()
+            .find(|v| v["fields"]["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}: {lines:?}"))
+            .clone()
+    };
+    for (id, status) in [("log-ok", 200), ("log-bad", 400), ("log-stream", 200)] {
+        let line = find(id);
+        assert_eq!(line["level"], "INFO", "{line}");
+        let f = &line["fields"];
+        assert_eq!(
+            (
+                f["method"].as_str(),
+                f["route"].as_str(),
+                f["status"].as_u64()
+            ),
+            (Some("POST"), Some("/caption"), Some(status)),
+            "{line}"
+        );
+        assert!(f["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
+    }
+    assert_eq!(
+        lines.len(),
+        3,
+        "probes and scrapes are debug lines: {lines:?}"
+    );
+    sigterm(&p);
+    assert!(p.wait(Duration::from_secs(30)).success());
 }

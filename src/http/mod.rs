@@ -415,7 +415,9 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
     if req.method() != Method::OPTIONS {
         let record = RequestRecord {
             metrics: state.metrics.clone(),
+            method: req.method().clone(),
             route,
+            request_id: request_id.to_str().unwrap_or("-").to_string(),
             start,
             counted: false,
         };
@@ -435,6 +437,9 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
     response
 }
 
+/// The target of the access log's lines (see [`RequestRecord`]).
+pub const ACCESS_LOG: &str = "ladic_serve::access";
+
 /// The status counted for a request whose client left before its answer (nginx's
 /// "client closed request"), or whose connection the server closed first (a client
 /// that stopped reading, the end of a shutdown).
@@ -445,7 +450,9 @@ pub const CLIENT_CLOSED: u16 = 499;
 /// [`CLIENT_CLOSED`] when dropped unfinished.
 pub struct RequestRecord {
     metrics: Arc<Metrics>,
+    method: Method,
     route: String,
+    request_id: String,
     start: Instant,
     counted: bool,
 }
@@ -457,15 +464,36 @@ impl RequestRecord {
     }
 
     fn count(&self, status: u16) {
-        let status = status.to_string();
+        let elapsed = self.start.elapsed();
+        let code = status.to_string();
         self.metrics
             .requests_total
-            .with_label_values(&[self.route.as_str(), status.as_str()])
+            .with_label_values(&[self.route.as_str(), code.as_str()])
             .inc();
         self.metrics
             .request_duration_seconds
             .with_label_values(&[self.route.as_str()])
-            .observe(self.start.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        self.log(status, elapsed);
+    }
+
+    /// The access log: one line per request, when it is counted. Probes and scrapes,
+    /// which come every few seconds, at debug; the rest at info. `RUST_LOG` with
+    /// `ladic_serve::access=warn` turns it off.
+    fn log(&self, status: u16, elapsed: Duration) {
+        let ms = (elapsed.as_secs_f64() * 1e4).round() / 10.0;
+        let (method, route, id) = (&self.method, &self.route, &self.request_id);
+        if route.starts_with("/health/") || route == "/metrics" {
+            tracing::debug!(
+                target: ACCESS_LOG,
+                %method, %route, status, ms, request_id = %id, "answered"
+            );
+        } else {
+            tracing::info!(
+                target: ACCESS_LOG,
+                %method, %route, status, ms, request_id = %id, "answered"
+            );
+        }
     }
 }
 
