@@ -447,24 +447,12 @@ async fn whole_upload_then_answer_over(
     extra: &str,
     length: usize,
 ) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head =
         format!("POST /caption {version}\r\nhost: x\r\n{extra}content-length: {length}\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream
-        .write_all(&vec![0u8; length])
-        .await
-        .expect("the whole body is taken in");
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        stream.read_to_end(&mut answer),
-    )
-    .await
-    .expect("the server closes the connection after its answer")
-    .expect("the answer arrives, not a reset");
-    String::from_utf8_lossy(&answer).into_owned()
+    send_body_then_read(stream, length, Vec::new()).await
 }
 
 /// What a client that sends `Expect: 100-continue` for a `length`-byte `image/png`
@@ -489,6 +477,17 @@ async fn continued_upload_then_answer(addr: std::net::SocketAddr, length: usize)
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    send_body_then_read(stream, length, answer).await
+}
+
+/// Writes `length` zero bytes of body to `stream`, then reads to the connection's end
+/// within 30 s; what came before (`answer`) and after, as text.
+async fn send_body_then_read(
+    mut stream: tokio::net::TcpStream,
+    length: usize,
+    mut answer: Vec<u8>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
         .write_all(&vec![0u8; length])
         .await
