@@ -68,8 +68,10 @@ impl CleanRules {
 /// as a token: "skate ##board skate ##board"), spaces before punctuation removed,
 /// trailing periods replaced by exactly one.
 pub fn tidy(decoded: &str) -> String {
+    // Python's `str.split()` (the reference) also splits at U+001C..U+001F.
+    let space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
     let mut words: Vec<&str> = Vec::new();
-    for word in decoded.split_whitespace() {
+    for word in decoded.split(space).filter(|w| !w.is_empty()) {
         if words.last() != Some(&word) {
             words.push(word);
         }
@@ -199,5 +201,7 @@ mod tests {
         assert_eq!(tidy("a cat . ."), "a cat.");
         assert_eq!(tidy("  a dog ! "), "a dog!.");
         assert_eq!(tidy("a dog dog , dog on on a mat"), "a dog, dog on a mat.");
+        // Split as Python's str.split() splits: `"a\x1fcat\u3000cat".split()`.
+        assert_eq!(tidy("a\u{1f}cat\u{3000}cat\u{a0}"), "a cat.");
     }
 }
