@@ -78,7 +78,16 @@ impl CaptionParams {
             return Ok(params);
         };
         let pairs: Vec<(String, String)> = serde_urlencoded_pairs(query)?;
+        let mut seen = std::collections::HashSet::new();
         for (k, v) in pairs {
+            // `steps=3&steps=4` is ambiguous: refused, as a field twice in a form or a
+            // JSON body is.
+            if !seen.insert(k.clone()) {
+                return Err(ApiError::InvalidParameter(format!(
+                    "parameter {:?} given more than once",
+                    clip(&k, 40)
+                )));
+            }
             params.set_text(&k, &v)?;
         }
         Ok(params)
@@ -307,6 +316,13 @@ pub fn clip(s: &str, max: usize) -> String {
 
 /// Parses a JSON body, telling syntax errors (400) from wrong values (422).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde reads a struct from an array too, by position: a body must be an object.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(ApiError::MalformedRequest(
+            "malformed JSON: the body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         let message = e.to_string();
         // 400 for a body that is not the request's shape (not JSON, not an object, no
@@ -429,6 +445,13 @@ mod tests {
         assert_eq!(r.seed, 9);
         assert_eq!(r.timeout, Duration::from_secs(1));
 
+        let e = CaptionParams::from_query(Some("steps=3&guidance=1&steps=4")).unwrap_err();
+        assert_eq!(e.status(), 422);
+        assert!(
+            e.to_string().contains("\"steps\" given more than once"),
+            "{e}"
+        );
+
         for bad in [
             "steps=0",
             "steps=101",
@@ -524,6 +547,9 @@ mod tests {
             b"3",
             br#"{"steps": 4}"#,
             br#"{"image": "x", "steps": 4, "steps": 5}"#,
+            // An array is read by position: it once captioned with steps 7.
+            br#"["x", 7, null, null, null, 42, null, false]"#,
+            b"[1, 2]",
         ] {
             let e = parse_json::<CaptionJson>(body).unwrap_err();
             assert_eq!(e.status(), 400, "{}: {e}", String::from_utf8_lossy(body));
