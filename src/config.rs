@@ -18,8 +18,14 @@ use crate::runtime::{DeviceChoice, SessionOptions};
     about = "Image captioning with LaDiC over HTTP"
 )]
 pub struct Cli {
-    /// Log as JSON lines (for log collectors) instead of human-readable text.
-    #[arg(long, env = "LADIC_LOG_JSON", global = true)]
+    /// Log as JSON lines (for log collectors) instead of human-readable text. The
+    /// variable takes true/false, 1/0, yes/no or on/off.
+    #[arg(
+        long,
+        env = "LADIC_LOG_JSON",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub log_json: bool,
 
     #[command(subcommand)]

@@ -10,7 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    let json = cli.log_json;
+    init_tracing(json);
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Caption(args) => pipeline::caption_files(&args)
@@ -24,8 +25,13 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the chain of causes, most general first.
-            eprintln!("error: {e:#}");
+            // One line: the chain of causes, most general first; a JSON log line when
+            // the logs are JSON, so that a log collector keeps why the process ended.
+            if json {
+                tracing::error!(error = %format!("{e:#}"), "exiting");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -114,6 +114,35 @@ fn serve_fails(bundle: &Path, expect: &[&str]) {
     }
 }
 
+/// With JSON logs, the line that says why the process stops is a JSON line too (a log
+/// collector drops or mangles plain text); `LADIC_LOG_JSON=1` turns them on.
+#[test]
+fn with_json_logs_the_reason_for_stopping_is_json() {
+    let out = bin()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--bundle",
+            "/nonexistent/bundle",
+        ])
+        .env("LADIC_LOG_JSON", "1")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: Value = serde_json::from_str(stderr.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    let error = last["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot start serving /nonexistent/bundle")
+            && error.contains("manifest.json"),
+        "{last}"
+    );
+}
+
 #[test]
 fn a_missing_or_corrupt_bundle_stops_startup() {
     serve_fails(
