@@ -111,6 +111,17 @@ pub fn warm_up_pixels(bundle: &Bundle) -> ndarray::Array3<f32> {
 
 /// The `caption` command: captions files and returns one line per image.
 pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
+    // Files first: a wrong path should not wait for the model to load.
+    let files = args
+        .images
+        .iter()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| LoadError::Read {
+                path: path.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let prepared = prepare(&args.model)?;
     let manifest = &prepared.bundle.manifest;
     // The HTTP API's ranges and messages; no deadline worth the name.
@@ -138,11 +149,7 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
     let scheduler = start_scheduler(&prepared, config, metrics)?;
     let limits = ImageLimits::default();
     let mut receivers = Vec::with_capacity(args.images.len());
-    for path in &args.images {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.clone(),
-            source,
-        })?;
+    for (path, bytes) in args.images.iter().zip(files) {
         let pixels =
             preprocess::preprocess(&bytes, &manifest.image, &limits).map_err(|source| {
                 LoadError::Image {

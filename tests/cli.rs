@@ -51,7 +51,7 @@ fn caption_prints_one_line_per_image() {
 fn missing_onnxruntime_is_a_one_line_error() {
     let out = bin()
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
-        .args(["caption", "whatever.png"])
+        .args(["caption", "tests/fixtures/scenes/test-seen-000.png"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -65,6 +65,28 @@ fn missing_onnxruntime_is_a_one_line_error() {
     assert!(!stderr.contains("panicked"));
 }
 
+/// A file that cannot be read is reported before the model loads (which takes long at
+/// full size): here with no ONNX Runtime at all.
+#[test]
+fn caption_reads_its_files_before_loading_the_model() {
+    let out = bin()
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .args([
+            "caption",
+            "tests/fixtures/scenes/test-seen-000.png",
+            "/nonexistent/photo.png",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot read /nonexistent/photo.png"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn unknown_bundle_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,7 +98,7 @@ fn unknown_bundle_version_is_refused() {
     let out = bin()
         .args(["caption", "--bundle"])
         .arg(dir.path())
-        .arg("x.png")
+        .arg("tests/fixtures/scenes/test-seen-000.png")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -203,7 +225,12 @@ fn caption_checks_its_parameters_as_the_http_api_does() {
             "candidates must be between 1 and 8, got 9",
         ),
     ] {
-        let out = output_soon(bin().arg("caption").args(args).arg("missing.png"));
+        let out = output_soon(
+            bin()
+                .arg("caption")
+                .args(args)
+                .arg("tests/fixtures/scenes/test-seen-000.png"),
+        );
         assert_refused(&out, &[message]);
     }
 }
