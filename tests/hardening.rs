@@ -84,8 +84,9 @@ async fn hostile_requests() {
         "http://169.254.169.254/latest/",
     ] {
         let r = s.post_json("/caption", &json!({"image": url})).await;
-        let (status, ty, _) = error_type(r).await;
+        let (status, ty, error) = error_type(r).await;
         assert_eq!((status, ty.as_str()), (400, "malformed_request"), "{url}");
+        assert!(error.contains("never fetches"), "{error}");
     }
 
     // Error messages do not echo large inputs: an image where a number goes, a

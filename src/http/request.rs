@@ -293,6 +293,15 @@ pub fn decode_base64_image(s: &str) -> Result<Vec<u8>, ApiError> {
             "the image field is empty".into(),
         ));
     }
+    let scheme = cleaned.split_once("://").map(|(scheme, _)| scheme);
+    if scheme.is_some_and(|s| {
+        !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_alphabetic())
+    }) {
+        return Err(ApiError::MalformedRequest(
+            "the image is a URL: the server never fetches one; send the image's bytes as base64"
+                .into(),
+        ));
+    }
     STANDARD_LENIENT
         .decode(cleaned.as_bytes())
         .or_else(|_| URL_SAFE_LENIENT.decode(cleaned.as_bytes()))
