@@ -110,6 +110,7 @@ fn serde_urlencoded_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptionJson {
+    #[serde(deserialize_with = "image_field")]
     pub image: String,
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
@@ -124,6 +125,7 @@ pub struct CaptionJson {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchJson {
+    #[serde(deserialize_with = "images_field")]
     pub images: Vec<String>,
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
@@ -133,6 +135,21 @@ pub struct BatchJson {
     pub timeout_ms: Option<u64>,
     /// Refused when true (a batch does not stream), with a message that says so.
     pub stream: Option<bool>,
+}
+
+/// What a JSON body's `image` must be; a body whose `image` is not one is malformed
+/// (400), not a parameter problem.
+const IMAGE_FIELD: &str = "\"image\" must be a string: the image's bytes in base64, or a data URI";
+/// The same for `images`.
+const IMAGES_FIELD: &str =
+    "\"images\" must be a list of strings: each image's bytes in base64, or a data URI";
+
+fn image_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    String::deserialize(d).map_err(|_| serde::de::Error::custom(IMAGE_FIELD))
+}
+
+fn images_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Vec::<String>::deserialize(d).map_err(|_| serde::de::Error::custom(IMAGES_FIELD))
 }
 
 macro_rules! params_of {
@@ -333,7 +350,12 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
-        let message = e.to_string();
+        // In the API's words, not Rust's.
+        let message = e
+            .to_string()
+            .replace("expected usize", "expected a whole number >= 0")
+            .replace("expected u64", "expected a whole number >= 0")
+            .replace("expected f64", "expected a number");
         // 400 for a body that is not the request's shape (not JSON, not an object, no
         // image); 422 for a parameter of the wrong type or out of its type's range, or
         // an unknown one, as in the query string.
@@ -341,6 +363,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
             serde_json::error::Category::Data => {
                 message.starts_with("missing field")
                     || message.starts_with("duplicate field")
+                    || message.starts_with(IMAGE_FIELD)
+                    || message.starts_with(IMAGES_FIELD)
                     || message.contains("expected struct")
             }
             _ => !message.starts_with("number out of range"),
@@ -556,6 +580,8 @@ mod tests {
             b"3",
             br#"{"steps": 4}"#,
             br#"{"image": "x", "steps": 4, "steps": 5}"#,
+            br#"{"image": 5}"#,
+            br#"{"image": ["x"], "steps": 4}"#,
             // An array is read by position: it once captioned with steps 7.
             br#"["x", 7, null, null, null, 42, null, false]"#,
             b"[1, 2]",
@@ -564,6 +590,20 @@ mod tests {
             assert_eq!(e.status(), 400, "{}: {e}", String::from_utf8_lossy(body));
         }
         assert_eq!(parse_json::<BatchJson>(b"{}").unwrap_err().status(), 400);
+        for body in [&br#"{"images": "x"}"#[..], br#"{"images": [1]}"#] {
+            let e = parse_json::<BatchJson>(body).unwrap_err();
+            assert_eq!(e.status(), 400, "{e}");
+            assert!(e.to_string().contains(IMAGES_FIELD), "{e}");
+        }
+        let e = parse_json::<CaptionJson>(br#"{"image": 5}"#).unwrap_err();
+        assert!(e.to_string().contains(IMAGE_FIELD), "{e}");
+        // Types in the API's words.
+        let e = parse_json::<CaptionJson>(br#"{"image": "x", "steps": "many"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("expected a whole number >= 0"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("usize"), "{e}");
         // A number no parameter can hold is a parameter problem, whichever its type.
         for body in [
             &br#"{"image": "x", "guidance": 1e400}"#[..],
