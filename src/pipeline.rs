@@ -135,7 +135,8 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
     };
     let hour = Duration::from_secs(3600);
     let resolved = request::resolve(&requested, &SamplerParams::defaults(manifest), hour, hour)
-        .map_err(|e| LoadError::Parameter(e.to_string()))?;
+        // The HTTP API's message starts with the parameter's name; here it is a flag.
+        .map_err(|e| LoadError::Parameter(format!("--{e}")))?;
     let params = resolved.sampler;
     let metrics = Arc::new(Metrics::new()?);
     let config = SchedulerConfig {

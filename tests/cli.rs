@@ -219,7 +219,10 @@ fn caption_checks_its_parameters_as_the_http_api_does() {
             &["--steps", "5000"],
             "steps must be between 1 and 100, got 5000",
         ),
-        (&["--steps", "0"], "steps must be between 1 and 100, got 0"),
+        (
+            &["--steps", "0"],
+            "--steps must be between 1 and 100, got 0",
+        ),
         (
             &["--candidates", "9"],
             "candidates must be between 1 and 8, got 9",
