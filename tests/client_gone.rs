@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, scene_png, test_args};
+use common::{TestServer, scene_png, test_args, wait_for};
 use ladic_serve::config::BatchingMode;
 use ladic_serve::metrics::Metrics;
 use std::io::Write;
@@ -27,14 +27,6 @@ fn send_raw(addr: SocketAddr, path: &str, body: &[u8]) -> TcpStream {
     conn.write_all(body).unwrap();
     conn.flush().unwrap();
     conn
-}
-
-async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn client_gone(metrics: &Metrics) -> u64 {

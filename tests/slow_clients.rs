@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, blank_rgba16_png, scene_png, test_args};
+use common::{TestServer, blank_rgba16_png, scene_png, test_args, wait_for};
 use ladic_serve::http::body::LINGER_IDLE;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -303,13 +303,13 @@ async fn connections_are_counted_open_and_by_how_they_close() {
         }
         v
     };
-    wait_until("three more open", || {
+    wait_for("three more open", Duration::from_secs(20), || {
         metrics.open_connections.get() == before + 3
     })
     .await;
     let clean = closed("clean");
     drop(idle);
-    wait_until("back to before", || {
+    wait_for("back to before", Duration::from_secs(20), || {
         metrics.open_connections.get() == before
     })
     .await;
@@ -329,9 +329,11 @@ async fn connections_are_counted_open_and_by_how_they_close() {
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with(status), "{got}");
     }
-    wait_until("two malformed heads counted", || {
-        closed("malformed_request") == 2
-    })
+    wait_for(
+        "two malformed heads counted",
+        Duration::from_secs(20),
+        || closed("malformed_request") == 2,
+    )
     .await;
     // A head that breaks off.
     let mut cut = TcpStream::connect(addr).await.unwrap();
@@ -339,19 +341,13 @@ async fn connections_are_counted_open_and_by_how_they_close() {
         .await
         .unwrap();
     drop(cut);
-    wait_until("a head cut short counted", || closed("client_closed") == 1).await;
+    wait_for("a head cut short counted", Duration::from_secs(20), || {
+        closed("client_closed") == 1
+    })
+    .await;
     assert!(
         !s.metrics_text().await.contains(r#"status="400""#),
         "not in requests_total"
     );
     s.stop().await;
-}
-
-/// Waits up to 20 s for `done`; fails the test with `what` after that.
-async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -374,3 +374,16 @@ pub fn refusal_line(out: &std::process::Output) -> String {
         .unwrap_or_else(|| panic!("no error line: {stderr}"))
         .to_string()
 }
+
+/// Waits until `done`, checking every 5 ms; fails the test, naming `what`, after
+/// `within`.
+pub async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
