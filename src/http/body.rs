@@ -132,10 +132,10 @@ const FIRST_RESERVATION: usize = 64 * KIB;
 
 /// Reads the whole body within `budget`: 413 above `limit` bytes, 408 if it has not
 /// arrived in full by `deadline` (a slow or stalled upload), 429 if the budget has no
-/// room for it (times `kind`'s copies). The reservation grows
-/// with the bytes received (doubling, up to the declared length), so a client holds
-/// only what it has sent. The reservation comes back with the bytes: hold it (see
-/// [`hold`]) until the image taken from them is decoded.
+/// room for it (times `kind`'s copies). The reservation grows with the bytes received
+/// (doubling, up to the declared length), so a client holds only what it has sent.
+/// The reservation comes back with the bytes: hold it (see [`hold`]) until the image
+/// taken from them is decoded.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -144,10 +144,7 @@ pub async fn read_body(
     budget: &BodyBudget,
     kind: BodyKind,
 ) -> Result<(Bytes, Reservation), ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -185,6 +182,14 @@ pub async fn read_body(
         buffer.extend_from_slice(&data);
     }
     Ok((Bytes::from(buffer), reservation))
+}
+
+/// The body's length as its `Content-Length` declares it, if it does.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// How long the rest of a body left unread by its answer is read and thrown away, at

@@ -251,11 +251,7 @@ async fn close_if_body_unread(
     let (parts, body) = req.into_parts();
     let done = Arc::new(AtomicBool::new(HttpBody::is_end_stream(&body)));
     let most = state.settings.max_body_bytes.saturating_mul(4);
-    let declared = parts
-        .headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = body::declared_length(&parts.headers);
     // As hyper decides it: HTTP/1.1 only, the last Expect line.
     let waits_for_continue = parts.version == axum::http::Version::HTTP_11
         && parts

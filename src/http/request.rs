@@ -356,8 +356,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
             .replace("expected usize", "expected a whole number >= 0")
             .replace("expected u64", "expected a whole number >= 0")
             .replace("expected f64", "expected a number");
-        // 400 for a body that is not the request's shape (not JSON, not an object, no
-        // image); 422 for a parameter of the wrong type or out of its type's range, or
+        // 400 for a body that is not the request's shape (not JSON, no image, an
+        // image that is not a string; not an object is refused above); 422 for a parameter of the wrong type or out of its type's range, or
         // an unknown one, as in the query string.
         let malformed = match e.classify() {
             serde_json::error::Category::Data => {
@@ -365,7 +365,6 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
                     || message.starts_with("duplicate field")
                     || message.starts_with(IMAGE_FIELD)
                     || message.starts_with(IMAGES_FIELD)
-                    || message.contains("expected struct")
             }
             _ => !message.starts_with("number out of range"),
         };
