@@ -1,5 +1,6 @@
 //! Clients that hang up mid-request, over real HTTP: their rows leave the batch at the
-//! next step (or are skipped when their job reaches the front of the queue), the
+//! next step (or are skipped when their job reaches the front of the queue, or taken
+//! out of a full queue when a new request needs the room), the
 //! `images_dropped_total{reason="client_gone"}` counter says so, and the worker goes
 //! on with other requests.
 
@@ -121,5 +122,70 @@ async fn a_queued_request_whose_client_left_is_skipped() {
     .await;
     // Its wait in the queue is counted too: the warm-up, the first request and it.
     assert_eq!(metrics.queue_wait_seconds.get_sample_count(), 3);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
+    // One worker, batching off, room for two in the queue.
+    let mut args = test_args();
+    args.batching = BatchingMode::Off;
+    args.workers = 1;
+    args.queue_size = 2;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let scheduler = s.state().scheduler.get().unwrap().clone();
+
+    // Seconds of work for the only worker.
+    let busy_request = s
+        .png_request("/caption?steps=100&candidates=8", scene_png(0))
+        .send();
+    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
+    wait_for("the first request to run", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == 8
+    })
+    .await;
+    // Two clients fill the queue, then give up.
+    let gave_up: Vec<_> = (1..3)
+        .map(|i| send_raw(addr, "/caption?steps=100&candidates=8", &scene_png(i)))
+        .collect();
+    wait_for("the queue to fill", Duration::from_secs(30), || {
+        scheduler.queue_depth() == 2
+    })
+    .await;
+    drop(gave_up);
+    let left = metrics
+        .requests_total
+        .with_label_values(&["/caption", "499"]);
+    wait_for("both hang-ups to be seen", Duration::from_secs(30), || {
+        left.get() == 2
+    })
+    .await;
+
+    // Their jobs are still queued, but a new request takes their place instead of a 429.
+    let fresh_request = s.png_request("/caption?steps=2", scene_png(3)).send();
+    let fresh = tokio::spawn(async move { fresh_request.await.unwrap().status() });
+    wait_for(
+        "the new request to be queued, or answered",
+        Duration::from_secs(30),
+        || (client_gone(&metrics) == 2 && scheduler.queue_depth() == 1) || fresh.is_finished(),
+    )
+    .await;
+    if fresh.is_finished() {
+        panic!(
+            "answered {} at once while the queue held only requests nobody waits for",
+            fresh.await.unwrap()
+        );
+    }
+    assert_eq!(client_gone(&metrics), 2);
+    assert_eq!(scheduler.queue_depth(), 1);
+    // Taken out by the new request, not by the worker, which is still on the first one.
+    assert_eq!(metrics.rows_in_flight.get(), 8);
+
+    assert_eq!(busy.await.unwrap(), 200);
+    assert_eq!(fresh.await.unwrap(), 200);
+    let text = s.metrics_text().await;
+    assert!(text.contains("ladic_queue_depth 0"), "{text}");
     s.stop().await;
 }

@@ -75,7 +75,7 @@ pub async fn caption(
     let start = Instant::now();
     let scheduler = state.ready_scheduler()?;
     let _in_flight = InFlight::new(&state.in_flight);
-    refuse_if_queue_full(&state, &scheduler, 1)?;
+    refuse_if_queue_full(&scheduler, 1)?;
 
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
@@ -378,7 +378,7 @@ pub async fn caption_batch(
     }
     let params = query.overridden_by(json.params());
     refuse_batch_stream(&params)?;
-    refuse_if_queue_full(&state, &scheduler, json.images.len())?;
+    refuse_if_queue_full(&scheduler, json.images.len())?;
     let resolved = resolve(&state, &params)?;
     // The images keep the body's reservation (shared) until the last is decoded; each
     // base64 string goes as soon as it is decoded.
@@ -477,8 +477,8 @@ fn request_timeout(state: &AppState, params: &CaptionParams) -> Result<Duration,
 }
 
 /// Refuses before decoding anything when the queue cannot take `n` more images.
-fn refuse_if_queue_full(state: &AppState, scheduler: &Scheduler, n: usize) -> Result<(), ApiError> {
-    if scheduler.queue_depth() + n > state.settings.queue_size.max(1) {
+fn refuse_if_queue_full(scheduler: &Scheduler, n: usize) -> Result<(), ApiError> {
+    if !scheduler.has_room_for(n) {
         return Err(ApiError::Overloaded);
     }
     Ok(())

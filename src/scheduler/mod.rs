@@ -209,6 +209,20 @@ impl HeldJobs {
         job
     }
 
+    /// The jobs held whose client left or whose deadline passed, each with its
+    /// reason; the others stay, in order.
+    fn take_leaving(&self, now: Instant) -> Vec<(CaptionJob, &'static str)> {
+        let mut jobs = self.lock();
+        let mut leaving = Vec::new();
+        for queued in std::mem::take(&mut *jobs) {
+            match worker::leave_reason(&queued.job, now) {
+                Some(reason) => leaving.push((queued.job, reason)),
+                None => jobs.push_back(queued),
+            }
+        }
+        leaving
+    }
+
     /// Every job held.
     pub fn take_all(&self) -> Vec<Queued> {
         self.lock().drain(..).collect()
@@ -409,7 +423,9 @@ impl Scheduler {
         }
     }
 
-    /// Queues a job without waiting; a full queue is an immediate error.
+    /// Queues a job without waiting; a full queue is an immediate error. A full queue
+    /// first gives up the jobs whose client left or whose deadline passed, which a
+    /// worker would skip anyway.
     pub fn submit(&self, job: CaptionJob) -> Result<(), SubmitError> {
         self.enqueue(Queued {
             job,
@@ -433,12 +449,70 @@ impl Scheduler {
     fn enqueue(&self, queued: Queued) -> Result<(), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
-        let result = tx.try_send(queued).map_err(|e| match e {
+        let refused = |e| match e {
             TrySendError::Full(_) => SubmitError::QueueFull,
             TrySendError::Disconnected(_) => SubmitError::Closed,
-        });
+        };
+        let result = match tx.try_send(queued) {
+            // A full queue may be full of jobs nobody waits for (clients that gave up
+            // and perhaps retried): a worker would skip each when it reached it, but
+            // until then they would turn live requests away.
+            Err(TrySendError::Full(queued)) if self.sweep_leaving(tx) > 0 => {
+                tx.try_send(queued).map_err(refused)
+            }
+            other => other.map_err(refused),
+        };
         self.metrics.queue_depth.set(self.queue_depth() as i64);
         result
+    }
+
+    /// Takes every job whose client left or whose deadline passed out of the queue and
+    /// out of the held jobs, counted and answered as a worker drops them; the others
+    /// keep their order. Returns how many left. Needs the sending side's lock: nothing
+    /// else is queued meanwhile, so the jobs put back always fit. (A worker may take a
+    /// job meanwhile, perhaps one behind a job that is being put back.)
+    fn sweep_leaving(&self, tx: &Sender<Queued>) -> usize {
+        let now = Instant::now();
+        let mut leaving = self.held.take_leaving(now);
+        for queued in self.rx.try_iter().collect::<Vec<_>>() {
+            if let Some(reason) = worker::leave_reason(&queued.job, now) {
+                leaving.push((queued.job, reason));
+            } else if let Err(TrySendError::Full(q) | TrySendError::Disconnected(q)) =
+                tx.try_send(queued)
+            {
+                // Unreachable while the lock is held; never lose a job silently.
+                let _ = q.job.reply.send(Err(InferError::Failed(
+                    "the request queue refused a job it had held".into(),
+                )));
+            }
+        }
+        let count = leaving.len();
+        for (job, reason) in leaving {
+            let waited = now.duration_since(job.enqueued).as_secs_f64();
+            self.metrics.queue_wait_seconds.observe(waited);
+            worker::drop_job(&self.metrics, job, reason);
+        }
+        if count > 0 {
+            tracing::debug!(
+                requests = count,
+                "took requests nobody waits for out of a full queue"
+            );
+        }
+        count
+    }
+
+    /// Whether the queue can take `images` more now. When it could not, the jobs
+    /// nobody waits for any more are taken out first (see [`Scheduler::submit`]).
+    pub fn has_room_for(&self, images: usize) -> bool {
+        let capacity = self.rx.capacity().unwrap_or(usize::MAX);
+        if self.queue_depth() + images <= capacity {
+            return true;
+        }
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            self.sweep_leaving(tx);
+        }
+        self.queue_depth() + images <= capacity
     }
 
     /// Images waiting for a worker: queued, or held for room in a batch.
@@ -512,6 +586,68 @@ mod tests {
     use std::panic::AssertUnwindSafe;
 
     use super::*;
+
+    /// A queued job of `seed` (to tell jobs apart) and the receiver of its answer.
+    fn held_job(seed: u64, deadline: Instant) -> (Queued, CaptionReply) {
+        let params = SamplerParams {
+            steps: 1,
+            guidance: 0.0,
+            time_shift: 0,
+            renoise_scale: 1.0,
+            self_conditioning: false,
+            back_refine: crate::bundle::BackRefineSpec {
+                enabled: false,
+                keep_fraction: 0.0,
+                trigger_t: 0,
+                rounds: 0,
+            },
+            candidates: 1,
+        };
+        let (job, reply) = CaptionJob::new(Array3::zeros((3, 2, 2)), params, seed, deadline);
+        let queued = Queued {
+            job,
+            progress: None,
+        };
+        (queued, reply)
+    }
+
+    #[test]
+    fn held_jobs_nobody_waits_for_leave_from_anywhere_in_line() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let held = HeldJobs::new();
+        let (first, _first_reply) = held_job(1, later);
+        let (gone, gone_reply) = held_job(2, later);
+        let (past_deadline, mut past_reply) = held_job(3, now);
+        let (last, _last_reply) = held_job(4, later);
+        for queued in [first, gone, past_deadline, last] {
+            held.push(queued);
+        }
+        drop(gone_reply);
+
+        let leaving = held.take_leaving(now);
+        let left: Vec<_> = leaving
+            .iter()
+            .map(|(j, reason)| (j.seed, *reason))
+            .collect();
+        assert_eq!(left, [(2, "client_gone"), (3, "deadline")]);
+        let kept: Vec<_> = held.take_all().iter().map(|q| q.job.seed).collect();
+        assert_eq!(kept, [1, 4]);
+
+        // Answered as a worker answers them: the deadline's 504 reaches its client.
+        let metrics = Metrics::new().unwrap();
+        for (job, reason) in leaving {
+            worker::drop_job(&metrics, job, reason);
+        }
+        assert!(matches!(
+            past_reply.try_recv(),
+            Ok(Err(InferError::Deadline))
+        ));
+        for reason in ["client_gone", "deadline"] {
+            let count = metrics.requests_dropped_total.with_label_values(&[reason]);
+            assert_eq!(count.get(), 1, "{reason}");
+        }
+    }
 
     #[test]
     fn a_worker_is_stalled_only_while_in_a_step_past_the_limit() {

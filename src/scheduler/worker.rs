@@ -452,21 +452,8 @@ impl<B: Backend> Worker<B> {
         self.active = kept;
     }
 
-    /// Counts a job that leaves before its answer, and answers it as its reason says:
-    /// 504 for its deadline, 503 for the end of a shutdown's grace period (a client
-    /// that left hears nothing).
     fn drop_job(&self, job: CaptionJob, reason: &'static str) {
-        self.ctx
-            .metrics
-            .requests_dropped_total
-            .with_label_values(&[reason])
-            .inc();
-        let answer = match reason {
-            DEADLINE => InferError::Deadline,
-            SHUTDOWN => InferError::ShuttingDown,
-            _ => return,
-        };
-        let _ = job.reply.send(Err(answer));
+        drop_job(&self.ctx.metrics, job, reason);
     }
 
     /// Encodes the images of newly admitted jobs in batched encoder calls and starts
@@ -663,10 +650,26 @@ const DEADLINE: &str = "deadline";
 /// shutdown grace period ended.
 const SHUTDOWN: &str = "shutdown";
 
+/// Counts a job that leaves before its answer, and answers it as its reason says:
+/// 504 for its deadline, 503 for the end of a shutdown's grace period (a client that
+/// left hears nothing).
+pub(super) fn drop_job(metrics: &Metrics, job: CaptionJob, reason: &'static str) {
+    metrics
+        .requests_dropped_total
+        .with_label_values(&[reason])
+        .inc();
+    let answer = match reason {
+        DEADLINE => InferError::Deadline,
+        SHUTDOWN => InferError::ShuttingDown,
+        _ => return,
+    };
+    let _ = job.reply.send(Err(answer));
+}
+
 /// Why a job leaves before its answer, if it does: its deadline passed, or its client
 /// left. The deadline is checked first: when it passes, the handler's own timer closes
 /// the reply at about the same moment, and the reason is still the deadline.
-fn leave_reason(job: &CaptionJob, now: Instant) -> Option<&'static str> {
+pub(super) fn leave_reason(job: &CaptionJob, now: Instant) -> Option<&'static str> {
     if now >= job.deadline {
         Some(DEADLINE)
     } else if job.reply.is_closed() {
