@@ -107,6 +107,11 @@ fn open_decoder<'a>(
         .with_guessed_format()
         .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
     match reader.format() {
+        Some(ImageFormat::Jpeg) if jpeg_ends_early(bytes) => {
+            return Err(PreprocessError::Undecodable(
+                "the JPEG data ends before its end-of-image marker (a truncated file?)".into(),
+            ));
+        }
         Some(f) if SUPPORTED_FORMATS.contains(&f) => {}
         _ => return Err(PreprocessError::UnknownFormat),
     }
@@ -124,6 +129,48 @@ fn open_decoder<'a>(
     let (width, height) = decoder.dimensions();
     check_size(width, height, limits)?;
     Ok(decoder)
+}
+
+/// Whether JPEG `bytes` stop before the end-of-image marker that follows the image
+/// data. The JPEG decoder fills in what a cut-off file lacks (grey, or the last row
+/// repeated) without an error, and a truncated upload would be captioned as if it were
+/// the picture; the other formats' decoders refuse truncated data themselves. Bytes
+/// after the marker (some cameras append data) are allowed. A stream whose segments
+/// cannot be followed to its first scan is left to the decoder to judge.
+fn jpeg_ends_early(bytes: &[u8]) -> bool {
+    let Some(scan) = jpeg_first_scan_data(bytes) else {
+        return false;
+    };
+    // In scan data a 0xFF byte is followed only by 0x00 (stuffing) or a marker, so the
+    // end-of-image marker cannot occur by chance. Searched from the end: that is where
+    // it is in a whole file.
+    !bytes[scan..].windows(2).rev().any(|w| w == [0xFF, 0xD9])
+}
+
+/// Where the data of a JPEG stream's first scan starts: after the segments from the
+/// start-of-image marker to the start-of-scan segment (so that the end-of-image
+/// marker of a thumbnail in the EXIF data is not taken for the image's).
+fn jpeg_first_scan_data(bytes: &[u8]) -> Option<usize> {
+    let mut at = 2; // after the start-of-image marker
+    while at + 1 < bytes.len() {
+        if bytes[at] != 0xFF {
+            return None;
+        }
+        match bytes[at + 1] {
+            0xFF => at += 1,               // fill byte before a marker
+            0x01 | 0xD0..=0xD7 => at += 2, // markers without a length
+            0xD8 | 0xD9 => return None,    // a second start, or an end before any scan
+            marker => {
+                let length = bytes.get(at + 2..at + 4)?;
+                let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+                at += 2 + length;
+                if marker == 0xDA {
+                    return (at <= bytes.len()).then_some(at);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Decodes `bytes` into an image with its EXIF orientation applied.
@@ -452,6 +499,39 @@ mod tests {
             decode(&truncated, &ImageLimits::default()).unwrap_err(),
             PreprocessError::Undecodable(_)
         ));
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused_and_trailing_bytes_allowed() {
+        let refused_as_truncated = |jpeg: &[u8]| {
+            let limits = ImageLimits::default();
+            assert_eq!(decode_memory_estimate(jpeg, &limits), None);
+            match decode(jpeg, &limits) {
+                Err(PreprocessError::Undecodable(m)) => m.contains("truncated"),
+                _ => false,
+            }
+        };
+        let img = red_left_blue_right(64, 48);
+        let plain = encode(&img, ImageFormat::Jpeg);
+        // An EXIF segment with an end-of-image marker in it, as a thumbnail has.
+        let mut thumbnail = plain[..2].to_vec();
+        thumbnail.extend_from_slice(&[0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD8, 0xFF, 0xD9]);
+        thumbnail.extend_from_slice(&plain[2..]);
+        for jpeg in [plain, thumbnail, jpeg_with_orientation(&img, 6)] {
+            assert!(decode(&jpeg, &ImageLimits::default()).is_ok());
+            let mut appended = jpeg.clone();
+            appended.extend_from_slice(b"data some cameras append");
+            assert!(decode(&appended, &ImageLimits::default()).is_ok());
+            // Cut inside the image data, where the decoder alone would fill in the rest.
+            let scan = jpeg_first_scan_data(&jpeg).unwrap();
+            for keep in [jpeg.len() - 2, (scan + jpeg.len()) / 2, scan + 1] {
+                assert!(
+                    refused_as_truncated(&jpeg[..keep]),
+                    "{keep} of {} bytes",
+                    jpeg.len()
+                );
+            }
+        }
     }
 
     /// A JPEG whose EXIF says "rotate 90 degrees clockwise" (orientation 6).

@@ -212,6 +212,22 @@ async fn error_statuses() {
     truncated.truncate(truncated.len() / 2);
     let r = s.post_png("/caption", truncated).await;
     assert_eq!(error_type(r, 400).await, "invalid_image");
+    // A JPEG cut off in its image data, which its decoder alone would fill in with grey.
+    let jpeg = common::encode(&common::scene(0), ImageFormat::Jpeg);
+    let r = s
+        .post("/caption")
+        .header("content-type", "image/jpeg")
+        .body(jpeg[..jpeg.len() * 3 / 4].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = json_of(r).await;
+    assert_eq!(body["error_type"], "invalid_image");
+    assert!(
+        body["error"].as_str().unwrap().contains("truncated"),
+        "{body}"
+    );
     let r = s
         .post("/caption")
         .header("content-type", "application/json")
