@@ -61,16 +61,22 @@ pub struct Prepared {
 
 pub fn prepare(model: &ModelArgs) -> Result<Prepared, LoadError> {
     let runtime = runtime::init_onnxruntime(model.ort_library.as_deref())?;
-    let bundle = Arc::new(Bundle::load(&model.bundle)?);
-    let text = Arc::new(TextDecoder::load(
-        &bundle.tokenizer_path,
-        &bundle.manifest.text,
-    )?);
+    let (bundle, text) = load_bundle(model)?;
     Ok(Prepared {
         runtime,
         bundle,
         text,
     })
+}
+
+/// The bundle's manifest and tokenizer (no ONNX Runtime needed).
+fn load_bundle(model: &ModelArgs) -> Result<(Arc<Bundle>, Arc<TextDecoder>), LoadError> {
+    let bundle = Arc::new(Bundle::load(&model.bundle)?);
+    let text = Arc::new(TextDecoder::load(
+        &bundle.tokenizer_path,
+        &bundle.manifest.text,
+    )?);
+    Ok((bundle, text))
 }
 
 /// Starts the workers (blocking: creates the sessions).
@@ -110,8 +116,11 @@ pub fn warm_up_pixels(bundle: &Bundle) -> ndarray::Array3<f32> {
 }
 
 /// The `caption` command: captions files and returns one line per image.
+///
+/// Everything a user can get wrong (a path, a flag's value, a file that is not an
+/// image) is checked before ONNX Runtime loads and the sessions are created, which
+/// takes seconds at full size.
 pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
-    // Files first: a wrong path should not wait for the model to load.
     let files = args
         .images
         .iter()
@@ -122,8 +131,8 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let prepared = prepare(&args.model)?;
-    let manifest = &prepared.bundle.manifest;
+    let (bundle, text) = load_bundle(&args.model)?;
+    let manifest = &bundle.manifest;
     // The HTTP API's ranges and messages; no deadline worth the name.
     let requested = CaptionParams {
         steps: args.steps,
@@ -138,6 +147,25 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
         // The HTTP API's message starts with the parameter's name; here it is a flag.
         .map_err(|e| LoadError::Parameter(format!("--{e}")))?;
     let params = resolved.sampler;
+    let limits = ImageLimits::default();
+    let images = args
+        .images
+        .iter()
+        .zip(files)
+        .map(|(path, bytes)| {
+            preprocess::preprocess(&bytes, &manifest.image, &limits).map_err(|source| {
+                LoadError::Image {
+                    path: path.clone(),
+                    source,
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let prepared = Prepared {
+        runtime: runtime::init_onnxruntime(args.model.ort_library.as_deref())?,
+        bundle: bundle.clone(),
+        text,
+    };
     let metrics = Arc::new(Metrics::new()?);
     let config = SchedulerConfig {
         workers: 1,
@@ -148,16 +176,8 @@ pub fn caption_files(args: &CaptionArgs) -> Result<Vec<String>, LoadError> {
         session: args.model.session_options(),
     };
     let scheduler = start_scheduler(&prepared, config, metrics)?;
-    let limits = ImageLimits::default();
-    let mut receivers = Vec::with_capacity(args.images.len());
-    for (path, bytes) in args.images.iter().zip(files) {
-        let pixels =
-            preprocess::preprocess(&bytes, &manifest.image, &limits).map_err(|source| {
-                LoadError::Image {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+    let mut receivers = Vec::with_capacity(images.len());
+    for pixels in images {
         let rx = submit(
             &scheduler,
             pixels,

@@ -87,6 +87,31 @@ fn caption_reads_its_files_before_loading_the_model() {
     );
 }
 
+/// So are a flag's value out of range and a file that is not an image.
+#[test]
+fn caption_checks_its_parameters_and_images_before_loading_the_model() {
+    let caption = |extra: &[&str]| {
+        let out = bin()
+            .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+            .arg("caption")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let stderr = caption(&["--steps", "0", "tests/fixtures/scenes/test-seen-000.png"]);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--steps must be"), "{stderr}");
+
+    let stderr = caption(&["tests/fixtures/scenes/test-seen-000.png", "Cargo.toml"]);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot use image Cargo.toml: unrecognised"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn unknown_bundle_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
