@@ -173,8 +173,21 @@ def every(done: int, interval: int) -> bool:
 def rng_state(rng: np.random.Generator) -> dict[str, object]:
     """The states of every random-number generator training draws from: the numpy
     Generator (batches), torch's CPU generator and, when this process uses CUDA, CUDA's."""
+    return {"numpy": rng.bit_generator.state, **torch_rng_state()}
+
+
+def torch_rng_state() -> dict[str, object]:
+    """Torch's CPU generator and, when this process uses CUDA, CUDA's."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "cuda": cuda}
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def torch_rng_restore(state: dict) -> None:
+    """Restores what `torch_rng_state` saved (CUDA's where there are as many devices)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def resumed_rng(ckpt: dict, seed: int) -> np.random.Generator:
@@ -187,10 +200,7 @@ def resumed_rng(ckpt: dict, seed: int) -> np.random.Generator:
         return np.random.default_rng([seed, step])
     rng = np.random.default_rng(seed)
     rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    torch_rng_restore(state)
     return rng
 
 
@@ -357,8 +367,18 @@ def main(argv: list[str] | None = None) -> None:
 
     train_refs = data.split_captions("train", args.train_images)
     text_path = out / "text_latent.pt"
+    # Torch's generators as stage 1 left them: a run that stops before its first stage-2
+    # checkpoint resumes stage 2 with the draws an uninterrupted run makes.
+    stage2_rng_path = out / "stage2_rng.pt"
     if text_path.exists():
         model.text.load_state_dict(torch.load(text_path, map_location=device))
+        if stage2_rng_path.exists() and not (out / "checkpoint.pt").exists():
+            torch_rng_restore(torch.load(stage2_rng_path, weights_only=False))
+        elif not (out / "checkpoint.pt").exists():
+            print(
+                f"note: {stage2_rng_path.name} is missing (a run from an older version): "
+                "stage 2 starts from other random draws than an uninterrupted run"
+            )
     else:
         corpus = [r for refs in train_refs for r in refs]
         corpus_ids = torch.tensor([e.ids for e in tokenizer.encode_batch(corpus)])
@@ -369,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         fit_latent_statistics(model.text, corpus_ids, device)
         acc = latent_roundtrip_accuracy(model.text, corpus_ids, device)
         print(f"text latent: round-trip token accuracy {acc:.4f} in {time.time() - t0:.0f}s")
+        save_atomic(torch_rng_state(), stage2_rng_path)
         save_atomic(model.text.state_dict(), text_path)
 
     # The text encoder is frozen from here on (as in LaDiC), so its latents are fixed.

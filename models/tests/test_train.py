@@ -88,6 +88,31 @@ def test_a_resumed_run_trains_as_an_uninterrupted_one(runs: dict[str, Path]) -> 
     assert losses(runs["straight"]) == losses(runs["resumed"])
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_as_an_uninterrupted_one(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Stopped in stage 2 before any checkpoint: only the text latent was saved, and the
+    resumed stage 2 must draw what the uninterrupted run drew."""
+    real_loss = train.training_loss
+
+    def stop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise Interrupted
+
+    train.training_loss = stop
+    try:
+        with pytest.raises(Interrupted):
+            train.main(tiny_run(tmp_path, runs["data"]))
+    finally:
+        train.training_loss = real_loss
+    assert (tmp_path / "text_latent.pt").exists()
+    assert not (tmp_path / "checkpoint.pt").exists()
+    train.main(tiny_run(tmp_path, runs["data"]))
+    straight = torch.load(runs["straight"] / "final.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "final.pt", weights_only=False)
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [
