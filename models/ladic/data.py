@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,21 @@ def resize(image: np.ndarray, size: int, resize_filter: str) -> np.ndarray:
 def split_images(
     split: str, cfg: ImageEncoderConfig, count: int | None = None, cache_dir: Path = DATA_DIR
 ) -> np.ndarray:
-    """uint8 [N, S, S, 3] images of a split at the encoder's input size (cached)."""
+    """uint8 [N, S, S, 3] images of a split (its first `count`, at most all) at the
+    encoder's input size, cached. The cache is named with the data version, so images of
+    another version of the generator are never paired with this one's captions, and is
+    moved into place only when complete, so an interrupted run leaves no bad cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    n = count if count is not None else scenes.SPLIT_SIZES[split]
-    path = cache_dir / f"{split}-{n}-{cfg.image_size}-{cfg.resize_filter}.npy"
+    n = scenes.split_count(split, count)
+    name = f"scenes-v{scenes.DATA_VERSION}-{split}-{n}-{cfg.image_size}-{cfg.resize_filter}"
+    path = cache_dir / f"{name}.npy"
     if path.exists():
         return np.load(path)
-    full = scenes.render_split(split, size=128, count=count, cache_dir=cache_dir)
+    full = scenes.render_split(split, size=128, count=n, cache_dir=cache_dir)
     out = np.stack([resize(img, cfg.image_size, cfg.resize_filter) for img in full])
-    np.save(path, out)
+    tmp = cache_dir / f"{name}.tmp{os.getpid()}.npy"
+    np.save(tmp, out)
+    os.replace(tmp, path)
     return out
 
 

@@ -231,12 +231,25 @@ def _make_scene(rng: np.random.Generator, novel: bool) -> Scene:
     return Scene(background, BACKGROUNDS[background], noise_seed, objects)
 
 
+def split_count(split: str, count: int | None) -> int:
+    """How many images of `split` a `count` asks for: the whole split for None, and no
+    more than the whole split (a split is a defined set; drawing on would make a larger
+    one that no result should be reported on)."""
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
+    full = SPLIT_SIZES[split]
+    if count is None:
+        return full
+    if count < 0:
+        raise ValueError(f"a count of images must be >= 0, got {count}")
+    return min(count, full)
+
+
 def generate_split(split: str, count: int | None = None) -> list[Scene]:
-    """The scenes of a split. Scenes are drawn one after another from one stream, so
-    a smaller `count` gives a prefix of the full split."""
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
-    n = SPLIT_SIZES[split] if count is None else count
+    """The scenes of a split, or its first `count` (at most the whole split). Scenes are
+    drawn one after another from one stream, so a smaller `count` gives a prefix of the
+    full split."""
+    n = split_count(split, count)
     rng = np.random.default_rng(SPLIT_SEEDS[split])
     novel = split == "test-novel"
     return [_make_scene(rng, novel) for _ in range(n)]
@@ -338,11 +351,9 @@ def render_split(
     A prefix (`count` smaller than the split) is sliced from the full split's cache
     when that exists. `mmap=True` returns a read-only memory map instead of loading.
     """
-    if split not in SPLIT_SIZES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
+    n = split_count(split, count)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     full = SPLIT_SIZES[split]
-    n = full if count is None else count
     mode = "r" if mmap else None
     full_path = _cache_path(cache_dir, split, full, size)
     if n < full and full_path.exists():

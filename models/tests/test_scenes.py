@@ -138,6 +138,31 @@ def test_render_split_caches(tmp_path: Path) -> None:
     assert np.array_equal(images[2], render(generate_split("val", 5)[2], size=32))
 
 
+def test_a_count_never_goes_past_its_split() -> None:
+    assert scenes.split_count("val", None) == 1000
+    assert scenes.split_count("val", 5000) == 1000
+    assert scenes.split_count("val", 7) == 7
+    assert len(generate_split("test-seen", 1500)) == 1000
+    with pytest.raises(ValueError, match=">= 0"):
+        scenes.split_count("val", -1)
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_split("validation", 3)
+
+
+def test_resized_images_are_cached_by_data_version(tmp_path: Path) -> None:
+    from ladic import data
+    from ladic.config import ImageEncoderConfig
+
+    cfg = ImageEncoderConfig(image_size=16)
+    images = data.split_images("val", cfg, 3, cache_dir=tmp_path)
+    assert images.shape == (3, 16, 16, 3)
+    cached = sorted(p.name for p in tmp_path.glob("*.npy"))
+    resized = [n for n in cached if n.endswith(f"-16-{cfg.resize_filter}.npy")]
+    assert resized == [f"scenes-v{scenes.DATA_VERSION}-val-3-16-{cfg.resize_filter}.npy"]
+    assert not [n for n in cached if ".tmp" in n]
+    assert np.array_equal(data.split_images("val", cfg, 3, cache_dir=tmp_path), images)
+
+
 def test_canonical_caption_format() -> None:
     assert canonical_caption(TWO) == (
         "a large red circle in the top left and a small blue star at the bottom."
