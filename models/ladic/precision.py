@@ -333,7 +333,9 @@ def graph_differences(
     from .export import example_inputs
 
     cfg = LadicConfig.from_dict(manifest["model_config"])
-    examples = example_inputs(cfg, batch=batch, seed=seed)
+    # A denoiser from before `kv_index` takes one K/V row per input row (docs/bundle.md).
+    gathers = "kv_index" in {i["name"] for i in manifest["graphs"]["denoiser"]["inputs"]}
+    examples = example_inputs(cfg, batch=batch, seed=seed, gather_kv=gathers)
     out: dict[str, dict[str, float]] = {}
     for name in GRAPHS:
         feed = {k: v.numpy() for k, v in examples[name].items()}

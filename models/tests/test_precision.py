@@ -284,3 +284,24 @@ def test_bench_graphs_times_fp16_kv_beside_fp16(bundles, tmp_path, capsys) -> No
     bench_graphs.main([fp16, str(kv16), "--graph", "denoiser", "--batch", "2", "--ops",
                        "--runs", "1"])  # fmt: skip
     assert "Gather" in capsys.readouterr().out
+
+
+def test_a_bundle_from_before_kv_index_converts(tmp_path: Path) -> None:
+    """A denoiser that takes one K/V row per input row (docs/bundle.md): the parity
+    fixtures' legacy denoiser in a copy of their bundle."""
+    import shutil
+
+    fixtures = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "parity"
+    legacy = tmp_path / "legacy"
+    shutil.copytree(fixtures / "bundle", legacy)
+    shutil.copyfile(fixtures / "legacy-denoiser.onnx", legacy / "denoiser.onnx")
+    m = manifest(legacy)
+    inputs = m["graphs"]["denoiser"]["inputs"]
+    inputs[:] = [i for i in inputs if i["name"] != "kv_index"]
+    for i in inputs:
+        if i["name"] == "image_kv":
+            i["shape"][0] = "batch"
+    (legacy / "manifest.json").write_text(json.dumps(m))
+
+    convert_bundle(legacy, tmp_path / "fp16", precision="fp16", check=True)
+    assert manifest(tmp_path / "fp16")["precision"] == "fp16"
