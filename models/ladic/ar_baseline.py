@@ -52,10 +52,20 @@ from . import data, scenes
 from .config import ImageEncoderConfig, micro_config, tiny_config
 from .metrics import exact_match
 from .model import ImageEncoder, attend, count_parameters, merge_heads, split_heads
-from .rundir import newest_weights, run_problem
+from .rundir import dict_differences, newest_weights, run_problem
 from .sampler import ids_to_text
 from .tokenizer import build_word_tokenizer, load_tokenizer, special_ids
-from .train import every, lr_at, open_log, resumed_rng, rng_state, save_atomic
+from .train import (
+    RESUMABLE,
+    every,
+    lr_at,
+    open_log,
+    refuse_other_settings,
+    resumed_rng,
+    rng_state,
+    save_atomic,
+    train_args,
+)
 
 # ---------------------------------------------------------------------------- config
 
@@ -360,6 +370,10 @@ def evaluate_exact_match(
     return float(np.mean([exact_match(c, s) for c, s in zip(caps, scene_list)])), caps
 
 
+# As ladic.train's, and the logging interval.
+AR_RESUMABLE = RESUMABLE | {"log_every"}
+
+
 def train(args: argparse.Namespace) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -376,7 +390,9 @@ def train(args: argparse.Namespace) -> Path:
     cfg = make(tokenizer.get_vocab_size(), special_ids(tokenizer))
     if args.dropout is not None:
         cfg.dropout = args.dropout
+    refuse_other_settings(out, cfg.to_dict(), args, AR_RESUMABLE, dict_differences)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "train_args.json").write_text(json.dumps(train_args(args), indent=2))
     model = ArCaptioner(cfg).to(device)
     print(
         f"parameters: image {count_parameters(model.image_encoder):,} "

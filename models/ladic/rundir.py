@@ -77,8 +77,19 @@ def config_differences(
     (`LadicConfig` dicts) that differs, except keys starting with one of `ignore`. A
     field missing from an older config counts as its default, as `from_dict` reads it."""
 
+    return dict_differences(
+        LadicConfig.from_dict(a).to_dict(), LadicConfig.from_dict(b).to_dict(), ignore
+    )
+
+
+def dict_differences(
+    a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every field of two nested dicts of JSON
+    values that differs (tuples and lists alike), except keys starting with `ignore`."""
+
     def normal(d: dict[str, Any]) -> dict[str, Any]:
-        return flat_dict(json.loads(json.dumps(LadicConfig.from_dict(d).to_dict())))
+        return flat_dict(json.loads(json.dumps(d)))
 
     fa, fb = normal(a), normal(b)
     return [

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +102,8 @@ RESUMABLE = frozenset(
     {"out", "device", "threads", "steps", "lr", "warmup", "checkpoint_every", "eval_every",
      "eval_images", "data_dir"}
 )
+# Compares two model config dicts: (dotted key, value in the first, in the second).
+Differences = Callable[[dict[str, Any], dict[str, Any]], list[tuple[str, Any, Any]]]
 # Model config fields that come from flags, for the resume check's message.
 CONFIG_FLAGS = {
     "schedule.train_noise_scale": "--train-noise-scale",
@@ -112,29 +116,49 @@ def train_args(args: argparse.Namespace) -> dict[str, object]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
 
 
-def resume_conflicts(out: Path, cfg: dict[str, object], args: argparse.Namespace) -> list[str]:
+def resume_conflicts(
+    out: Path, cfg: dict[str, object], args: argparse.Namespace,
+    resumable: frozenset[str] = RESUMABLE, differences: Differences = config_differences,
+) -> list[str]:
     """What differs between the run already in `out` (its config.json and
     train_args.json, where present) and the model config and flags given now, outside
-    RESUMABLE; empty when there is nothing trained to resume."""
+    `resumable`; empty when there is nothing trained to resume. `differences` compares
+    two model configs (`config_differences`: LaDiC's)."""
     trained = ("text_latent.pt", "checkpoint.pt", "final.pt")
     if not any((out / name).exists() for name in trained):
         return []
     conflicts = []
     if (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
-        for key, was, new in config_differences(saved, cfg):
+        for key, was, new in differences(saved, cfg):
             flag = f" ({CONFIG_FLAGS[key]})" if key in CONFIG_FLAGS else ""
             conflicts.append(f"{key}{flag}: {was!r} in the run, {new!r} now")
     if (out / "train_args.json").exists():
         saved_args = json.loads((out / "train_args.json").read_text())
         now_args = train_args(args)
-        for key in sorted(saved_args.keys() & now_args.keys() - RESUMABLE):
+        for key in sorted(saved_args.keys() & now_args.keys() - resumable):
             if saved_args[key] != now_args[key]:
                 conflicts.append(
                     f"--{key.replace('_', '-')}: {saved_args[key]!r} in the run, "
                     f"{now_args[key]!r} now"
                 )
     return conflicts
+
+
+def refuse_other_settings(
+    out: Path, cfg: dict[str, object], args: argparse.Namespace,
+    resumable: frozenset[str] = RESUMABLE, differences: Differences = config_differences,
+) -> None:
+    """Exits with the differences when `out` holds a run trained with other settings
+    than `cfg` and `args` (see `resume_conflicts`)."""
+    conflicts = resume_conflicts(out, cfg, args, resumable, differences)
+    if conflicts:
+        raise SystemExit(
+            f"error: {out} holds a run trained with other settings; resume it with its own "
+            "flags (only "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(resumable - {"out"}))
+            + " may change) or train into a new --out. Differences: " + "; ".join(conflicts)
+        )
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -349,14 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = tiny_config(tokenizer.get_vocab_size(), special_ids(tokenizer))
     cfg.schedule.train_noise_scale = args.train_noise_scale
     cfg.diffuser.scale_input = args.scale_input == "on"
-    conflicts = resume_conflicts(out, cfg.to_dict(), args)
-    if conflicts:
-        raise SystemExit(
-            f"error: {out} holds a run trained with other settings; resume it with its own "
-            "flags (only "
-            + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE - {"out"}))
-            + " may change) or train into a new --out. Differences: " + "; ".join(conflicts)
-        )
+    refuse_other_settings(out, cfg.to_dict(), args)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "train_args.json").write_text(json.dumps(train_args(args), indent=2))
     model = Ladic(cfg).to(device)

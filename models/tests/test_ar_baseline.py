@@ -153,6 +153,19 @@ def test_train_checkpoints_and_resumes(tmp_path, capsys) -> None:  # type: ignor
     assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
     model, tok = load_ar_run(out)
     assert model.cfg.name == "ar-micro" and tok.exists()
+    # Settings that shape the model or the training are the run's own on resume.
+    before = {f: (out / f).read_bytes() for f in ("config.json", "train_args.json")}
+    for flags, named in [
+        (["--batch", "8", "--dropout", "0.5"], ["--batch: 4 in the run, 8 now", "dropout"]),
+        (["--size", "tiny"], ["--size: 'micro' in the run, 'tiny' now"]),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            train(parse_args(common + ["--steps", "6", *flags]))
+        msg = str(err.value.code)
+        assert msg.startswith("error: ") and all(n in msg for n in named), msg
+        assert {f: (out / f).read_bytes() for f in before} == before
+    # Its length and its bookkeeping may change.
+    train(parse_args(common + ["--steps", "6", "--log-every", "3"]))
 
 
 def test_load_ar_run_takes_the_newer_weights(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
