@@ -382,7 +382,16 @@ def load_run_weights(run: Path, checkpoint: Path | None = None) -> tuple[Ladic, 
         path, blob = checkpoint, torch.load(checkpoint, map_location="cpu", weights_only=False)
     else:
         path, blob = newest_weights(run)
-    model.load_state_dict(blob["model"])
+    if not isinstance(blob, dict) or "model" not in blob:
+        raise ValueError(f"{path} holds no model weights (a checkpoint.pt or final.pt of a run)")
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as e:  # missing, unexpected or differently shaped tensors
+        first = str(e).strip().splitlines()[:3]
+        raise ValueError(
+            f"{path} does not fit {run / 'config.json'} (weights of another model size or "
+            f"run?): {' '.join(line.strip() for line in first)}"
+        ) from None
     return model.eval(), run / "tokenizer.json", path
 
 

@@ -388,6 +388,17 @@ def test_export_checkpoint_flag(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--random-init", "micro", "--checkpoint", str(other), "--out", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
+    # Files that are not weights of this run's model: one line, no traceback.
+    text_only = tmp_path / "text_latent.pt"
+    torch.save(models["final.pt"].text.state_dict(), text_only)
+    tiny = tmp_path / "tiny.pt"
+    torch.save({"model": random_model("tiny", seed=1).state_dict()}, tiny)
+    for wrong, says in [(text_only, "holds no model weights"), (tiny, "does not fit")]:
+        with pytest.raises(SystemExit) as err:
+            main(["--run", str(tmp_path / "run"), "--checkpoint", str(wrong), "--out",
+                  str(tmp_path / "d"), "--no-check"])
+        msg = str(err.value.code)
+        assert msg.startswith("error: ") and says in msg and "\n" not in msg, msg
 
 
 def test_a_failed_export_leaves_no_manifest(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
