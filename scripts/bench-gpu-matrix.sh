@@ -11,8 +11,11 @@
 #
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda)
 #   --out DIR       scratch directory for the bundles, shared by the passes (default
-#                   /tmp/ladic-gpu-bench); results go to $OUT when it is set, else to
-#                   DIR/matrix, one folder per pass plus matrix.md and matrix.json
+#                   /tmp/ladic-gpu-bench); results go to DIR/matrix, one folder per pass
+#                   plus matrix.md and matrix.json. When $OUT is set (a GPU host that
+#                   brings back only a few files from it), $OUT gets matrix.md,
+#                   matrix.json and matrix-passes.tar.gz (everything), after every pass,
+#                   so that a run stopped by its host's time limit still returns a table
 #   --budget S      whole run, in seconds (default 540); a pass starts only when at least
 #                   PASS_MIN seconds (default 75) are left, and gets what is left
 #   --passes LIST   in this order (default "graph loop plain fused-loop half-loop
@@ -72,7 +75,9 @@ done
 [[ -z $BINARY || $BINARY == /* ]] || BINARY=$CALLER/$BINARY
 [[ $WORK == /* ]] || WORK=$CALLER/$WORK
 WORK=$(realpath -m "$WORK")
-RES=$(cd "$CALLER" && realpath -m "${OUT:-$WORK/matrix}")
+RES=$WORK/matrix
+FINAL=""
+[[ -z ${OUT:-} ]] || FINAL=$(cd "$CALLER" && realpath -m "$OUT")
 mkdir -p "$WORK" "$RES"
 PASS_MIN=${PASS_MIN:-75}
 export BENCH_TP_SECONDS=${BENCH_TP_SECONDS:-10}
@@ -112,7 +117,7 @@ if [[ $EXPORT_ONLY == 1 ]]; then
     mkdir -p "$dir" && rm -f "$dir/exit-status"
     # shellcheck disable=SC2086  # the flags are words
     ( set +e
-      OUT=$dir scripts/bench-gpu.sh --export-only --out "$WORK" ${COMMON[@]+"${COMMON[@]}"} \
+      BENCH_RESULTS=$dir scripts/bench-gpu.sh --export-only --out "$WORK" ${COMMON[@]+"${COMMON[@]}"} \
         $bench_args >"$dir/export-pass.log" 2>&1
       echo $? >"$dir/exit-status" ) &
   done
@@ -123,35 +128,15 @@ if [[ $EXPORT_ONLY == 1 ]]; then
     [[ $status == 0 ]] || failed=1
     log "   $pass: exit $status; $(tail -n 1 "$RES/export-$pass/export-pass.log")"
   done
+  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/exports.tar.gz"
   (( failed == 0 )) || { log "an export failed (logs: $RES/export-*/export-pass.log)"; exit 1; }
   log "bundles ready in $WORK"
   exit 0
 fi
 
-DONE=()
-for pass in $PASSES; do
-  left=$((BUDGET - SECONDS))
-  if (( BUDGET > 0 && left < PASS_MIN )); then
-    log "== $pass: skipped, $left s left of the budget"
-    continue
-  fi
-  IFS='|' read -r bench_args server_args <<<"$(pass_flags "$pass")"
-  log "== $pass: bench-gpu.sh $bench_args, serve $server_args ($left s left)"
-  mkdir -p "$RES/$pass"
-  # shellcheck disable=SC2086  # the flags are words
-  if OUT=$RES/$pass BENCH_SERVER_ARGS="${BENCH_SERVER_ARGS:-} $server_args" \
-      scripts/bench-gpu.sh --binary "$BINARY" --out "$WORK" --no-reference \
-      --budget "$((BUDGET > 0 ? left - 15 : 0))" ${COMMON[@]+"${COMMON[@]}"} $bench_args \
-      >"$RES/$pass/matrix-pass.log" 2>&1; then
-    log "   $pass done"
-  else
-    log "   $pass failed (exit $?): the end of its log:"
-    tail -n 15 "$RES/$pass/matrix-pass.log" | sed 's/^/     /'
-  fi
-  DONE+=("$pass")
-done
-
-python3 - "$RES" "${DONE[@]}" <<'PY'
+# matrix.md and matrix.json from the passes done so far (printed), and into $OUT.
+summarize() {
+  python3 - "$RES" "${DONE[@]}" <<'PY'
 import json, pathlib, sys
 
 res = pathlib.Path(sys.argv[1])
@@ -215,4 +200,33 @@ text = "\n".join([
 (res / "matrix.json").write_text(json.dumps(table, indent=1) + "\n")
 print(text)
 PY
-log "results in $RES"
+  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/matrix-passes.tar.gz" \
+    matrix.md matrix.json
+}
+
+DONE=()
+for pass in $PASSES; do
+  left=$((BUDGET - SECONDS))
+  if (( BUDGET > 0 && left < PASS_MIN )); then
+    log "== $pass: skipped, $left s left of the budget"
+    continue
+  fi
+  IFS='|' read -r bench_args server_args <<<"$(pass_flags "$pass")"
+  log "== $pass: bench-gpu.sh $bench_args, serve $server_args ($left s left)"
+  mkdir -p "$RES/$pass"
+  # shellcheck disable=SC2086  # the flags are words
+  if BENCH_RESULTS=$RES/$pass BENCH_SERVER_ARGS="${BENCH_SERVER_ARGS:-} $server_args" \
+      scripts/bench-gpu.sh --binary "$BINARY" --out "$WORK" --no-reference \
+      --budget "$((BUDGET > 0 ? left - 15 : 0))" ${COMMON[@]+"${COMMON[@]}"} $bench_args \
+      >"$RES/$pass/matrix-pass.log" 2>&1; then
+    log "   $pass done"
+  else
+    log "   $pass failed (exit $?): the end of its log:"
+    tail -n 15 "$RES/$pass/matrix-pass.log" | sed 's/^/     /'
+  fi
+  DONE+=("$pass")
+  summarize >/dev/null
+done
+
+summarize
+log "results in $RES${FINAL:+ (packed into $FINAL)}"

@@ -11,7 +11,10 @@
 #   --binary PATH   a release build of ladic-serve (`--features cuda` for --device cuda);
 #                   not needed with --export-only
 #   --out DIR       scratch directory for the bundle and logs (default /tmp/ladic-gpu-bench);
-#                   the results go to $OUT when it is set, else to DIR
+#                   the results go to DIR, or to BENCH_RESULTS when it is set. When $OUT
+#                   is set (a GPU host that brings back only a few files from it), they
+#                   go to DIR/results and, at the end, $OUT gets summary.md, results.json
+#                   and bench-files.tar.gz (everything)
 #   --device        cuda (default) or cpu
 #   --config        bundle size: base (the full LaDiC architecture; default on cuda),
 #                   tiny (default on cpu) or micro; random weights, seed 0, in the bundle
@@ -99,10 +102,15 @@ PY=${PYTHON:-python3}
 [[ -z $BINARY || $BINARY == /* ]] || BINARY=$CALLER/$BINARY
 [[ $WORK == /* ]] || WORK=$CALLER/$WORK
 WORK=$(realpath -m "$WORK")
-RES=$(cd "$CALLER" && realpath -m "${OUT:-$WORK}")
-# The bundle (1.6 GB for base) must not land in the folder that is carried back.
-if [[ -n ${OUT:-} && $WORK/ == "$RES"/* ]]; then
-  die "--out $WORK is inside \$OUT ($RES): give a scratch directory outside it"
+FINAL=""
+if [[ -n ${BENCH_RESULTS:-} ]]; then
+  RES=$(cd "$CALLER" && realpath -m "$BENCH_RESULTS")
+elif [[ -n ${OUT:-} ]]; then
+  RES=$WORK/results FINAL=$(cd "$CALLER" && realpath -m "$OUT")
+  # The bundle (1.6 GB for base) must not land in the folder that is carried back.
+  [[ $WORK/ != "$FINAL"/* ]] || die "--out $WORK is inside \$OUT ($FINAL): give a scratch directory outside it"
+else
+  RES=$WORK
 fi
 mkdir -p "$WORK" "$RES"
 NAME=$CONFIG
@@ -206,6 +214,14 @@ EXPORT_FLAGS+=(--attention "$ATTENTION")
 [[ -n $(pyinfo tokenizers) ]] \
   || log "fallback: the tokenizers package is missing -> the exporter writes tokenizer.json as plain JSON"
 
+# A step's time limit of LIMIT seconds, cut to what the --budget leaves (at least 60 s),
+# so that a slow export or start-up cannot run the whole run past its host's limit.
+within_budget() {
+  local limit=$1 left=$((BUDGET - SECONDS))
+  if (( BUDGET > 0 && left < limit )); then limit=$(( left > 60 ? left : 60 )); fi
+  echo "$limit"
+}
+
 # ----------------------------------------------------------------- (b) the bundle
 log "== (b) bundle: random-weight $CONFIG ($ATTENTION attention, $PRECISION) in $BUNDLE"
 if [[ -f $BUNDLE/manifest.json ]] && grep -q "\"name\": \"$NAME\"" "$BUNDLE/manifest.json"; then
@@ -213,7 +229,7 @@ if [[ -f $BUNDLE/manifest.json ]] && grep -q "\"name\": \"$NAME\"" "$BUNDLE/mani
 else
   rm -rf "$BUNDLE"
   log "exporting: python -m ladic.export --random-init $CONFIG --name $NAME --out $BUNDLE ${EXPORT_FLAGS[*]}"
-  (cd models && PYTHONPATH="$ROOT/models${PYTHONPATH:+:$PYTHONPATH}" timeout 900 \
+  (cd models && PYTHONPATH="$ROOT/models${PYTHONPATH:+:$PYTHONPATH}" timeout "$(within_budget 900)" \
     "$PY" -W ignore -m ladic.export --random-init "$CONFIG" --name "$NAME" --out "$BUNDLE" "${EXPORT_FLAGS[@]}") \
     >"$RES/export.log" 2>&1 || { tail -20 "$RES/export.log"; die "export failed (log: $RES/export.log)"; }
   tail -3 "$RES/export.log"
@@ -223,6 +239,7 @@ if [[ $EXPORT_ONLY == 1 ]]; then
   log "export only: $BUNDLE is ready for a run with the same flags and --out $WORK"
   exec >&- 2>&-
   wait "$TEE_PID" 2>/dev/null || true
+  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/bench-files.tar.gz"
   exit 0
 fi
 # ONNX Runtime's CUDA Gather (and elementwise kernels) index with 32-bit integers, and
@@ -256,6 +273,9 @@ cleanup() {
   fi
   exec >&- 2>&-
   wait "$TEE_PID" 2>/dev/null || true
+  if [[ -n $FINAL ]]; then
+    scripts/pack-results.sh "$RES" "$FINAL/bench-files.tar.gz" summary.md results.json || true
+  fi
 }
 trap cleanup EXIT
 
@@ -445,7 +465,7 @@ SERVER_PID=$!
 START=$SECONDS
 URL=http://127.0.0.1:$PORT
 SERVICE_OK=1 STATUS="" STOP_S="" READY_S="" PROVIDERS=""
-if ! "$PY" - "$URL" "$SERVER_PID" "$READY_TIMEOUT" <<'EOF'
+if ! "$PY" - "$URL" "$SERVER_PID" "$(within_budget "$READY_TIMEOUT")" <<'EOF'
 import os, sys, time, urllib.request, urllib.error
 url, pid, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 end = time.monotonic() + timeout

@@ -1377,18 +1377,22 @@ impl Models {
                 graph: "denoiser",
                 reason,
             })?;
-            let pool = self.kv_pool.take().expect("the pool was just used");
-            let result = match self.fixed_calls.as_mut() {
-                Some(calls) => calls
+            if let Some(calls) = self.fixed_calls.as_mut() {
+                // The buckets' inputs are bound to the pool already.
+                return calls
                     .run(&mut self.denoiser.sessions[0], x, self_cond, t, &kv_index)
-                    .map_err(|reason| self.denoiser.fail(reason)),
-                None => {
-                    let pool = pool.tensor();
-                    self.run_denoiser(x, self_cond, t, KvInput::Resident(&pool), &kv_index)
-                }
-            };
+                    .map_err(|reason| self.denoiser.fail(reason));
+            }
+            // The call borrows all of `self`, so the pool is lent out for it, and put
+            // back even if the call panics: the worker survives a panic, and its later
+            // calls need the pool (without it they would take the host path).
+            let pool = self.kv_pool.take().expect("the pool was just used");
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let tensor = pool.tensor();
+                self.run_denoiser(x, self_cond, t, KvInput::Resident(&tensor), &kv_index)
+            }));
             self.kv_pool = Some(pool);
-            return result;
+            return result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         }
         // The pool holds each distinct K/V once, in order of first use: a guided pair and
         // the MBR candidates of one image share theirs, and every unconditional row
