@@ -28,7 +28,7 @@ use ort::value::Tensor;
 
 use crate::call_layout::HalfLayout;
 use crate::device_copy::HostBuffer;
-use crate::fixed_shapes::{Buffer, FixedShapeCalls, Transfer, bucket_rows};
+use crate::fixed_shapes::{BucketTensor, Buffer, FixedShapeCalls, Transfer, bucket_rows};
 use crate::sampler::{DeviceRow, DeviceStep, StateSlots};
 
 /// The gather graph: the denoiser's inputs, `x_t` and `self_cond` of each denoiser row
@@ -215,6 +215,94 @@ impl DeviceLoopState {
             buckets = self.buckets.len(),
             seconds = start.elapsed().as_secs_f64(),
             "rows' state kept on the denoiser's device (--device-loop)"
+        );
+        Ok(())
+    }
+
+    /// Checks, once at load, that each bucket's buffers are the ones its runs use: on a
+    /// GPU a wrong binding or offset would otherwise only show as wrong captions. Per
+    /// bucket, one step of a made-up row in the pools' last slot: the gather must copy
+    /// that slot's `x_t` and `self_cond` into the denoiser's first row, the update must
+    /// return the denoiser's first output as that row's `x0` (guidance weight 0) and
+    /// write the noise it was sent as the row's next `x_t` (re-noise coefficients of 0
+    /// for x0 and 1 for the noise) into the same slot of the other pool copy, and
+    /// `self_cond` as zeros there. Run after [`run_first`](Self::run_first); it leaves
+    /// no slot held.
+    pub fn check_buckets(
+        &mut self,
+        calls: &mut FixedShapeCalls,
+        denoiser: &mut Session,
+    ) -> Result<(), String> {
+        let (l, d) = self.latent;
+        let row = l * d;
+        let slot = self.stats.slots - 1;
+        // Distinct values, exact in f32, so that a copy compares equal bit for bit.
+        let pattern = |first: f32| {
+            Array2::from_shape_fn((l, d), |(i, j)| first + (i * d + j) as f32 / 1024.0)
+        };
+        let (x, self_cond, noise) = (pattern(1.0), pattern(-2.0), pattern(3.0));
+        let calls_stats = calls.stats;
+        for rows in calls.bucket_sizes() {
+            let copy = self.current;
+            self.write_slot(copy, slot, &x, State::X)?;
+            self.write_slot(copy, slot, &self_cond, State::SelfCond)?;
+            let Some(bucket) = self.buckets.get_mut(&rows) else {
+                return Err(format!(
+                    "no gather and update for the bucket of {rows} rows"
+                ));
+            };
+            let mut indices = [0i64; INDEX_COLUMNS];
+            indices[STATE_ROW] = slot as i64;
+            indices[STATE_SLOT] = slot as i64;
+            let mut coefficients = [0f32; COEFFICIENT_COLUMNS];
+            coefficients[GUIDE_COND] = 1.0;
+            coefficients[RENOISE_NOISE] = 1.0;
+            bucket.indices.upload(&indices, 0)?;
+            bucket.coefficients.upload(&coefficients, 0.0)?;
+            bucket
+                .noise
+                .upload(noise.as_slice().expect("standard layout"), 0.0)?;
+            let wrong = |what: &str| {
+                format!(
+                    "device loop check, bucket of {rows} rows: {what} (a buffer bound at a \
+                     wrong address?)"
+                )
+            };
+
+            bucket.gather[copy].run(&mut self.gather)?;
+            if calls.read_bucket(rows, BucketTensor::XT, row)? != x.as_slice().unwrap() {
+                return Err(wrong("the gather did not copy the slot's x_t"));
+            }
+            if calls.read_bucket(rows, BucketTensor::SelfCond, row)?
+                != self_cond.as_slice().unwrap()
+            {
+                return Err(wrong("the gather did not copy the slot's self_cond"));
+            }
+            calls.run_written(denoiser, rows)?;
+            bucket.update[copy].run(&mut self.update)?;
+            let denoised = calls.read_bucket(rows, BucketTensor::X0, row)?;
+            if bucket.x0.download(row)? != denoised.as_slice() {
+                return Err(wrong("the update's x0 is not the denoiser's output"));
+            }
+            // The next step reads the other copy: the row's new state must be there.
+            bucket.gather[1 - copy].run(&mut self.gather)?;
+            if calls.read_bucket(rows, BucketTensor::XT, row)? != noise.as_slice().unwrap() {
+                return Err(wrong("the update did not write the next x_t into the slot"));
+            }
+            if calls
+                .read_bucket(rows, BucketTensor::SelfCond, row)?
+                .iter()
+                .any(|&v| v != 0.0)
+            {
+                return Err(wrong("the update did not clear the slot's self_cond"));
+            }
+            self.current = 1 - copy;
+        }
+        // The check's calls are set-up, not calls.
+        calls.stats = calls_stats;
+        tracing::debug!(
+            buckets = calls.bucket_sizes().len(),
+            "device loop buffers checked"
         );
         Ok(())
     }

@@ -260,6 +260,14 @@ pub(crate) struct BucketTensors<'a> {
 }
 
 /// The buffers and binding of one row count (the key it is stored under).
+/// A float buffer of a bucket: the denoiser's inputs `x_t` and `self_cond`, its output.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BucketTensor {
+    XT,
+    SelfCond,
+    X0,
+}
+
 struct Bucket {
     x_t: Buffer<f32>,
     self_cond: Buffer<f32>,
@@ -479,6 +487,28 @@ impl FixedShapeCalls {
             kv_index: &mut b.kv_index.device,
             x0: &b.x0.device,
         })
+    }
+
+    /// The first `len` values of one of the bucket of `rows` rows' float buffers, as
+    /// the device holds them (for the device loop's check at load).
+    pub(crate) fn read_bucket(
+        &mut self,
+        rows: usize,
+        tensor: BucketTensor,
+        len: usize,
+    ) -> Result<Vec<f32>, String> {
+        let bucket = self
+            .buckets
+            .get_mut(&rows)
+            .ok_or_else(|| format!("no denoiser bucket of {rows} rows"))?;
+        let buffer = match tensor {
+            BucketTensor::XT => &mut bucket.x_t,
+            BucketTensor::SelfCond => &mut bucket.self_cond,
+            BucketTensor::X0 => &mut bucket.x0,
+        };
+        // The host copy now holds what the device does, not what was last sent.
+        buffer.in_sync = false;
+        Ok(buffer.download(len)?.to_vec())
     }
 
     /// Says that another graph wrote the inputs of the bucket of `rows` rows on the

@@ -729,6 +729,9 @@ impl Models {
                     .map_err(pool_err)?;
                 if let Some(state) = state.as_mut() {
                     state.run_first(&mut calls).map_err(pool_err)?;
+                    state
+                        .check_buckets(&mut calls, &mut models.denoiser.sessions[0])
+                        .map_err(pool_err)?;
                 }
                 models.device_loop = state;
                 models.fixed_calls = Some(calls);
