@@ -158,6 +158,7 @@ for name in sys.argv[2:]:
         "latency_p50_ms": {k: v["p50_s"] * 1000 for k, v in lat.items()},
         "throughput": {k: v["captions_per_second"] for k, v in tp.items()},
         "captions": {k: v.get("captions", []) for k, v in lat.items()},
+        "batch_candidates": [c for x in (r.get("batch") or {}).get("candidates", []) for c in x],
     }
     server = r.get("server", {})
     rows.append((name, [ms("5"), ms("34"), tput,
@@ -181,6 +182,10 @@ def same(name):
         if n:
             equal = sum(a == b for a, b in zip(mine, theirs))
             parts.append(f"{equal}/{n} at {steps} steps")
+    mine, theirs = table[name]["batch_candidates"], table[base]["batch_candidates"]
+    if mine and theirs:
+        equal = sum(a == b for a, b in zip(mine, theirs))
+        parts.append(f"{equal}/{min(len(mine), len(theirs))} batch candidates")
     return f"{base}: " + ", ".join(parts) if parts else ""
 def row(name, cells):
     if cells is None:

@@ -41,7 +41,9 @@
 # Steps: (a) probe the host and say which fallback is used for a missing Python package;
 # (b) export the bundle (models/ladic/export.py; reused when already in DIR);
 # (c) start `BINARY serve` on a loopback port and measure over HTTP: batch-1 latency
-# (sequential requests) at steps=5 and steps=34, then closed-loop throughput at steps=34
+# (sequential requests) at steps=5 and steps=34, the captions of one /caption/batch
+# request (8 images x 4 candidates: a larger bucket, for comparing variants), then
+# closed-loop throughput at steps=34
 # (scripts/loadgen.py measure) at several concurrencies; SIGTERM, exit status checked;
 # (d) the PyTorch reference (models/ladic/bench_reference.py --loop torch) on the same
 # device in fp32 (TF32 allowed on CUDA, as ONNX Runtime's CUDA provider does by default)
@@ -121,7 +123,7 @@ NAME=$CONFIG
 BUNDLE=$WORK/bundle-$NAME
 # Results of an earlier run in the same folder would mix with this one's.
 (cd "$RES" && rm -f bench.log env.json nvidia-smi.csv export.log server.log server.json \
-  providers.txt info.json latency-steps*.json loadgen-c*.json metrics.txt reference.jsonl \
+  providers.txt info.json latency-steps*.json batch-captions.json loadgen-c*.json metrics.txt reference.jsonl \
   reference.log results.json summary.md gpu-usage.csv)
 exec > >(tee "$RES/bench.log") 2>&1
 TEE_PID=$!
@@ -299,6 +301,7 @@ def lines(path):
 env = load(f"{res}/env.json") or {}
 precision = (load(manifest) or {}).get("precision", "fp32")
 lat = {s: load(f"{res}/latency-steps{s}.json") for s in (5, 34)}
+batch = load(f"{res}/batch-captions.json")
 tp = {}
 for p in sorted(glob.glob(f"{res}/loadgen-c*.json")):
     d = load(p)
@@ -403,9 +406,36 @@ with open(f"{res}/summary.md", "w") as f:
     f.write(text)
 with open(f"{res}/results.json", "w") as f:
     json.dump({"device": device, "config": config, "quick": quick == "1", "card": card,
-               "date": now, "env": env, "server": server, "latency": lat,
+               "date": now, "env": env, "server": server, "latency": lat, "batch": batch,
                "throughput": {str(k): v for k, v in tp.items()}, "reference": ref},
               f, indent=2)
+EOF
+}
+
+# One /caption/batch request of the 8 scene images at 34 steps with 4 candidates each (a
+# larger bucket than the latency requests': 64 rows with guidance), its captions and
+# every candidate's in $RES/batch-captions.json, to compare across server variants.
+batch_captions() {
+  "$PY" - "$URL" "$ROOT/tests/fixtures/scenes" "$RES/batch-captions.json" <<'EOF'
+import base64, http.client, json, pathlib, sys, time, urllib.parse
+url, folder, path = sys.argv[1:4]
+images = sorted(pathlib.Path(folder).glob("*.png"))
+body = json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in images],
+                   "steps": 34, "candidates": 4, "seed": 7})
+u = urllib.parse.urlsplit(url)
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+start = time.perf_counter()
+conn.request("POST", "/caption/batch", body=body, headers={"content-type": "application/json"})
+r = conn.getresponse()
+data = r.read()
+if r.status != 200:
+    sys.exit(f"/caption/batch: HTTP {r.status}: {data[:300]!r}")
+results = json.loads(data)["results"]
+out = {"images": [p.name for p in images], "seconds": time.perf_counter() - start,
+       "captions": [x["caption"] for x in results],
+       "candidates": [[c["caption"] for c in x["candidates"]] for x in results]}
+json.dump(out, open(path, "w"), indent=2)
+print(f"  {len(images)} images x 4 candidates in {out['seconds']:.2f} s")
 EOF
 }
 
@@ -507,6 +537,8 @@ for steps in 5 34; do
   log "batch-1 latency at steps=$steps: $LAT_WARMUP warm-up + $LAT_N sequential requests"
   latency "$steps" || log "warning: the latency phase at steps=$steps failed"
 done
+log "batch captions: 8 images x 4 candidates in one /caption/batch request (compared across variants)"
+batch_captions || log "warning: the batch captions request failed"
 
 SMI_PID=""
 if [[ $DEVICE == cuda ]] && command -v nvidia-smi >/dev/null; then
