@@ -142,7 +142,8 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_MAX_BATCH_ROWS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch_rows: u32,
 
-    /// Requests that may wait for a worker; more are refused with 429.
+    /// Images that may wait for a worker (a batch request's count as one each); more are
+    /// refused with 429. At least --max-batch-images.
     #[arg(long, env = "LADIC_QUEUE_SIZE", default_value_t = 64, value_parser = at_least_one::<usize>)]
     pub queue_size: usize,
 
@@ -242,6 +243,12 @@ impl ServeArgs {
             return Err(format!(
                 "--request-timeout-ms {} is more than --max-request-timeout-ms {}; the default deadline may be at most the largest one",
                 self.request_timeout_ms, self.max_request_timeout_ms
+            ));
+        }
+        if self.queue_size < self.max_batch_images {
+            return Err(format!(
+                "--queue-size {} is less than --max-batch-images {}: a batch of that many images could never be queued",
+                self.queue_size, self.max_batch_images
             ));
         }
         let largest_body = (self.max_body_bytes as u64).saturating_mul(3);
@@ -409,5 +416,16 @@ mod tests {
         let err = inverted.check().unwrap_err();
         assert!(err.contains("--request-timeout-ms 5000"), "{err}");
         assert!(err.contains("--max-request-timeout-ms 4000"), "{err}");
+        let small_queue = serve(&["--queue-size", "8"]);
+        let err = small_queue.check().unwrap_err();
+        assert!(
+            err.contains("--queue-size 8 is less than --max-batch-images 16"),
+            "{err}"
+        );
+        assert!(
+            serve(&["--queue-size", "8", "--max-batch-images", "8"])
+                .check()
+                .is_ok()
+        );
     }
 }

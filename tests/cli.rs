@@ -179,6 +179,9 @@ fn serve_refuses_limits_that_would_refuse_every_request() {
         let out = output_soon(bin().args(["serve", "--bind", "127.0.0.1:0", flag, "0"]));
         assert_refused(&out, &[flag, "at least 1"]);
     }
+    // A queue smaller than the largest batch request.
+    let out = output_soon(bin().args(["serve", "--bind", "127.0.0.1:0", "--queue-size", "8"]));
+    assert_refused(&out, &["--queue-size 8", "--max-batch-images 16"]);
     // The same through the environment.
     let out = output_soon(
         bin()

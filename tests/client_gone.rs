@@ -132,6 +132,7 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
     args.batching = BatchingMode::Off;
     args.workers = 1;
     args.queue_size = 2;
+    args.max_batch_images = 2;
     let s = TestServer::start(args).await;
     let addr = s.server.as_ref().unwrap().addr;
     let metrics = s.state().metrics.clone();

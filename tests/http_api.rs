@@ -336,6 +336,7 @@ async fn error_statuses() {
 async fn full_queue_answers_429_with_retry_after() {
     let mut args = test_args();
     args.queue_size = 1;
+    args.max_batch_images = 1;
     args.workers = 1;
     args.batching = ladic_serve::config::BatchingMode::Off;
     let s = TestServer::start(args).await;
@@ -361,6 +362,58 @@ async fn full_queue_answers_429_with_retry_after() {
     }
     assert!(ok >= 1, "some requests are served");
     assert!(overloaded >= 1, "some requests are refused");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_queued_whole_or_not_at_all() {
+    use ladic_serve::sampler::SamplerParams;
+    use ladic_serve::scheduler::{CaptionJob, SubmitError};
+    use std::time::{Duration, Instant};
+
+    let mut args = test_args();
+    args.workers = 1;
+    args.batching = ladic_serve::config::BatchingMode::Off;
+    args.queue_size = 3;
+    args.max_batch_images = 3;
+    let s = TestServer::start(args).await;
+    let scheduler = s.state().scheduler.get().unwrap().clone();
+    let size = s.state().manifest.image.size as usize;
+    let params: SamplerParams = s.state().defaults.clone();
+    let job = || {
+        let pixels = ndarray::Array3::zeros((3, size, size));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        CaptionJob::new(pixels, params.clone(), 1, deadline)
+    };
+
+    // The worker is busy; two images wait.
+    let busy_request = s
+        .png_request("/caption?steps=100&candidates=8", scene_png(0))
+        .send();
+    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
+    let metrics = s.state().metrics.clone();
+    common::wait_for("the first request to run", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == 8
+    })
+    .await;
+    let (first, _first_reply) = job();
+    let (second, _second_reply) = job();
+    scheduler.submit_all(vec![first, second]).unwrap();
+    assert_eq!(scheduler.queue_depth(), 2);
+
+    // Two more do not fit: neither is queued.
+    let (a, _) = job();
+    let (b, _) = job();
+    assert!(matches!(
+        scheduler.submit_all(vec![a, b]),
+        Err(SubmitError::QueueFull)
+    ));
+    assert_eq!(scheduler.queue_depth(), 2);
+    // One does.
+    let (c, _c_reply) = job();
+    scheduler.submit_all(vec![c]).unwrap();
+    assert_eq!(scheduler.queue_depth(), 3);
+    assert_eq!(busy.await.unwrap(), 200);
     s.stop().await;
 }
 

@@ -24,7 +24,9 @@ use super::{
 };
 use crate::preprocess;
 use crate::sampler::{Schedule, planned_iterations};
-use crate::scheduler::{Candidate, CaptionJob, CaptionOutput, InferError, Scheduler, StepEvent};
+use crate::scheduler::{
+    Candidate, CaptionJob, CaptionOutput, CaptionReply, InferError, Scheduler, StepEvent,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Timings {
@@ -399,10 +401,17 @@ pub async fn caption_batch(
             .map_err(|e| at_index(i, e))
     });
     let pixels = futures_util::future::try_join_all(decodes).await?;
-    let runs = pixels
+    let (jobs, replies): (Vec<_>, Vec<_>) = pixels
         .into_iter()
-        .map(|pixels| queue_and_wait(&scheduler, pixels, &resolved, deadline));
-    let outputs = futures_util::future::join_all(runs).await;
+        .map(|pixels| CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline))
+        .unzip();
+    // All or none: images queued while another request took the rest of the room
+    // would run for nothing, and the 429 would come only after them.
+    scheduler.submit_all(jobs)?;
+    let waits = replies
+        .into_iter()
+        .map(|reply| wait_for_caption(reply, deadline));
+    let outputs = futures_util::future::join_all(waits).await;
     let mut results = Vec::with_capacity(outputs.len());
     let (mut queue, mut inference) = (Duration::ZERO, Duration::ZERO);
     for (i, output) in outputs.into_iter().enumerate() {
@@ -505,9 +514,17 @@ async fn queue_and_wait(
     resolved: &Resolved,
     deadline: Instant,
 ) -> Result<CaptionOutput, ApiError> {
-    let (job, rx) = CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
+    let (job, reply) = CaptionJob::new(pixels, resolved.sampler.clone(), resolved.seed, deadline);
     scheduler.submit(job)?;
-    match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await {
+    wait_for_caption(reply, deadline).await
+}
+
+/// A queued job's answer, or 504 when `deadline` passes first.
+async fn wait_for_caption(
+    reply: CaptionReply,
+    deadline: Instant,
+) -> Result<CaptionOutput, ApiError> {
+    match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply).await {
         Err(_) => Err(ApiError::Timeout),
         Ok(Err(_)) => Err(ApiError::Inference("the worker dropped the request".into())),
         Ok(Ok(result)) => result.map_err(ApiError::from),

@@ -427,10 +427,23 @@ impl Scheduler {
     /// first gives up the jobs whose client left or whose deadline passed, which a
     /// worker would skip anyway.
     pub fn submit(&self, job: CaptionJob) -> Result<(), SubmitError> {
-        self.enqueue(Queued {
+        self.enqueue(vec![Queued {
             job,
             progress: None,
-        })
+        }])
+    }
+
+    /// Queues every job, or none when they do not all fit (the images of one batch
+    /// request: a batch is answered whole, so a part of it must not run for nothing).
+    pub fn submit_all(&self, jobs: Vec<CaptionJob>) -> Result<(), SubmitError> {
+        let queued = jobs
+            .into_iter()
+            .map(|job| Queued {
+                job,
+                progress: None,
+            })
+            .collect();
+        self.enqueue(queued)
     }
 
     /// [`Scheduler::submit`], and a [`StepEvent`] to `progress` for every denoising
@@ -440,27 +453,31 @@ impl Scheduler {
         job: CaptionJob,
         progress: StepSender,
     ) -> Result<(), SubmitError> {
-        self.enqueue(Queued {
+        self.enqueue(vec![Queued {
             job,
             progress: Some(progress),
-        })
+        }])
     }
 
-    fn enqueue(&self, queued: Queued) -> Result<(), SubmitError> {
+    /// Queues all of `jobs` or none. Only senders add to the queue, and they hold the
+    /// lock: once there is room for all, every send succeeds.
+    fn enqueue(&self, jobs: Vec<Queued>) -> Result<(), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
-        let refused = |e| match e {
-            TrySendError::Full(_) => SubmitError::QueueFull,
-            TrySendError::Disconnected(_) => SubmitError::Closed,
-        };
-        let result = match tx.try_send(queued) {
-            // A full queue may be full of jobs nobody waits for (clients that gave up
-            // and perhaps retried): a worker would skip each when it reached it, but
-            // until then they would turn live requests away.
-            Err(TrySendError::Full(queued)) if self.sweep_leaving(tx) > 0 => {
-                tx.try_send(queued).map_err(refused)
-            }
-            other => other.map_err(refused),
+        let capacity = self.rx.capacity().unwrap_or(usize::MAX);
+        let fits = || self.rx.len() + jobs.len() <= capacity;
+        // A full queue may be full of jobs nobody waits for (clients that gave up and
+        // perhaps retried): a worker would skip each when it reached it, but until then
+        // they would turn live requests away.
+        let result = if fits() || (self.sweep_leaving(tx) > 0 && fits()) {
+            jobs.into_iter().try_for_each(|queued| {
+                tx.try_send(queued).map_err(|e| match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            })
+        } else {
+            Err(SubmitError::QueueFull)
         };
         self.metrics.queue_depth.set(self.queue_depth() as i64);
         result
