@@ -112,6 +112,21 @@ async fn every_request_form_captions() {
         assert_caption_response(&body, 3);
         assert_eq!(body["caption"], raw["caption"]);
     }
+    // The body's value wins over the query's, but an invalid query value is refused.
+    let r = s
+        .post_json("/caption?steps=4", &json!({"image": b64, "steps": 3}))
+        .await;
+    assert_caption_response(&json_of(r).await, 3);
+    for (path, body) in [
+        ("/caption?steps=700", json!({"image": b64, "steps": 3})),
+        (
+            "/caption/batch?steps=700",
+            json!({"images": [b64], "steps": 3}),
+        ),
+    ] {
+        let r = s.post_json(path, &body).await;
+        assert_eq!(error_type(r, 422).await, "invalid_parameter", "{path}");
+    }
 
     // MBR candidates and Back&Refine.
     let (status, body) = s

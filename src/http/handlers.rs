@@ -81,6 +81,8 @@ pub async fn caption(
 
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
+    // Checked on their own too: a value the body overrides is still refused.
+    resolve(&state, &query)?;
     let media = media_type(&parts.headers).ok_or_else(|| {
         ApiError::UnsupportedMediaType(format!("missing Content-Type; {ACCEPTED}"))
     })?;
@@ -349,6 +351,8 @@ pub async fn caption_batch(
     let _in_flight = InFlight::new(&state.in_flight);
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
+    // Checked on their own too: a value the body overrides is still refused.
+    resolve(&state, &query)?;
     refuse_batch_stream(&query)?;
     match media_type(&parts.headers).as_deref() {
         Some("application/json") => {}
