@@ -342,6 +342,9 @@ pub fn clip(s: &str, max: usize) -> String {
 
 /// Parses a JSON body, telling syntax errors (400) from wrong values (422).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // A UTF-8 byte order mark before the JSON, which RFC 8259 lets a reader ignore (some
+    // Windows tools write one).
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     // serde reads a struct from an array too, by position: a body must be an object.
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|&b| b != b'{') {
@@ -357,8 +360,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
             .replace("expected u64", "expected a whole number >= 0")
             .replace("expected f64", "expected a number");
         // 400 for a body that is not the request's shape (not JSON, no image, an
-        // image that is not a string; not an object is refused above); 422 for a parameter of the wrong type or out of its type's range, or
-        // an unknown one, as in the query string.
+        // image that is not a string; not an object is refused above); 422 for a
+        // parameter of the wrong type or out of its type's range, or an unknown one, as
+        // in the query string.
         let malformed = match e.classify() {
             serde_json::error::Category::Data => {
                 message.starts_with("missing field")
@@ -558,6 +562,9 @@ mod tests {
     #[test]
     fn json_errors_are_classified() {
         assert_eq!(parse_json::<CaptionJson>(b"{").unwrap_err().status(), 400);
+        // A byte order mark before the JSON is read past.
+        let with_bom = parse_json::<CaptionJson>(b"\xEF\xBB\xBF{\"image\": \"x\", \"steps\": 3}");
+        assert_eq!(with_bom.unwrap().params().steps, Some(3));
         assert_eq!(
             parse_json::<CaptionJson>(br#"{"image": "x", "steps": "many"}"#)
                 .unwrap_err()
