@@ -190,3 +190,63 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
     assert!(text.contains("ladic_queue_depth 0"), "{text}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
+    // One worker, batching off: each request waits for the one before to end.
+    let mut args = test_args();
+    args.batching = BatchingMode::Off;
+    args.workers = 1;
+    let s = TestServer::start(args).await;
+    let metrics = s.state().metrics.clone();
+    let scheduler = s.state().scheduler.get().unwrap().clone();
+    let long = "/caption?steps=100&candidates=8&back_refine=true";
+    let send = |path: &str, variant: u8| {
+        let request = s.png_request(path, scene_png(variant)).send();
+        tokio::spawn(async move { request.await.unwrap() })
+    };
+
+    let running = send(long, 0);
+    wait_for("the first request to run", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == 8
+    })
+    .await;
+    let waiting: Vec<_> = (1..3).map(|i| send(long, i)).collect();
+    wait_for("two requests to wait", Duration::from_secs(30), || {
+        scheduler.queue_depth() == 2
+    })
+    .await;
+    // The first ends; the second is taken after waiting for all of it, the third waits.
+    let mut wait = Duration::ZERO;
+    wait_for("a wait to be measured", Duration::from_secs(120), || {
+        wait = scheduler.expected_wait(Instant::now()).unwrap_or_default();
+        wait >= Duration::from_millis(100)
+    })
+    .await;
+
+    // A deadline a quarter of that wait: refused at once, saying so.
+    let asked = Instant::now();
+    let timeout_ms = (wait.as_millis() / 4).max(1);
+    let r = s
+        .post_png(&format!("/caption?timeout_ms={timeout_ms}"), scene_png(3))
+        .await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error_type"], "overloaded");
+    assert!(
+        body["error"].as_str().unwrap().contains("timeout_ms"),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < wait,
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    // With the default deadline (minutes here), it waits its turn.
+    let patient = send("/caption?steps=2", 4);
+    for r in std::iter::once(running).chain(waiting).chain([patient]) {
+        assert_eq!(r.await.unwrap().status(), 200);
+    }
+    s.stop().await;
+}

@@ -1,5 +1,7 @@
 //! The one error type of the HTTP API and its mapping to status codes, in one place.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -39,6 +41,15 @@ pub enum ApiError {
          bodies; retry later"
     )]
     UploadsBusy,
+    /// Jobs wait in the queue for longer than this request has before its deadline.
+    #[error(
+        "the server is busy: the queue's wait is about {:.1} s, longer than the {:.1} s this \
+         request has before its deadline (timeout_ms); retry later, elsewhere, or with a \
+         longer timeout_ms",
+        wait.as_secs_f64(),
+        left.as_secs_f64()
+    )]
+    QueueTooSlow { wait: Duration, left: Duration },
     #[error("{0}")]
     NotReady(String),
     /// The body did not arrive in full before the deadline (a slow or stalled upload).
@@ -74,7 +85,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Overloaded | ApiError::UploadsBusy => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded | ApiError::UploadsBusy | ApiError::QueueTooSlow { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -95,7 +108,9 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Overloaded | ApiError::UploadsBusy => "overloaded",
+            ApiError::Overloaded | ApiError::UploadsBusy | ApiError::QueueTooSlow { .. } => {
+                "overloaded"
+            }
             ApiError::NotReady(_) => "not_ready",
             ApiError::BodyTimeout => "request_timeout",
             ApiError::Timeout => "timeout",
@@ -120,6 +135,8 @@ impl ApiError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             ApiError::Overloaded | ApiError::UploadsBusy => Some(1),
+            // About when the queue's wait might have come down (at most a minute).
+            ApiError::QueueTooSlow { wait, .. } => Some(wait.as_secs().clamp(1, 60) as u32),
             ApiError::NotReady(_) | ApiError::WorkerStalled(_) => Some(5),
             _ => None,
         }
@@ -169,6 +186,7 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::QueueFull => ApiError::Overloaded,
+            SubmitError::WouldMissDeadline { wait, left } => ApiError::QueueTooSlow { wait, left },
             SubmitError::Closed => ApiError::NotReady("the server is shutting down".into()),
         }
     }
@@ -215,6 +233,14 @@ mod tests {
             (ApiError::ImageTooLarge("x".into()), 422, "image_too_large"),
             (ApiError::Overloaded, 429, "overloaded"),
             (ApiError::UploadsBusy, 429, "overloaded"),
+            (
+                ApiError::QueueTooSlow {
+                    wait: Duration::from_secs(6),
+                    left: Duration::from_secs(3),
+                },
+                429,
+                "overloaded",
+            ),
             (ApiError::NotReady("x".into()), 503, "not_ready"),
             (ApiError::BodyTimeout, 408, "request_timeout"),
             (ApiError::Timeout, 504, "timeout"),
@@ -233,6 +259,13 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         let r = ApiError::Timeout.into_response();
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
+        // A queue too slow for the deadline: about its wait, within 1..=60 s.
+        for (wait_ms, retry) in [(6_400, "6"), (200, "1"), (600_000, "60")] {
+            let wait = Duration::from_millis(wait_ms);
+            let left = Duration::from_millis(100);
+            let r = ApiError::QueueTooSlow { wait, left }.into_response();
+            assert_eq!(r.headers()[header::RETRY_AFTER], retry);
+        }
     }
 
     #[test]

@@ -144,6 +144,14 @@ pub enum InferError {
 pub enum SubmitError {
     #[error("the request queue is full")]
     QueueFull,
+    /// Jobs wait in the queue, and the last one a worker took had waited longer than
+    /// this job has left before its deadline: it would most likely wait out its
+    /// deadline and get a 504 then. Refused at once instead, so that a client (or a
+    /// load balancer) can go elsewhere or retry with a longer deadline.
+    #[error(
+        "the queue's wait is about {wait:?}, longer than the {left:?} left before the deadline"
+    )]
+    WouldMissDeadline { wait: Duration, left: Duration },
     #[error("the workers have stopped")]
     Closed,
 }
@@ -234,6 +242,41 @@ impl HeldJobs {
     }
 }
 
+/// How long the last job a worker took from the queue had waited, and when it was taken.
+#[derive(Debug)]
+pub(crate) struct LastAdmission {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the admission, plus one (0: none yet).
+    at_ms: std::sync::atomic::AtomicU64,
+    wait_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LastAdmission {
+    fn new() -> LastAdmission {
+        LastAdmission {
+            epoch: Instant::now(),
+            at_ms: Default::default(),
+            wait_ms: Default::default(),
+        }
+    }
+
+    /// A worker took a job that had waited `wait`, at `now`.
+    pub(crate) fn record(&self, now: Instant, wait: Duration) {
+        let at = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        self.wait_ms
+            .store(wait.as_millis() as u64, Ordering::Relaxed);
+        self.at_ms.store(at, Ordering::Relaxed);
+    }
+
+    /// The last wait, if the job was taken no longer ago than it had waited.
+    fn recent(&self, now: Instant) -> Option<Duration> {
+        let at = self.at_ms.load(Ordering::Relaxed).checked_sub(1)?;
+        let wait = self.wait_ms.load(Ordering::Relaxed);
+        let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        (now.saturating_sub(at) <= wait).then_some(Duration::from_millis(wait))
+    }
+}
+
 /// When each worker started the step it is in, if it is in one: a worker stuck inside
 /// a model call (a hung GPU, a deadlock in a library) never comes out, and the health
 /// probes tell from this ([`Scheduler::stalled_worker`]).
@@ -317,6 +360,8 @@ pub struct Scheduler {
     abandoned: Arc<AtomicBool>,
     held: Arc<HeldJobs>,
     steps: Arc<WorkerSteps>,
+    /// How long the last job a worker took had waited, and when.
+    last_admission: Arc<LastAdmission>,
     metrics: Arc<Metrics>,
     pub info: LoadedInfo,
 }
@@ -351,6 +396,7 @@ impl Scheduler {
         let abandoned = Arc::new(AtomicBool::new(false));
         let steps = Arc::new(WorkerSteps::new(config.workers.max(1)));
         let held = Arc::new(HeldJobs::new());
+        let last_admission = Arc::new(LastAdmission::new());
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
             let ctx = worker::WorkerContext {
@@ -363,6 +409,7 @@ impl Scheduler {
                 abandoned: abandoned.clone(),
                 steps: steps.clone(),
                 held: held.clone(),
+                last_admission: last_admission.clone(),
             };
             let loaded_tx = loaded_tx.clone();
             let runtime = runtime.clone();
@@ -397,6 +444,7 @@ impl Scheduler {
             abandoned,
             held,
             steps,
+            last_admission,
             metrics,
             info: info.clone().unwrap_or(LoadedInfo {
                 device: ActiveDevice::Cpu,
@@ -465,6 +513,17 @@ impl Scheduler {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
         let capacity = self.rx.capacity().unwrap_or(usize::MAX);
+        let now = Instant::now();
+        if let Some(wait) = self.expected_wait(now) {
+            let left = jobs
+                .iter()
+                .map(|q| q.job.deadline.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::MAX);
+            if wait > left {
+                return Err(SubmitError::WouldMissDeadline { wait, left });
+            }
+        }
         let fits = || self.rx.len() + jobs.len() <= capacity;
         // A full queue may be full of jobs nobody waits for (clients that gave up and
         // perhaps retried): a worker would skip each when it reached it, but until then
@@ -530,6 +589,17 @@ impl Scheduler {
             self.sweep_leaving(tx);
         }
         self.queue_depth() + images <= capacity
+    }
+
+    /// How long a job queued now will likely wait for a worker, where that is known:
+    /// while jobs wait, the wait of the last job a worker took, if it took it recently
+    /// (no longer ago than that wait; an older figure says nothing about the queue of
+    /// now). None when nothing waits, so an idle server never refuses on it.
+    pub fn expected_wait(&self, now: Instant) -> Option<Duration> {
+        if self.queue_depth() == 0 {
+            return None;
+        }
+        self.last_admission.recent(now)
     }
 
     /// Images waiting for a worker: queued, or held for room in a batch.
@@ -664,6 +734,25 @@ mod tests {
             let count = metrics.requests_dropped_total.with_label_values(&[reason]);
             assert_eq!(count.get(), 1, "{reason}");
         }
+    }
+
+    #[test]
+    fn the_last_admissions_wait_counts_only_while_recent() {
+        let last = LastAdmission::new();
+        let start = Instant::now();
+        assert_eq!(last.recent(start), None);
+        let at = start + Duration::from_secs(10);
+        last.record(at, Duration::from_secs(6));
+        assert_eq!(last.recent(at), Some(Duration::from_secs(6)));
+        assert_eq!(
+            last.recent(at + Duration::from_secs(5)),
+            Some(Duration::from_secs(6))
+        );
+        // Taken longer ago than it had waited: no longer a figure for the queue of now.
+        assert_eq!(last.recent(at + Duration::from_secs(7)), None);
+        let later = at + Duration::from_secs(60);
+        last.record(later, Duration::ZERO);
+        assert_eq!(last.recent(later), Some(Duration::ZERO));
     }
 
     #[test]

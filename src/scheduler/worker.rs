@@ -47,6 +47,9 @@ pub(super) struct WorkerContext {
     /// Jobs taken from the queue that did not fit a running batch, shared by the
     /// workers.
     pub held: Arc<super::HeldJobs>,
+    /// The wait of the last job taken, for refusing jobs that would wait out their
+    /// deadline ([`super::Scheduler::expected_wait`]).
+    pub last_admission: Arc<super::LastAdmission>,
 }
 
 /// A job a worker has taken from the queue.
@@ -405,6 +408,9 @@ impl<B: Backend> Worker<B> {
             self.set_queue_depth();
             self.ctx.metrics.queue_wait_seconds.observe(waited);
             self.ctx
+                .last_admission
+                .record(now, now.duration_since(job.enqueued));
+            self.ctx
                 .metrics
                 .rows_in_flight
                 .add(job.params.candidates as i64);
@@ -733,6 +739,7 @@ mod tests {
             abandoned: Arc::default(),
             steps: Arc::new(super::super::WorkerSteps::new(1)),
             held: Arc::new(super::super::HeldJobs::new()),
+            last_admission: Arc::new(super::super::LastAdmission::new()),
             config: SchedulerConfig {
                 workers: 1,
                 batching: BatchingMode::Continuous,
