@@ -258,10 +258,20 @@ def fix_static_dims(path: Path, spec: dict[str, Any]) -> bool:
     return True
 
 
+def output_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """Max abs difference of two float arrays, divided by `want`'s largest magnitude
+    where that is above 1."""
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    return float(np.abs(got - want).max(initial=0.0)) / scale
+
+
 def max_graph_difference(
     model: Ladic, bundle: Path, batch: int, unconditional_half: bool = False
 ) -> dict[str, float]:
-    """Max abs difference between ONNX Runtime and PyTorch on random inputs, per output."""
+    """Difference between ONNX Runtime and PyTorch on random inputs, per output: for
+    float outputs the max abs difference, divided by the output's largest magnitude
+    where that is above 1 (fp32 rounding grows with the values: the full-size model's
+    outputs are larger than the small ones'); for ids the fraction that differ."""
     import onnxruntime as ort
 
     model.eval()
@@ -284,7 +294,7 @@ def max_graph_difference(
             if o["dtype"] == "int64":
                 diffs[key] = float(np.mean(g != w.numpy()))  # fraction of ids that differ
             else:
-                diffs[key] = float(np.abs(g - w.numpy()).max())
+                diffs[key] = output_difference(g, w.numpy())
     return diffs
 
 

@@ -101,6 +101,16 @@ def test_graphs_match_pytorch(micro, batch: int) -> None:  # type: ignore[no-unt
     assert max(v for k, v in diffs.items() if k != "decoder.token_ids") <= 1e-4
 
 
+def test_differences_are_relative_to_large_outputs() -> None:
+    from ladic.export import output_difference
+
+    small = np.array([0.5, -0.25], dtype=np.float32)
+    assert output_difference(small + np.float32(2e-5), small) == pytest.approx(2e-5, rel=1e-2)
+    large = np.array([100.0, -400.0], dtype=np.float32)
+    assert output_difference(large + np.float32(0.004), large) == pytest.approx(1e-5, rel=1e-2)
+    assert output_difference(np.zeros(0), np.zeros(0)) == 0.0
+
+
 def test_scaled_input_divides_x_t_by_its_training_std(tmp_path: Path) -> None:
     plain = random_model("micro", seed=4)
     cfg = copy.deepcopy(plain.cfg)
