@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -385,19 +386,31 @@ def _fill(
     return filled
 
 
-def _load_vector(path: Path, dim: int, what: str) -> Tensor:
+def _load_vector(path: Path, dim: int, what: str, allow_pickle: bool = False) -> Tensor:
     hint = f"--{what} takes the official repository's datasets/{what}_emb_split.pickle"
     try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
+        t = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except OSError as err:
         raise OfficialCheckpointError(
             f"cannot read the latent {what} from {path} ({err.strerror or err}); {hint}"
         ) from err
     except _NOT_A_CHECKPOINT as err:
+        if _is_weights_only_refusal(err):
+            raise OfficialCheckpointError(
+                f"{path} (the latent {what}) holds Python objects besides tensors; rerun "
+                "with --allow-pickle only if you trust the file: loading it runs code from it"
+            ) from err
         raise OfficialCheckpointError(
             f"{path}: not a torch.save file with the latent {what}{_first_line(err)}; "
             f"{hint}"
         ) from err
+    except ImportError as err:  # a pickle of a module that is not installed
+        raise OfficialCheckpointError(
+            f"{path} (the latent {what}) holds objects of a module that is not installed "
+            f"({err})"
+        ) from err
+    if isinstance(t, np.ndarray):  # loaded with --allow-pickle
+        t = torch.from_numpy(np.ascontiguousarray(t))
     if not isinstance(t, Tensor) or t.numel() != dim:
         raise OfficialCheckpointError(f"{path}: expected a {dim}-d tensor for the latent {what}")
     return t.detach().reshape(dim).float()
@@ -477,8 +490,8 @@ def load_official(
     text = model.text
     d = cfg.text.hidden
     with torch.no_grad():
-        text.mean.copy_(_load_vector(Path(mean), d, "mean"))
-        text.std.copy_(_load_vector(Path(std), d, "std"))
+        text.mean.copy_(_load_vector(Path(mean), d, "mean", allow_pickle))
+        text.std.copy_(_load_vector(Path(std), d, "std", allow_pickle))
         text.period_latent.copy_(official_period_latent(model))
     return model.eval()
 

@@ -308,6 +308,20 @@ def test_unreadable_latent_statistics(tmp_path: Path) -> None:
         load_official(paths["ckpt"], mean=paths["mean"], std=tmp_path / "std.txt", **kw)
 
 
+def test_latent_statistics_pickled_with_numpy_need_allow_pickle(tmp_path: Path) -> None:
+    cfg = small_config()
+    model = random_model(cfg)
+    paths = write_official_files(tmp_path, model)
+    std = torch.load(paths["std"], weights_only=True).numpy()
+    torch.save(std, tmp_path / "std-numpy.pickle")
+    kw = dict(vit=paths["vit"], bert=paths["bert"], decoder_layers=2, config=cfg,
+              mean=paths["mean"], std=tmp_path / "std-numpy.pickle")
+    with pytest.raises(OfficialCheckpointError, match="latent std.*--allow-pickle"):
+        load_official(paths["ckpt"], **kw)
+    loaded = load_official(paths["ckpt"], allow_pickle=True, **kw)
+    assert torch.equal(loaded.text.std, torch.from_numpy(std).reshape(-1))
+
+
 def test_safetensors_reader(tmp_path: Path) -> None:
     tensors = {
         "bert.embeddings.LayerNorm.gamma": torch.randn(4),
