@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             val = f"{acc:.4f}"
             tqdm.write(f"step {done}: val exact match {acc:.3f}; e.g. {caps[0]!r}")
-        if done % 25 == 0 or val:
+        if done % 25 == 0 or val or done == args.steps:
             now = time.time()
             writer.writerow(
                 [done, f"{loss.item():.5f}", f"{parts['latent']:.5f}", f"{parts['token']:.5f}",

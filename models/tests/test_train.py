@@ -148,3 +148,12 @@ def test_intervals_of_zero_mean_only_at_the_end() -> None:
     assert args.eval_every == 0 and not train.every(10, 0) and train.every(10, 5)
     with pytest.raises(SystemExit):
         train.parse_args(["--eval-every", "-1"])
+
+
+def test_the_log_has_the_last_step(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Rows every 25 steps and at each validation; a short run without validation still
+    logs its last step."""
+    train.main(tiny_run(tmp_path, runs["data"], "--steps", "3", "--eval-images", "0",
+                        "--checkpoint-every", "0"))
+    rows = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "3"]
