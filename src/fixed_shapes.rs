@@ -259,7 +259,6 @@ pub(crate) struct BucketTensors<'a> {
     pub x0: &'a Tensor<f32>,
 }
 
-/// The buffers and binding of one row count (the key it is stored under).
 /// A float buffer of a bucket: the denoiser's inputs `x_t` and `self_cond`, its output.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum BucketTensor {
@@ -268,6 +267,7 @@ pub(crate) enum BucketTensor {
     X0,
 }
 
+/// The buffers and binding of one row count (the key it is stored under).
 struct Bucket {
     x_t: Buffer<f32>,
     self_cond: Buffer<f32>,

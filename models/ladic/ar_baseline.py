@@ -101,6 +101,14 @@ class ArConfig:
         return ArConfig(image=ImageEncoderConfig(**image), **d)
 
 
+def ar_config_differences(
+    a: dict[str, Any], b: dict[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """`rundir.config_differences` for AR baseline configs: a field missing from an
+    older config counts as its default, as `ArConfig.from_dict` reads it."""
+    return dict_differences(ArConfig.from_dict(a).to_dict(), ArConfig.from_dict(b).to_dict())
+
+
 def tiny_ar_config(vocab_size: int, ids: dict[str, int]) -> ArConfig:
     """The baseline for LaDiC tiny: its image encoder, a decoder shaped like its diffuser."""
     image = tiny_config(vocab_size, ids).image
@@ -390,7 +398,7 @@ def train(args: argparse.Namespace) -> Path:
     cfg = make(tokenizer.get_vocab_size(), special_ids(tokenizer))
     if args.dropout is not None:
         cfg.dropout = args.dropout
-    refuse_other_settings(out, cfg.to_dict(), args, AR_RESUMABLE, dict_differences)
+    refuse_other_settings(out, cfg.to_dict(), args, AR_RESUMABLE, ar_config_differences)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "train_args.json").write_text(json.dumps(train_args(args), indent=2))
     model = ArCaptioner(cfg).to(device)

@@ -36,6 +36,8 @@ pub struct CaptionJob {
     pub deadline: Instant,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<CaptionOutput, InferError>>,
+    /// Images waiting ahead of this one when it was queued.
+    pub(crate) queued_behind: usize,
 }
 
 /// Where a job's answer arrives.
@@ -57,6 +59,7 @@ impl CaptionJob {
             deadline,
             enqueued: Instant::now(),
             reply,
+            queued_behind: 0,
         };
         (job, rx)
     }
@@ -242,13 +245,20 @@ impl HeldJobs {
     }
 }
 
-/// How long the last job a worker took from the queue had waited, and when it was taken.
+/// The shortest expected queue wait that refuses a request whose deadline is nearer:
+/// shorter waits are noise (a worker waking late), and not worth a refusal.
+pub const MIN_EXPECTED_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the last job a worker took from the queue had waited, per image that was
+/// ahead of it (itself included), and when it was taken.
 #[derive(Debug)]
 pub(crate) struct LastAdmission {
     epoch: Instant,
     /// Milliseconds from `epoch` to the admission, plus one (0: none yet).
     at_ms: std::sync::atomic::AtomicU64,
     wait_ms: std::sync::atomic::AtomicU64,
+    /// Microseconds of that wait per image ahead.
+    per_image_us: std::sync::atomic::AtomicU64,
 }
 
 impl LastAdmission {
@@ -257,23 +267,28 @@ impl LastAdmission {
             epoch: Instant::now(),
             at_ms: Default::default(),
             wait_ms: Default::default(),
+            per_image_us: Default::default(),
         }
     }
 
-    /// A worker took a job that had waited `wait`, at `now`.
-    pub(crate) fn record(&self, now: Instant, wait: Duration) {
+    /// A worker took, at `now`, a job that had waited `wait` behind `ahead` images.
+    pub(crate) fn record(&self, now: Instant, wait: Duration, ahead: usize) {
         let at = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        let per_image = wait.as_micros() as u64 / (ahead as u64 + 1);
         self.wait_ms
             .store(wait.as_millis() as u64, Ordering::Relaxed);
+        self.per_image_us.store(per_image, Ordering::Relaxed);
         self.at_ms.store(at, Ordering::Relaxed);
     }
 
-    /// The last wait, if the job was taken no longer ago than it had waited.
+    /// The last wait per image ahead, if the job was taken no longer ago than it had
+    /// waited.
     fn recent(&self, now: Instant) -> Option<Duration> {
         let at = self.at_ms.load(Ordering::Relaxed).checked_sub(1)?;
         let wait = self.wait_ms.load(Ordering::Relaxed);
         let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        (now.saturating_sub(at) <= wait).then_some(Duration::from_millis(wait))
+        let per_image = Duration::from_micros(self.per_image_us.load(Ordering::Relaxed));
+        (now.saturating_sub(at) <= wait).then_some(per_image)
     }
 }
 
@@ -509,34 +524,41 @@ impl Scheduler {
 
     /// Queues all of `jobs` or none. Only senders add to the queue, and they hold the
     /// lock: once there is room for all, every send succeeds.
-    fn enqueue(&self, jobs: Vec<Queued>) -> Result<(), SubmitError> {
+    fn enqueue(&self, mut jobs: Vec<Queued>) -> Result<(), SubmitError> {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
         let capacity = self.rx.capacity().unwrap_or(usize::MAX);
-        let now = Instant::now();
-        if let Some(wait) = self.expected_wait(now) {
+        let fits = |this: &Self, n: usize| this.rx.len() + n <= capacity;
+        let late = |this: &Self, jobs: &[Queued]| {
+            let now = Instant::now();
+            let wait = this.expected_wait(now)?;
             let left = jobs
                 .iter()
                 .map(|q| q.job.deadline.saturating_duration_since(now))
-                .min()
-                .unwrap_or(Duration::MAX);
-            if wait > left {
-                return Err(SubmitError::WouldMissDeadline { wait, left });
-            }
+                .min()?;
+            (wait > left).then_some(SubmitError::WouldMissDeadline { wait, left })
+        };
+        // Jobs nobody waits for any more (clients that gave up and perhaps retried) are
+        // taken out before refusing anything: a worker would skip each when it reached
+        // it, but until then they would fill the queue and make its wait look longer.
+        if !fits(self, jobs.len()) || late(self, &jobs).is_some() {
+            self.sweep_leaving(tx);
         }
-        let fits = || self.rx.len() + jobs.len() <= capacity;
-        // A full queue may be full of jobs nobody waits for (clients that gave up and
-        // perhaps retried): a worker would skip each when it reached it, but until then
-        // they would turn live requests away.
-        let result = if fits() || (self.sweep_leaving(tx) > 0 && fits()) {
+        let result = if let Some(late) = late(self, &jobs) {
+            Err(late)
+        } else if !fits(self, jobs.len()) {
+            Err(SubmitError::QueueFull)
+        } else {
+            let ahead = self.queue_depth();
+            for (i, queued) in jobs.iter_mut().enumerate() {
+                queued.job.queued_behind = ahead + i;
+            }
             jobs.into_iter().try_for_each(|queued| {
                 tx.try_send(queued).map_err(|e| match e {
                     TrySendError::Full(_) => SubmitError::QueueFull,
                     TrySendError::Disconnected(_) => SubmitError::Closed,
                 })
             })
-        } else {
-            Err(SubmitError::QueueFull)
         };
         self.metrics.queue_depth.set(self.queue_depth() as i64);
         result
@@ -588,18 +610,25 @@ impl Scheduler {
         if let Some(tx) = guard.as_ref() {
             self.sweep_leaving(tx);
         }
+        self.metrics.queue_depth.set(self.queue_depth() as i64);
         self.queue_depth() + images <= capacity
     }
 
-    /// How long a job queued now will likely wait for a worker, where that is known:
-    /// while jobs wait, the wait of the last job a worker took, if it took it recently
-    /// (no longer ago than that wait; an older figure says nothing about the queue of
-    /// now). None when nothing waits, so an idle server never refuses on it.
+    /// How long a job queued now will likely wait for a worker, where that is known
+    /// and long enough to matter: while jobs wait, the time per image ahead that the
+    /// last job a worker took waited (its wait over the images that were ahead of it,
+    /// and itself), times the images waiting now; only if that job was taken no longer
+    /// ago than it had waited (an older figure says nothing about the queue of now),
+    /// and only from [`MIN_EXPECTED_WAIT`] up. None when nothing waits, so an idle
+    /// server never refuses on it.
     pub fn expected_wait(&self, now: Instant) -> Option<Duration> {
-        if self.queue_depth() == 0 {
+        let depth = self.queue_depth();
+        if depth == 0 {
             return None;
         }
-        self.last_admission.recent(now)
+        let per_image = self.last_admission.recent(now)?;
+        let wait = per_image.saturating_mul(u32::try_from(depth).unwrap_or(u32::MAX));
+        (wait >= MIN_EXPECTED_WAIT).then_some(wait)
     }
 
     /// Images waiting for a worker: queued, or held for room in a batch.
@@ -742,16 +771,17 @@ mod tests {
         let start = Instant::now();
         assert_eq!(last.recent(start), None);
         let at = start + Duration::from_secs(10);
-        last.record(at, Duration::from_secs(6));
-        assert_eq!(last.recent(at), Some(Duration::from_secs(6)));
+        // 6 s behind 2 images: 2 s per image ahead (itself included).
+        last.record(at, Duration::from_secs(6), 2);
+        assert_eq!(last.recent(at), Some(Duration::from_secs(2)));
         assert_eq!(
             last.recent(at + Duration::from_secs(5)),
-            Some(Duration::from_secs(6))
+            Some(Duration::from_secs(2))
         );
         // Taken longer ago than it had waited: no longer a figure for the queue of now.
         assert_eq!(last.recent(at + Duration::from_secs(7)), None);
         let later = at + Duration::from_secs(60);
-        last.record(later, Duration::ZERO);
+        last.record(later, Duration::ZERO, 0);
         assert_eq!(last.recent(later), Some(Duration::ZERO));
     }
 

@@ -407,9 +407,11 @@ impl<B: Backend> Worker<B> {
             }
             self.set_queue_depth();
             self.ctx.metrics.queue_wait_seconds.observe(waited);
-            self.ctx
-                .last_admission
-                .record(now, now.duration_since(job.enqueued));
+            self.ctx.last_admission.record(
+                now,
+                now.duration_since(job.enqueued),
+                job.queued_behind,
+            );
             self.ctx
                 .metrics
                 .rows_in_flight
