@@ -78,6 +78,11 @@ WORK=$(realpath -m "$WORK")
 RES=$WORK/matrix
 FINAL=""
 [[ -z ${OUT:-} ]] || FINAL=$(cd "$CALLER" && realpath -m "$OUT")
+# The bundles (1.6 GB each at full size) must not land in the folder that is carried back.
+if [[ -n $FINAL && $WORK/ == "$FINAL"/* ]]; then
+  echo "--out $WORK is inside \$OUT ($FINAL): give a scratch directory outside it" >&2
+  exit 2
+fi
 mkdir -p "$WORK" "$RES"
 PASS_MIN=${PASS_MIN:-75}
 export BENCH_TP_SECONDS=${BENCH_TP_SECONDS:-10}
@@ -128,7 +133,8 @@ if [[ $EXPORT_ONLY == 1 ]]; then
     [[ $status == 0 ]] || failed=1
     log "   $pass: exit $status; $(tail -n 1 "$RES/export-$pass/export-pass.log")"
   done
-  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/exports.tar.gz"
+  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/exports.tar.gz" \
+    || log "warning: packing the export logs into $FINAL failed"
   (( failed == 0 )) || { log "an export failed (logs: $RES/export-*/export-pass.log)"; exit 1; }
   log "bundles ready in $WORK"
   exit 0
@@ -206,7 +212,7 @@ text = "\n".join([
 print(text)
 PY
   [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/matrix-passes.tar.gz" \
-    matrix.md matrix.json
+    matrix.md matrix.json || log "warning: packing the results into $FINAL failed"
 }
 
 DONE=()
@@ -230,7 +236,8 @@ for pass in $PASSES; do
     tail -n 15 "$RES/$pass/matrix-pass.log" | sed 's/^/     /'
   fi
   DONE+=("$pass")
-  summarize >/dev/null
+  # A summary that fails (a pass killed mid-write) must not stop the passes after it.
+  summarize >/dev/null || log "warning: the summary after $pass failed"
 done
 
 summarize

@@ -22,8 +22,9 @@
 #   --quick         shorter phases and smaller batches: a smoke test of the script (under
 #                   a minute with --device cpu --config tiny on 2 cores)
 #   --check-export  also run the exporter's ONNX Runtime check (needs onnxruntime in Python)
-#   --budget S      skip the later throughput phases when the run would pass S seconds
-#                   (default 480; 0: never skip)
+#   --budget S      skip the later throughput phases when the run would pass S seconds,
+#                   and cut the export's and the start-up's time limits to what is left
+#                   (at least 60 s; not with --export-only) (default 480; 0: never skip)
 #   --no-reference  measure the service only (a second run on another bundle or with
 #                   other server flags, next to a full run)
 #   --attention A   export attention unfused (standard ONNX ops; default) or fused (one
@@ -220,8 +221,16 @@ EXPORT_FLAGS+=(--attention "$ATTENTION")
 # so that a slow export or start-up cannot run the whole run past its host's limit.
 within_budget() {
   local limit=$1 left=$((BUDGET - SECONDS))
-  if (( BUDGET > 0 && left < limit )); then limit=$(( left > 60 ? left : 60 )); fi
+  # --export-only is the step run ahead of time so that the timed run need not export.
+  if (( EXPORT_ONLY == 0 && BUDGET > 0 && left < limit )); then limit=$(( left > 60 ? left : 60 )); fi
   echo "$limit"
+}
+
+# With $OUT set: what has been written so far, packed into $OUT (after each phase, so a
+# run its host kills still returns the phases done).
+pack_results() {
+  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/bench-files.tar.gz" \
+    summary.md results.json || log "warning: packing the results into $FINAL failed"
 }
 
 # ----------------------------------------------------------------- (b) the bundle
@@ -241,7 +250,7 @@ if [[ $EXPORT_ONLY == 1 ]]; then
   log "export only: $BUNDLE is ready for a run with the same flags and --out $WORK"
   exec >&- 2>&-
   wait "$TEE_PID" 2>/dev/null || true
-  [[ -z $FINAL ]] || scripts/pack-results.sh "$RES" "$FINAL/bench-files.tar.gz"
+  pack_results
   exit 0
 fi
 # ONNX Runtime's CUDA Gather (and elementwise kernels) index with 32-bit integers, and
@@ -275,9 +284,7 @@ cleanup() {
   fi
   exec >&- 2>&-
   wait "$TEE_PID" 2>/dev/null || true
-  if [[ -n $FINAL ]]; then
-    scripts/pack-results.sh "$RES" "$FINAL/bench-files.tar.gz" summary.md results.json || true
-  fi
+  pack_results
 }
 trap cleanup EXIT
 
@@ -539,6 +546,7 @@ for steps in 5 34; do
 done
 log "batch captions: 8 images x 4 candidates in one /caption/batch request (compared across variants)"
 batch_captions || log "warning: the batch captions request failed"
+pack_results
 
 SMI_PID=""
 if [[ $DEVICE == cuda ]] && command -v nvidia-smi >/dev/null; then
@@ -590,6 +598,8 @@ json.dump({"args": args, "version": version, "providers": providers, "ready_s": 
           open(path, "w"), indent=2)
 EOF
 [[ $WORK == "$RES" ]] || cp "$WORK/server.log" "$RES/server.log"
+
+pack_results
 
 # ----------------------------------------------------------------- (d) the reference
 if [[ $REFERENCE == 0 ]]; then

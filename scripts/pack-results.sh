@@ -15,6 +15,7 @@ LIMIT=$((4 * 1024 * 1024))
 TO=$(dirname "$ARCHIVE")
 mkdir -p "$TO"
 STAGE=$(mktemp -d)
+chmod 755 "$STAGE"  # the archive's top folder; mktemp makes it private
 trap 'rm -rf "$STAGE"' EXIT
 ARCHIVE_REAL=$(realpath -m "$ARCHIVE")
 while IFS= read -r -d '' file; do
