@@ -394,8 +394,11 @@ impl<B: Backend> Worker<B> {
             let waited = now.duration_since(job.enqueued).as_secs_f64();
             if let Some(reason) = leave_reason(&job, now) {
                 // Counted too: under overload, the waits that end in a drop are the
-                // longest.
+                // longest. And they measure the queue's wait as well as an admission:
+                // when every job waits out its deadline, they are the only measure.
                 self.ctx.metrics.queue_wait_seconds.observe(waited);
+                let wait = now.duration_since(job.enqueued);
+                self.ctx.last_admission.record(now, wait, job.queued_behind);
                 self.drop_job(job, reason);
                 self.set_queue_depth();
                 continue;
@@ -407,11 +410,8 @@ impl<B: Backend> Worker<B> {
             }
             self.set_queue_depth();
             self.ctx.metrics.queue_wait_seconds.observe(waited);
-            self.ctx.last_admission.record(
-                now,
-                now.duration_since(job.enqueued),
-                job.queued_behind,
-            );
+            let wait = now.duration_since(job.enqueued);
+            self.ctx.last_admission.record(now, wait, job.queued_behind);
             self.ctx
                 .metrics
                 .rows_in_flight
