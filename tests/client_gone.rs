@@ -251,3 +251,55 @@ async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_single_image_does_not_wait_for_every_image_of_a_batch_ahead() {
+    use base64::Engine;
+    // One worker, batching off: one image at a time, in the queue's order.
+    let mut args = test_args();
+    args.batching = BatchingMode::Off;
+    args.workers = 1;
+    let s = TestServer::start(args).await;
+    let metrics = s.state().metrics.clone();
+    let scheduler = s.state().scheduler.get().unwrap().clone();
+
+    let busy_request = s
+        .png_request("/caption?steps=100&candidates=8", scene_png(0))
+        .send();
+    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
+    wait_for("the first request to run", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == 8
+    })
+    .await;
+    // Four long images in one batch request, then one short image.
+    let images: Vec<String> = (1..5)
+        .map(|i| base64::engine::general_purpose::STANDARD.encode(scene_png(i)))
+        .collect();
+    let batch_request = s
+        .post("/caption/batch?steps=100&candidates=8")
+        .json(&serde_json::json!({ "images": images }))
+        .send();
+    let batch = tokio::spawn(async move { batch_request.await.unwrap() });
+    wait_for("the batch to queue", Duration::from_secs(30), || {
+        scheduler.queue_depth() == 4
+    })
+    .await;
+    let single_request = s.png_request("/caption?steps=2", scene_png(5)).send();
+    let single = tokio::spawn(async move { single_request.await.unwrap() });
+
+    // It is taken right after the batch's first image, not after its fourth.
+    let single = single.await.unwrap();
+    assert_eq!(single.status(), 200);
+    assert!(
+        !batch.is_finished(),
+        "the batch finished before the single image"
+    );
+    assert!(
+        scheduler.queue_depth() >= 2,
+        "the single image waited for {} of the batch's images",
+        4 - scheduler.queue_depth()
+    );
+    assert_eq!(batch.await.unwrap().status(), 200);
+    assert_eq!(busy.await.unwrap(), 200);
+    s.stop().await;
+}

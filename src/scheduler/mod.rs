@@ -1,7 +1,8 @@
 //! The request queue and the worker threads that run the models.
 //!
 //! Requests go into one bounded queue; a full queue is refused at once (the caller
-//! answers 429) instead of growing latency without bound. Each worker is a dedicated
+//! answers 429) instead of growing latency without bound. Requests take turns in it:
+//! the images of a batch request alternate with other requests' images. Each worker is a dedicated
 //! OS thread that owns its ONNX Runtime sessions, so model calls never block the async
 //! runtime and sessions need no locks. How a worker groups requests into model calls
 //! is the [`BatchingMode`]; the default, continuous batching, lets requests join and
@@ -38,6 +39,9 @@ pub struct CaptionJob {
     pub reply: oneshot::Sender<Result<CaptionOutput, InferError>>,
     /// Images waiting ahead of this one when it was queued.
     pub(crate) queued_behind: usize,
+    /// The request it came with (the images of one batch request share it): the queue
+    /// takes turns between requests.
+    pub(crate) request: u64,
 }
 
 /// Where a job's answer arrives.
@@ -60,6 +64,7 @@ impl CaptionJob {
             enqueued: Instant::now(),
             reply,
             queued_behind: 0,
+            request: 0,
         };
         (job, rx)
     }
@@ -245,6 +250,30 @@ impl HeldJobs {
     }
 }
 
+/// `jobs` in turns between their requests ([`CaptionJob::request`]): the first job of
+/// each request in the order the requests first appear, then the second of each, and so
+/// on. Jobs of one request keep their order.
+fn take_turns(jobs: impl IntoIterator<Item = Queued>) -> Vec<Queued> {
+    let mut lanes: Vec<VecDeque<Queued>> = Vec::new();
+    let mut lane_of: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut count = 0;
+    for queued in jobs {
+        let lane = *lane_of.entry(queued.job.request).or_insert_with(|| {
+            lanes.push(VecDeque::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push_back(queued);
+        count += 1;
+    }
+    let mut order = Vec::with_capacity(count);
+    while order.len() < count {
+        for lane in &mut lanes {
+            order.extend(lane.pop_front());
+        }
+    }
+    order
+}
+
 /// The shortest expected queue wait that refuses a request whose deadline is nearer:
 /// shorter waits are noise (a worker waking late), and not worth a refusal.
 pub const MIN_EXPECTED_WAIT: Duration = Duration::from_secs(1);
@@ -377,6 +406,8 @@ pub struct Scheduler {
     steps: Arc<WorkerSteps>,
     /// How long the last job a worker took had waited, and when.
     last_admission: Arc<LastAdmission>,
+    /// The number of the next request queued ([`CaptionJob::request`]).
+    next_request: std::sync::atomic::AtomicU64,
     metrics: Arc<Metrics>,
     pub info: LoadedInfo,
 }
@@ -460,6 +491,7 @@ impl Scheduler {
             held,
             steps,
             last_admission,
+            next_request: std::sync::atomic::AtomicU64::new(1),
             metrics,
             info: info.clone().unwrap_or(LoadedInfo {
                 device: ActiveDevice::Cpu,
@@ -549,11 +581,22 @@ impl Scheduler {
         } else if !fits(self, jobs.len()) {
             Err(SubmitError::QueueFull)
         } else {
-            let ahead = self.queue_depth();
-            for (i, queued) in jobs.iter_mut().enumerate() {
-                queued.job.queued_behind = ahead + i;
+            let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+            for queued in &mut jobs {
+                queued.job.request = request;
             }
-            jobs.into_iter().try_for_each(|queued| {
+            // The queue is put back in turns between requests, the new one last: a
+            // request waits for at most one image of each request ahead of it, not for
+            // every image of a large batch. (A worker may take a job meanwhile.)
+            let waiting: Vec<Queued> = self.rx.try_iter().collect();
+            let held = self.held.len();
+            let mut order = take_turns(waiting.into_iter().chain(jobs));
+            for (at, queued) in order.iter_mut().enumerate() {
+                if queued.job.request == request {
+                    queued.job.queued_behind = held + at;
+                }
+            }
+            order.into_iter().try_for_each(|queued| {
                 tx.try_send(queued).map_err(|e| match e {
                     TrySendError::Full(_) => SubmitError::QueueFull,
                     TrySendError::Disconnected(_) => SubmitError::Closed,
@@ -763,6 +806,33 @@ mod tests {
             let count = metrics.requests_dropped_total.with_label_values(&[reason]);
             assert_eq!(count.get(), 1, "{reason}");
         }
+    }
+
+    #[test]
+    fn requests_take_turns_and_keep_their_own_order() {
+        let far = Instant::now() + Duration::from_secs(60);
+        let job = |request: u64, seed: u64| {
+            let (mut queued, _) = held_job(seed, far);
+            queued.job.request = request;
+            queued
+        };
+        // A batch of four (request 1), then a single (2), then a batch of two (3).
+        let jobs = [
+            (1, 10),
+            (1, 11),
+            (1, 12),
+            (1, 13),
+            (2, 20),
+            (3, 30),
+            (3, 31),
+        ];
+        let order = take_turns(jobs.map(|(r, s)| job(r, s)));
+        let seeds: Vec<u64> = order.iter().map(|q| q.job.seed).collect();
+        assert_eq!(seeds, [10, 20, 30, 11, 31, 12, 13]);
+        // Single-image requests: first come, first served.
+        let order = take_turns([(4, 40), (5, 50), (6, 60)].map(|(r, s)| job(r, s)));
+        let seeds: Vec<u64> = order.iter().map(|q| q.job.seed).collect();
+        assert_eq!(seeds, [40, 50, 60]);
     }
 
     #[test]
