@@ -2,7 +2,7 @@
 # Checks the container images and the Kubernetes manifests, without a Docker engine or
 # a cluster:
 #   1. hadolint on docker/Dockerfile and docker/Dockerfile.cuda
-#   2. renders k8s/base and k8s/overlays/gpu (k8s/render.py; cross-checked against
+#   2. renders k8s/base and k8s/overlays/{cpu,gpu} (k8s/render.py; cross-checked against
 #      `kubectl kustomize` where that works) and validates every object with
 #      kubernetes-validate --strict (the ServiceMonitor CRD has no schema there: step 3
 #      checks its wiring instead)
@@ -61,25 +61,50 @@ echo "== hadolint"
 "$tools/bin/hadolint" docker/Dockerfile docker/Dockerfile.cuda
 echo "hadolint: docker/Dockerfile docker/Dockerfile.cuda: no findings"
 
-echo "== render k8s/base, k8s/overlays/gpu"
+echo "== render k8s/base, k8s/overlays/cpu, k8s/overlays/gpu"
 mkdir -p "$out/k8s"
 "$py" k8s/render.py k8s/base --out "$out/k8s/base.yaml"
+"$py" k8s/render.py k8s/overlays/cpu --out "$out/k8s/cpu.yaml"
 "$py" k8s/render.py k8s/overlays/gpu --out "$out/k8s/gpu.yaml"
 if command -v kubectl >/dev/null 2>&1 && kubectl kustomize k8s/base >"$out/kk-base.yaml" 2>/dev/null \
+  && kubectl kustomize k8s/overlays/cpu >"$out/kk-cpu.yaml" 2>/dev/null \
   && kubectl kustomize k8s/overlays/gpu >"$out/kk-gpu.yaml" 2>/dev/null; then
   "$py" - "$out" <<'PY'
 import json, sys, yaml
 out = sys.argv[1]
-for name in ("base", "gpu"):
+for name in ("base", "cpu", "gpu"):
     def docs(p):
         return sorted(json.dumps(d, sort_keys=True) for d in yaml.safe_load_all(open(p)) if d)
     if docs(f"{out}/k8s/{name}.yaml") != docs(f"{out}/kk-{name}.yaml"):
         sys.exit(f"render.py and `kubectl kustomize` disagree on {name}: fix k8s/render.py")
-print("render: k8s/render.py output equals `kubectl kustomize` for base and gpu")
+print("render: k8s/render.py output equals `kubectl kustomize` for base, cpu and gpu")
 PY
 else
   echo "render: kubectl kustomize not available; k8s/render.py output used alone"
 fi
+# The documented release step, `kustomize edit set image ladic-serve=REGISTRY/...` in each
+# overlay, on a copy: the GPU overlay must still get the CUDA image (it would not if the
+# registry were set in the base), the CPU overlay the other.
+cp -r k8s "$out/release"
+"$py" - "$out" <<'PY'
+import pathlib, subprocess, sys, yaml
+out = pathlib.Path(sys.argv[1])
+registry = "registry.example.com/ladic-serve"
+for overlay, tag in (("cpu", "9.9.9"), ("gpu", "9.9.9-cuda")):
+    path = out / "release" / "overlays" / overlay / "kustomization.yaml"
+    k = yaml.safe_load(path.read_text())
+    (rule,) = [r for r in k["images"] if r["name"] == "ladic-serve"]
+    rule.update(newName=registry, newTag=tag)
+    path.write_text(yaml.safe_dump(k))
+    rendered = subprocess.run(
+        [sys.executable, "k8s/render.py", str(path.parent)], check=True, capture_output=True,
+        text=True).stdout
+    images = {c["image"] for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    if images != {f"{registry}:{tag}"}:
+        sys.exit(f"the {overlay} overlay with a release registry deploys {images}")
+print("render: a registry set in each overlay gives cpu the plain image and gpu the -cuda one")
+PY
 
 echo "== kubernetes-validate --strict"
 for f in "$out"/k8s/*.yaml; do
