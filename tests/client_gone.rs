@@ -244,6 +244,24 @@ async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
         "answered after {:?}",
         asked.elapsed()
     );
+    // A raw image body (every parameter in the query) is refused before it is read:
+    // headers alone get the 429, not a 408 for the body that never comes.
+    let addr = s.server.as_ref().unwrap().addr;
+    let head = format!(
+        "POST /caption?timeout_ms={timeout_ms} HTTP/1.1\r\nhost: {addr}\r\n\
+         content-type: image/png\r\ncontent-length: 1000000\r\n\r\n"
+    );
+    let status_line = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, BufReader};
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.write_all(head.as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 429"), "{status_line}");
     // With the default deadline (minutes here), it waits its turn.
     let patient = send("/caption?steps=2", 4);
     for r in std::iter::once(running).chain(waiting).chain([patient]) {

@@ -87,7 +87,13 @@ pub async fn caption(
         ApiError::UnsupportedMediaType(format!("missing Content-Type; {ACCEPTED}"))
     })?;
     let limit = state.settings.max_body_bytes;
-    let body_deadline = start + request_timeout(&state, &query)?;
+    let timeout = request_timeout(&state, &query)?;
+    if is_raw_image_type(&media) {
+        // Every parameter is in the query string: a request that would wait out its
+        // deadline in the queue is refused before its body is read.
+        scheduler.refuse_if_late(start, timeout)?;
+    }
+    let body_deadline = start + timeout;
     let budget = &state.body_budget;
     let read = |kind| read_body(&parts.headers, body, limit, body_deadline, budget, kind);
     // The image bytes keep the body's memory reserved until they are decoded.

@@ -563,12 +563,11 @@ impl Scheduler {
         let fits = |this: &Self, n: usize| this.rx.len() + n <= capacity;
         let late = |this: &Self, jobs: &[Queued]| {
             let now = Instant::now();
-            let wait = this.expected_wait(now)?;
             let left = jobs
                 .iter()
                 .map(|q| q.job.deadline.saturating_duration_since(now))
                 .min()?;
-            (wait > left).then_some(SubmitError::WouldMissDeadline { wait, left })
+            this.refuse_if_late(now, left).err()
         };
         // Jobs nobody waits for any more (clients that gave up and perhaps retried) are
         // taken out before refusing anything: a worker would skip each when it reached
@@ -655,6 +654,15 @@ impl Scheduler {
         }
         self.metrics.queue_depth.set(self.queue_depth() as i64);
         self.queue_depth() + images <= capacity
+    }
+
+    /// Refuses a request with `left` before its deadline if the queue's expected wait
+    /// is longer ([`Scheduler::expected_wait`]): it would only wait out its deadline.
+    pub fn refuse_if_late(&self, now: Instant, left: Duration) -> Result<(), SubmitError> {
+        match self.expected_wait(now) {
+            Some(wait) if wait > left => Err(SubmitError::WouldMissDeadline { wait, left }),
+            _ => Ok(()),
+        }
     }
 
     /// How long a job queued now will likely wait for a worker, where that is known
