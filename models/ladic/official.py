@@ -251,12 +251,18 @@ def _is_weights_only_refusal(err: BaseException) -> bool:
     )
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> object:
+def _torch_load(
+    path: Path,
+    allow_pickle: bool,
+    not_loadable: Callable[[Path, BaseException], OfficialCheckpointError] = _not_a_checkpoint,
+) -> object:
+    """`torch.load` of `path`, tensors only unless `allow_pickle`; `not_loadable` makes
+    the error for a file torch cannot read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _NOT_A_CHECKPOINT as err:
         if not _is_weights_only_refusal(err):
-            raise _not_a_checkpoint(path, err) from err
+            raise not_loadable(path, err) from err
         if not allow_pickle:
             raise OfficialCheckpointError(
                 f"{path} holds Python objects besides tensors; rerun with --allow-pickle "
@@ -269,7 +275,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> object:
             f"{path} holds objects of a module that is not installed ({err})"
         ) from err
     except _NOT_A_CHECKPOINT as err:
-        raise _not_a_checkpoint(path, err) from err
+        raise not_loadable(path, err) from err
 
 
 _ST_DTYPES = {
@@ -388,27 +394,18 @@ def _fill(
 
 def _load_vector(path: Path, dim: int, what: str, allow_pickle: bool = False) -> Tensor:
     hint = f"--{what} takes the official repository's datasets/{what}_emb_split.pickle"
+
+    def not_a_vector(path: Path, err: BaseException) -> OfficialCheckpointError:
+        return OfficialCheckpointError(f"{path}: not a torch.save file{_first_line(err)}; {hint}")
+
     try:
-        t = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        t = _torch_load(path, allow_pickle, not_a_vector)
     except OSError as err:
         raise OfficialCheckpointError(
             f"cannot read the latent {what} from {path} ({err.strerror or err}); {hint}"
         ) from err
-    except _NOT_A_CHECKPOINT as err:
-        if _is_weights_only_refusal(err):
-            raise OfficialCheckpointError(
-                f"{path} (the latent {what}) holds Python objects besides tensors; rerun "
-                "with --allow-pickle only if you trust the file: loading it runs code from it"
-            ) from err
-        raise OfficialCheckpointError(
-            f"{path}: not a torch.save file with the latent {what}{_first_line(err)}; "
-            f"{hint}"
-        ) from err
-    except ImportError as err:  # a pickle of a module that is not installed
-        raise OfficialCheckpointError(
-            f"{path} (the latent {what}) holds objects of a module that is not installed "
-            f"({err})"
-        ) from err
+    except OfficialCheckpointError as err:
+        raise OfficialCheckpointError(f"the latent {what}: {err}") from err
     if isinstance(t, np.ndarray):  # loaded with --allow-pickle
         t = torch.from_numpy(np.ascontiguousarray(t))
     if not isinstance(t, Tensor) or t.numel() != dim:
