@@ -81,19 +81,19 @@ pub async fn caption(
 
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
-    // Checked on their own too: a value the body overrides is still refused.
-    resolve(&state, &query)?;
+    // Checked on their own too: a value the body overrides is still refused. Their
+    // timeout is what the body must arrive within, before the body's own is known.
+    let query_timeout = resolve(&state, &query)?.timeout;
     let media = media_type(&parts.headers).ok_or_else(|| {
         ApiError::UnsupportedMediaType(format!("missing Content-Type; {ACCEPTED}"))
     })?;
     let limit = state.settings.max_body_bytes;
-    let timeout = request_timeout(&state, &query)?;
     if is_raw_image_type(&media) {
         // Every parameter is in the query string: a request that would wait out its
         // deadline in the queue is refused before its body is read.
-        scheduler.refuse_if_late(start, timeout)?;
+        scheduler.refuse_if_late(start, query_timeout)?;
     }
-    let body_deadline = start + timeout;
+    let body_deadline = start + query_timeout;
     let budget = &state.body_budget;
     let read = |kind| read_body(&parts.headers, body, limit, body_deadline, budget, kind);
     // The image bytes keep the body's memory reserved until they are decoded.
@@ -357,8 +357,9 @@ pub async fn caption_batch(
     let _in_flight = InFlight::new(&state.in_flight);
     let (parts, body) = req.into_parts();
     let query = CaptionParams::from_query(parts.uri.query())?;
-    // Checked on their own too: a value the body overrides is still refused.
-    resolve(&state, &query)?;
+    // Checked on their own too: a value the body overrides is still refused. Their
+    // timeout is what the body must arrive within, before the body's own is known.
+    let query_timeout = resolve(&state, &query)?.timeout;
     refuse_batch_stream(&query)?;
     match media_type(&parts.headers).as_deref() {
         Some("application/json") => {}
@@ -369,7 +370,7 @@ pub async fn caption_batch(
             )));
         }
     }
-    let body_deadline = start + request_timeout(&state, &query)?;
+    let body_deadline = start + query_timeout;
     let (bytes, reserved) = read_body(
         &parts.headers,
         body,
@@ -486,13 +487,6 @@ fn at_index(i: usize, e: ApiError) -> ApiError {
 fn resolve(state: &AppState, params: &CaptionParams) -> Result<Resolved, ApiError> {
     let s = &state.settings;
     request::resolve(params, &state.defaults, s.default_timeout, s.max_timeout)
-}
-
-/// The request's timeout as far as `params` (the query string) tell it: what the body
-/// must arrive within, before the body's own parameters are known.
-fn request_timeout(state: &AppState, params: &CaptionParams) -> Result<Duration, ApiError> {
-    let s = &state.settings;
-    request::timeout(params, s.default_timeout, s.max_timeout)
 }
 
 /// Refuses before decoding anything when the queue cannot take `n` more images.

@@ -2,9 +2,9 @@
 //!
 //! Requests go into one bounded queue; a full queue is refused at once (the caller
 //! answers 429) instead of growing latency without bound. Requests take turns in it:
-//! the images of a batch request alternate with other requests' images. Each worker is a dedicated
-//! OS thread that owns its ONNX Runtime sessions, so model calls never block the async
-//! runtime and sessions need no locks. How a worker groups requests into model calls
+//! the images of a batch request alternate with other requests' images. Each worker is
+//! a dedicated OS thread that owns its ONNX Runtime sessions, so model calls never block
+//! the async runtime and sessions need no locks. How a worker groups requests into model calls
 //! is the [`BatchingMode`]; the default, continuous batching, lets requests join and
 //! leave the running batch at every denoising step (see `worker.rs`).
 
@@ -247,6 +247,17 @@ impl HeldJobs {
     /// Where an idle worker hears that a job was held.
     pub fn wakes(&self) -> &Receiver<()> {
         &self.wake_rx
+    }
+}
+
+/// Sends a job the queue held a moment ago (or a new one it has room for) back into it.
+/// Only senders add to the queue and they hold its lock, so there is always room; a job
+/// it refused anyway is answered, never lost silently.
+fn put_back(tx: &Sender<Queued>, queued: Queued) {
+    if let Err(TrySendError::Full(q) | TrySendError::Disconnected(q)) = tx.try_send(queued) {
+        let _ = q.job.reply.send(Err(InferError::Failed(
+            "the request queue refused a job it had held".into(),
+        )));
     }
 }
 
@@ -595,12 +606,10 @@ impl Scheduler {
                     queued.job.queued_behind = held + at;
                 }
             }
-            order.into_iter().try_for_each(|queued| {
-                tx.try_send(queued).map_err(|e| match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull,
-                    TrySendError::Disconnected(_) => SubmitError::Closed,
-                })
-            })
+            for queued in order {
+                put_back(tx, queued);
+            }
+            Ok(())
         };
         self.metrics.queue_depth.set(self.queue_depth() as i64);
         result
@@ -615,15 +624,9 @@ impl Scheduler {
         let now = Instant::now();
         let mut leaving = self.held.take_leaving(now);
         for queued in self.rx.try_iter().collect::<Vec<_>>() {
-            if let Some(reason) = worker::leave_reason(&queued.job, now) {
-                leaving.push((queued.job, reason));
-            } else if let Err(TrySendError::Full(q) | TrySendError::Disconnected(q)) =
-                tx.try_send(queued)
-            {
-                // Unreachable while the lock is held; never lose a job silently.
-                let _ = q.job.reply.send(Err(InferError::Failed(
-                    "the request queue refused a job it had held".into(),
-                )));
+            match worker::leave_reason(&queued.job, now) {
+                Some(reason) => leaving.push((queued.job, reason)),
+                None => put_back(tx, queued),
             }
         }
         let count = leaving.len();

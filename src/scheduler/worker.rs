@@ -391,14 +391,18 @@ impl<B: Backend> Worker<B> {
             };
             let Queued { job, progress } = queued;
             let now = Instant::now();
-            let waited = now.duration_since(job.enqueued).as_secs_f64();
+            let waited = now.duration_since(job.enqueued);
             if let Some(reason) = leave_reason(&job, now) {
                 // Counted too: under overload, the waits that end in a drop are the
                 // longest. And they measure the queue's wait as well as an admission:
                 // when every job waits out its deadline, they are the only measure.
-                self.ctx.metrics.queue_wait_seconds.observe(waited);
-                let wait = now.duration_since(job.enqueued);
-                self.ctx.last_admission.record(now, wait, job.queued_behind);
+                self.ctx
+                    .metrics
+                    .queue_wait_seconds
+                    .observe(waited.as_secs_f64());
+                self.ctx
+                    .last_admission
+                    .record(now, waited, job.queued_behind);
                 self.drop_job(job, reason);
                 self.set_queue_depth();
                 continue;
@@ -409,9 +413,13 @@ impl<B: Backend> Worker<B> {
                 break;
             }
             self.set_queue_depth();
-            self.ctx.metrics.queue_wait_seconds.observe(waited);
-            let wait = now.duration_since(job.enqueued);
-            self.ctx.last_admission.record(now, wait, job.queued_behind);
+            self.ctx
+                .metrics
+                .queue_wait_seconds
+                .observe(waited.as_secs_f64());
+            self.ctx
+                .last_admission
+                .record(now, waited, job.queued_behind);
             self.ctx
                 .metrics
                 .rows_in_flight
