@@ -10,10 +10,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, scene_png, test_args, wait_for};
-use ladic_serve::config::BatchingMode;
+use ladic_serve::config::{BatchingMode, ServeArgs};
 use ladic_serve::metrics::Metrics;
 use std::io::Write;
 use std::net::TcpStream;
+use tokio::task::JoinHandle;
 
 /// Sends a whole `POST` with a PNG body on a fresh connection and returns the
 /// connection unread, so the test decides when the client goes away. (A blocking
@@ -35,6 +36,33 @@ fn client_gone(metrics: &Metrics) -> u64 {
         .requests_dropped_total
         .with_label_values(&["client_gone"])
         .get()
+}
+
+/// The test server's settings with one worker and batching off: each request waits in
+/// the queue, in its order, until the one before it has ended.
+fn one_request_at_a_time() -> ServeArgs {
+    let mut args = test_args();
+    args.batching = BatchingMode::Off;
+    args.workers = 1;
+    args
+}
+
+/// Sends `path` with scene image `variant` in the background.
+fn spawn_png(s: &TestServer, path: &str, variant: u8) -> JoinHandle<reqwest::Response> {
+    let request = s.png_request(path, scene_png(variant)).send();
+    tokio::spawn(async move { request.await.unwrap() })
+}
+
+/// Sends `path` (seconds of work, `rows` rows) in the background and waits until the
+/// worker runs it, so that the requests after it wait in the queue.
+async fn start_busy(s: &TestServer, path: &str, rows: i64) -> JoinHandle<reqwest::Response> {
+    let busy = spawn_png(s, path, 0);
+    let metrics = s.state().metrics.clone();
+    wait_for("the first request to run", Duration::from_secs(60), || {
+        metrics.rows_in_flight.get() == rows
+    })
+    .await;
+    busy
 }
 
 #[tokio::test]
@@ -86,22 +114,13 @@ async fn a_client_that_disconnects_mid_request_frees_its_rows() {
 
 #[tokio::test]
 async fn a_queued_request_whose_client_left_is_skipped() {
-    // Batching off: the second request waits in the queue behind the first.
-    let mut args = test_args();
-    args.batching = BatchingMode::Off;
-    let s = TestServer::start(args).await;
+    // The second request waits in the queue behind the first.
+    let s = TestServer::start(one_request_at_a_time()).await;
     let addr = s.server.as_ref().unwrap().addr;
     let metrics = s.state().metrics.clone();
     let scheduler = s.state().scheduler.get().unwrap().clone();
 
-    let busy_request = s
-        .png_request("/caption?steps=60&candidates=4", scene_png(0))
-        .send();
-    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
-    wait_for("the first request to run", Duration::from_secs(60), || {
-        metrics.rows_in_flight.get() == 4
-    })
-    .await;
+    let busy = start_busy(&s, "/caption?steps=60&candidates=4", 4).await;
     let queued = send_raw(addr, "/caption?steps=60&candidates=4", &scene_png(1));
     wait_for(
         "the second request to queue",
@@ -111,7 +130,7 @@ async fn a_queued_request_whose_client_left_is_skipped() {
     .await;
     drop(queued);
 
-    assert_eq!(busy.await.unwrap(), 200);
+    assert_eq!(busy.await.unwrap().status(), 200);
     wait_for("the queue to empty", Duration::from_secs(30), || {
         scheduler.queue_depth() == 0 && metrics.rows_in_flight.get() == 0
     })
@@ -127,10 +146,8 @@ async fn a_queued_request_whose_client_left_is_skipped() {
 
 #[tokio::test]
 async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
-    // One worker, batching off, room for two in the queue.
-    let mut args = test_args();
-    args.batching = BatchingMode::Off;
-    args.workers = 1;
+    // Room for two in the queue.
+    let mut args = one_request_at_a_time();
     args.queue_size = 2;
     args.max_batch_images = 2;
     let s = TestServer::start(args).await;
@@ -138,15 +155,7 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
     let metrics = s.state().metrics.clone();
     let scheduler = s.state().scheduler.get().unwrap().clone();
 
-    // Seconds of work for the only worker.
-    let busy_request = s
-        .png_request("/caption?steps=100&candidates=8", scene_png(0))
-        .send();
-    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
-    wait_for("the first request to run", Duration::from_secs(60), || {
-        metrics.rows_in_flight.get() == 8
-    })
-    .await;
+    let busy = start_busy(&s, "/caption?steps=100&candidates=8", 8).await;
     // Two clients fill the queue, then give up.
     let gave_up: Vec<_> = (1..3)
         .map(|i| send_raw(addr, "/caption?steps=100&candidates=8", &scene_png(i)))
@@ -165,8 +174,7 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
     .await;
 
     // Their jobs are still queued, but a new request takes their place instead of a 429.
-    let fresh_request = s.png_request("/caption?steps=2", scene_png(3)).send();
-    let fresh = tokio::spawn(async move { fresh_request.await.unwrap().status() });
+    let fresh = spawn_png(&s, "/caption?steps=2", 3);
     wait_for(
         "the new request to be queued, or answered",
         Duration::from_secs(30),
@@ -176,7 +184,7 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
     if fresh.is_finished() {
         panic!(
             "answered {} at once while the queue held only requests nobody waits for",
-            fresh.await.unwrap()
+            fresh.await.unwrap().status()
         );
     }
     assert_eq!(client_gone(&metrics), 2);
@@ -184,8 +192,8 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
     // Taken out by the new request, not by the worker, which is still on the first one.
     assert_eq!(metrics.rows_in_flight.get(), 8);
 
-    assert_eq!(busy.await.unwrap(), 200);
-    assert_eq!(fresh.await.unwrap(), 200);
+    assert_eq!(busy.await.unwrap().status(), 200);
+    assert_eq!(fresh.await.unwrap().status(), 200);
     let text = s.metrics_text().await;
     assert!(text.contains("ladic_queue_depth 0"), "{text}");
     s.stop().await;
@@ -193,25 +201,12 @@ async fn a_queue_full_of_requests_whose_clients_left_still_takes_new_ones() {
 
 #[tokio::test]
 async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
-    // One worker, batching off: each request waits for the one before to end.
-    let mut args = test_args();
-    args.batching = BatchingMode::Off;
-    args.workers = 1;
-    let s = TestServer::start(args).await;
-    let metrics = s.state().metrics.clone();
+    let s = TestServer::start(one_request_at_a_time()).await;
     let scheduler = s.state().scheduler.get().unwrap().clone();
     let long = "/caption?steps=100&candidates=8&back_refine=true";
-    let send = |path: &str, variant: u8| {
-        let request = s.png_request(path, scene_png(variant)).send();
-        tokio::spawn(async move { request.await.unwrap() })
-    };
 
-    let running = send(long, 0);
-    wait_for("the first request to run", Duration::from_secs(60), || {
-        metrics.rows_in_flight.get() == 8
-    })
-    .await;
-    let waiting: Vec<_> = (1..10).map(|i| send(long, i % 8)).collect();
+    let running = start_busy(&s, long, 8).await;
+    let waiting: Vec<_> = (1..10).map(|i| spawn_png(&s, long, i % 8)).collect();
     wait_for("nine requests to wait", Duration::from_secs(30), || {
         scheduler.queue_depth() == 9
     })
@@ -263,7 +258,7 @@ async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
     .unwrap();
     assert!(status_line.starts_with("HTTP/1.1 429"), "{status_line}");
     // With the default deadline (minutes here), it waits its turn.
-    let patient = send("/caption?steps=2", 4);
+    let patient = spawn_png(&s, "/caption?steps=2", 4);
     for r in std::iter::once(running).chain(waiting).chain([patient]) {
         assert_eq!(r.await.unwrap().status(), 200);
     }
@@ -273,22 +268,11 @@ async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
 #[tokio::test]
 async fn a_single_image_does_not_wait_for_every_image_of_a_batch_ahead() {
     use base64::Engine;
-    // One worker, batching off: one image at a time, in the queue's order.
-    let mut args = test_args();
-    args.batching = BatchingMode::Off;
-    args.workers = 1;
-    let s = TestServer::start(args).await;
-    let metrics = s.state().metrics.clone();
+    // One image at a time, in the queue's order.
+    let s = TestServer::start(one_request_at_a_time()).await;
     let scheduler = s.state().scheduler.get().unwrap().clone();
 
-    let busy_request = s
-        .png_request("/caption?steps=100&candidates=8", scene_png(0))
-        .send();
-    let busy = tokio::spawn(async move { busy_request.await.unwrap().status() });
-    wait_for("the first request to run", Duration::from_secs(60), || {
-        metrics.rows_in_flight.get() == 8
-    })
-    .await;
+    let busy = start_busy(&s, "/caption?steps=100&candidates=8", 8).await;
     // Four long images in one batch request, then one short image.
     let images: Vec<String> = (1..5)
         .map(|i| base64::engine::general_purpose::STANDARD.encode(scene_png(i)))
@@ -302,8 +286,7 @@ async fn a_single_image_does_not_wait_for_every_image_of_a_batch_ahead() {
         scheduler.queue_depth() == 4
     })
     .await;
-    let single_request = s.png_request("/caption?steps=2", scene_png(5)).send();
-    let single = tokio::spawn(async move { single_request.await.unwrap() });
+    let single = spawn_png(&s, "/caption?steps=2", 5);
 
     // It is taken right after the batch's first image, not after its fourth.
     let single = single.await.unwrap();
@@ -318,6 +301,6 @@ async fn a_single_image_does_not_wait_for_every_image_of_a_batch_ahead() {
         4 - scheduler.queue_depth()
     );
     assert_eq!(batch.await.unwrap().status(), 200);
-    assert_eq!(busy.await.unwrap(), 200);
+    assert_eq!(busy.await.unwrap().status(), 200);
     s.stop().await;
 }
