@@ -65,22 +65,29 @@ fn missing_onnxruntime_is_a_one_line_error() {
     assert!(!stderr.contains("panicked"));
 }
 
-/// A file that cannot be read is reported before the model loads (which takes long at
-/// full size): here with no ONNX Runtime at all.
-#[test]
-fn caption_reads_its_files_before_loading_the_model() {
+/// `caption` with `args` and no ONNX Runtime at all: it must fail with exit status 1
+/// and one line on stderr, which is returned.
+fn caption_without_onnx_runtime(args: &[&str]) -> String {
     let out = bin()
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
-        .args([
-            "caption",
-            "tests/fixtures/scenes/test-seen-000.png",
-            "/nonexistent/photo.png",
-        ])
+        .arg("caption")
+        .args(args)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
+/// A file that cannot be read is reported before the model loads (which takes long at
+/// full size): here with no ONNX Runtime at all.
+#[test]
+fn caption_reads_its_files_before_loading_the_model() {
+    let stderr = caption_without_onnx_runtime(&[
+        "tests/fixtures/scenes/test-seen-000.png",
+        "/nonexistent/photo.png",
+    ]);
     assert!(
         stderr.starts_with("error: cannot read /nonexistent/photo.png"),
         "{stderr}"
@@ -90,22 +97,12 @@ fn caption_reads_its_files_before_loading_the_model() {
 /// So are a flag's value out of range and a file that is not an image.
 #[test]
 fn caption_checks_its_parameters_and_images_before_loading_the_model() {
-    let caption = |extra: &[&str]| {
-        let out = bin()
-            .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
-            .arg("caption")
-            .args(extra)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        String::from_utf8(out.stderr).unwrap()
-    };
-    let stderr = caption(&["--steps", "0", "tests/fixtures/scenes/test-seen-000.png"]);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr =
+        caption_without_onnx_runtime(&["--steps", "0", "tests/fixtures/scenes/test-seen-000.png"]);
     assert!(stderr.contains("--steps must be"), "{stderr}");
 
-    let stderr = caption(&["tests/fixtures/scenes/test-seen-000.png", "Cargo.toml"]);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr =
+        caption_without_onnx_runtime(&["tests/fixtures/scenes/test-seen-000.png", "Cargo.toml"]);
     assert!(
         stderr.starts_with("error: cannot use image Cargo.toml: unrecognised"),
         "{stderr}"

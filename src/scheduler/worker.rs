@@ -392,26 +392,16 @@ impl<B: Backend> Worker<B> {
             let Queued { job, progress } = queued;
             let now = Instant::now();
             let waited = now.duration_since(job.enqueued);
-            if let Some(reason) = leave_reason(&job, now) {
-                // Counted too: under overload, the waits that end in a drop are the
-                // longest. And they measure the queue's wait as well as an admission:
-                // when every job waits out its deadline, they are the only measure.
-                self.ctx
-                    .metrics
-                    .queue_wait_seconds
-                    .observe(waited.as_secs_f64());
-                self.ctx
-                    .last_admission
-                    .record(now, waited, job.queued_behind);
-                self.drop_job(job, reason);
-                self.set_queue_depth();
-                continue;
-            }
-            if !fits(&job) {
+            let leaving = leave_reason(&job, now);
+            if leaving.is_none() && !fits(&job) {
                 self.ctx.held.push(Queued { job, progress });
                 self.set_queue_depth();
                 break;
             }
+            // The job leaves the queue, admitted or dropped. Both waits are counted (under
+            // overload the waits that end in a drop are the longest) and both measure the
+            // queue's wait: when every job waits out its deadline, the drops are the only
+            // measure.
             self.set_queue_depth();
             self.ctx
                 .metrics
@@ -420,6 +410,10 @@ impl<B: Backend> Worker<B> {
             self.ctx
                 .last_admission
                 .record(now, waited, job.queued_behind);
+            if let Some(reason) = leaving {
+                self.drop_job(job, reason);
+                continue;
+            }
             self.ctx
                 .metrics
                 .rows_in_flight
