@@ -389,9 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     stage2_rng_path = out / "stage2_rng.pt"
     if text_path.exists():
         model.text.load_state_dict(torch.load(text_path, map_location=device))
-        if stage2_rng_path.exists() and not (out / "checkpoint.pt").exists():
+        if (out / "checkpoint.pt").exists():
+            pass  # stage 2 resumes from its checkpoint, generators included
+        elif stage2_rng_path.exists():
             torch_rng_restore(torch.load(stage2_rng_path, weights_only=False))
-        elif not (out / "checkpoint.pt").exists():
+        else:
             print(
                 f"note: {stage2_rng_path.name} is missing (a run from an older version): "
                 "stage 2 starts from other random draws than an uninterrupted run"
