@@ -1,7 +1,7 @@
 """An autoregressive captioner: the baseline the diffusion model is compared with.
 
-    python -m ladic.ar_baseline train --out runs/ar-tiny --threads 1 --steps 8000 --batch 64
-    python -m ladic.ar_baseline train --out runs/ar-tiny --device cuda --steps 8000 --batch 64
+    python -m ladic.ar_baseline train --out runs/ar-tiny --threads 1 --steps 22000 --batch 64
+    python -m ladic.ar_baseline train --out runs/ar-tiny --device cuda --steps 22000 --batch 64
     python -m ladic.ar_baseline caption --run runs/ar-tiny --split test-seen --limit 5
 
 Re-running the same train command resumes from the last checkpoint in --out.
@@ -15,11 +15,12 @@ data and budget"):
   FFN; plus token/position embeddings and an output projection. In total about 1.09M
   parameters against 1.13M for LaDiC tiny's image encoder + diffuser + text decoder
   (the frozen text encoder, 0.10M more, is not counted: it only makes training targets).
-- Same tokenizer (the Scenes word-level one, 40 tokens with [CLS]/[SEP]), same data
+- Same tokenizer (the Scenes word-level one, 47 tokens with the special ones), same data
   (the train split, by default only the canonical reference, as the diffusion run), same
   optimizer and schedule (AdamW, lr 5e-4, weight decay 0.01, 5% linear warm-up then
   cosine to 10%, gradient clipping at 1), and the SAME BUDGET: the same number of
-  steps x batch size as the diffusion run (8000 x 64 for `runs/scenes-tiny`). An AR
+  steps x batch size as the diffusion run (22000 x 64, the first `runs/scenes-tiny`'s;
+  the current one stopped at 20000, so the AR model now has 10% more). An AR
   step (one teacher-forced pass) is cheaper than a diffusion step (which also runs a
   self-conditioning pass half of the time), so the AR model gets less compute for the
   same number of examples seen, but not fewer examples.

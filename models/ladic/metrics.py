@@ -1,4 +1,4 @@
-"""Caption metrics for Scenes (spec: /work/shared/SCENES.md, "Metrics").
+"""Caption metrics for Scenes (spec: docs/scenes.md, "Metrics").
 
 Two views of quality: exact semantic accuracy, which the generator's known ground
 truth makes possible, and the standard COCO n-gram metrics (pycocoevalcap), so

@@ -1,4 +1,4 @@
-"""The procedural "Scenes" captioning data set (spec: /work/shared/SCENES.md).
+"""The procedural "Scenes" captioning data set (spec: docs/scenes.md).
 
 No captioned photo data and no pretrained captioner can be installed here, so the
 default model learns from generated scenes whose content is known exactly. Everything
