@@ -467,52 +467,88 @@ impl<B: Backend> Worker<B> {
     }
 
     /// Encodes the images of newly admitted jobs in batched encoder calls and starts
-    /// their rows.
-    fn encode_new(&mut self) -> Result<(), RuntimeError> {
+    /// their rows. An encoder call that fails fails the jobs of its images only: the
+    /// jobs already running keep their rows and go on with the step.
+    fn encode_new(&mut self) {
         let new: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].kv.is_none())
             .collect();
         let max_rows = self.ctx.config.max_batch_rows.max(1);
+        let mut failed: Vec<(usize, InferError)> = Vec::new();
         for chunk in new.chunks(max_rows) {
-            let views: Vec<_> = chunk
-                .iter()
-                .map(|&i| self.active[i].job.pixels.view())
-                .collect();
-            let pixels: Array4<f32> =
-                ndarray::stack(Axis(0), &views).map_err(|e| RuntimeError::Inference {
-                    graph: "encoder",
-                    reason: format!("images of different sizes in one batch: {e}"),
-                })?;
-            let start = Instant::now();
-            let kv = self.models.encode_images(pixels.view())?;
-            self.ctx
-                .metrics
-                .encoder_call_duration_seconds
-                .observe(start.elapsed().as_secs_f64());
-            if kv.len() != chunk.len() {
-                return Err(RuntimeError::Inference {
-                    graph: "encoder",
-                    reason: format!("{} K/V for {} images", kv.len(), chunk.len()),
-                });
+            if let Err(e) = self.encode_chunk(chunk) {
+                let reason = e.to_string();
+                tracing::error!(
+                    worker = self.ctx.index,
+                    %reason,
+                    images = chunk.len(),
+                    "encoding failed; failing the requests of those images"
+                );
+                let error = InferError::Failed(reason);
+                failed.extend(chunk.iter().map(|&i| (i, error.clone())));
             }
-            for (kv, &i) in kv.into_iter().zip(chunk) {
-                let job = &mut self.active[i];
-                job.kv = Some(kv);
-                for c in 0..job.job.params.candidates {
-                    let noise = SeededNoise::new(job.job.seed, c as u64);
-                    let row = Row::new(
-                        job.job.params.clone(),
-                        self.schedule.clone(),
-                        self.latent_shape,
-                        Box::new(noise),
-                        false,
-                    )
-                    .map_err(|e| RuntimeError::Inference {
-                        graph: "sampler",
-                        reason: e.to_string(),
-                    })?;
-                    job.rows.push(row);
+        }
+        if failed.is_empty() {
+            return;
+        }
+        let mut errors: Vec<Option<InferError>> = vec![None; self.active.len()];
+        for (i, error) in failed {
+            errors[i] = Some(error);
+        }
+        let mut kept = Vec::with_capacity(self.active.len());
+        for (job, error) in std::mem::take(&mut self.active).into_iter().zip(errors) {
+            match error {
+                Some(error) => {
+                    self.release(&job);
+                    let _ = job.job.reply.send(Err(error));
                 }
+                None => kept.push(job),
+            }
+        }
+        self.active = kept;
+    }
+
+    /// Encodes the images of the jobs at `chunk` (indices into `active`) in one
+    /// encoder call and starts their rows.
+    fn encode_chunk(&mut self, chunk: &[usize]) -> Result<(), RuntimeError> {
+        let views: Vec<_> = chunk
+            .iter()
+            .map(|&i| self.active[i].job.pixels.view())
+            .collect();
+        let pixels: Array4<f32> =
+            ndarray::stack(Axis(0), &views).map_err(|e| RuntimeError::Inference {
+                graph: "encoder",
+                reason: format!("images of different sizes in one batch: {e}"),
+            })?;
+        let start = Instant::now();
+        let kv = self.models.encode_images(pixels.view())?;
+        self.ctx
+            .metrics
+            .encoder_call_duration_seconds
+            .observe(start.elapsed().as_secs_f64());
+        if kv.len() != chunk.len() {
+            return Err(RuntimeError::Inference {
+                graph: "encoder",
+                reason: format!("{} K/V for {} images", kv.len(), chunk.len()),
+            });
+        }
+        for (kv, &i) in kv.into_iter().zip(chunk) {
+            let job = &mut self.active[i];
+            job.kv = Some(kv);
+            for c in 0..job.job.params.candidates {
+                let noise = SeededNoise::new(job.job.seed, c as u64);
+                let row = Row::new(
+                    job.job.params.clone(),
+                    self.schedule.clone(),
+                    self.latent_shape,
+                    Box::new(noise),
+                    false,
+                )
+                .map_err(|e| RuntimeError::Inference {
+                    graph: "sampler",
+                    reason: e.to_string(),
+                })?;
+                job.rows.push(row);
             }
         }
         Ok(())
@@ -520,7 +556,7 @@ impl<B: Backend> Worker<B> {
 
     fn tick(&mut self) -> Result<(), RuntimeError> {
         self.prune();
-        self.encode_new()?;
+        self.encode_new();
         let max_rows = self.ctx.config.max_batch_rows.max(1);
         let (snapshots, owners) = {
             let mut rows: Vec<ActiveRow<'_>> = Vec::new();
@@ -712,7 +748,12 @@ mod tests {
         max_images: usize,
         /// The most distinct images one denoiser call has seen.
         most_images: Arc<std::sync::atomic::AtomicUsize>,
+        /// How long each denoiser call takes.
+        step_time: Duration,
     }
+
+    /// The first pixel value of an image the fake encoder fails on.
+    const UNENCODABLE: f32 = 1.0;
 
     impl Fake {
         fn new(m: &crate::bundle::Manifest, max_images: usize) -> Fake {
@@ -724,6 +765,7 @@ mod tests {
                 panic_next: Arc::new(AtomicBool::new(false)),
                 max_images,
                 most_images: Arc::default(),
+                step_time: Duration::ZERO,
             }
         }
     }
@@ -790,6 +832,7 @@ mod tests {
             images.sort_unstable();
             images.dedup();
             self.most_images.fetch_max(images.len(), Ordering::SeqCst);
+            std::thread::sleep(self.step_time);
             Ok(Array3::zeros(x.dim()))
         }
 
@@ -805,6 +848,12 @@ mod tests {
 
     impl Backend for Fake {
         fn encode_images(&mut self, pixels: ArrayView4<f32>) -> Result<Vec<ImageKv>, RuntimeError> {
+            if pixels.outer_iter().any(|p| p[[0, 0, 0]] == UNENCODABLE) {
+                return Err(RuntimeError::Inference {
+                    graph: "encoder",
+                    reason: "injected encoder fault".to_string(),
+                });
+            }
             let (a, b, c) = self.kv_shape;
             Ok((0..pixels.dim().0)
                 .map(|_| ImageKv::Host(Arc::new(Array3::zeros((a, b, c)))))
@@ -821,8 +870,16 @@ mod tests {
         params: &SamplerParams,
         size: usize,
     ) -> oneshot::Receiver<Result<CaptionOutput, InferError>> {
+        submit_pixels(tx, params, Array3::zeros((3, size, size)))
+    }
+
+    fn submit_pixels(
+        tx: &crossbeam_channel::Sender<Queued>,
+        params: &SamplerParams,
+        pixels: Array3<f32>,
+    ) -> oneshot::Receiver<Result<CaptionOutput, InferError>> {
         let (job, rx) = CaptionJob::new(
-            Array3::zeros((3, size, size)),
+            pixels,
             params.clone(),
             1,
             Instant::now() + Duration::from_secs(60),
@@ -879,6 +936,45 @@ mod tests {
         worker
             .join()
             .expect("the worker exits cleanly once the queue closes");
+    }
+
+    #[test]
+    fn an_encoder_failure_fails_only_the_requests_of_its_images() {
+        let bundle = parity_bundle();
+        let m = &bundle.manifest;
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let ctx = worker_context(&bundle, &metrics, rx);
+        let mut fake = Fake::new(m, usize::MAX);
+        fake.step_time = Duration::from_millis(5);
+        let worker = std::thread::spawn(move || Worker::new(ctx, fake).run());
+        let mut params = SamplerParams::defaults(m);
+        params.steps = 60;
+        let size = m.image.size as usize;
+
+        // A long request is running when an image the encoder fails on joins it.
+        let running = submit(&tx, &params, size);
+        let start = Instant::now();
+        while metrics.rows_in_flight.get() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let bad = submit_pixels(
+            &tx,
+            &params,
+            Array3::from_elem((3, size, size), UNENCODABLE),
+        );
+        let failed = bad.blocking_recv().unwrap();
+        assert!(
+            matches!(&failed, Err(InferError::Failed(m)) if m.contains("injected encoder fault")),
+            "{failed:?}"
+        );
+        let out = running.blocking_recv().unwrap();
+        assert!(out.is_ok(), "the running request goes on: {out:?}");
+        assert_eq!(metrics.rows_in_flight.get(), 0, "both are released");
+        assert!(submit(&tx, &params, size).blocking_recv().unwrap().is_ok());
+        drop(tx);
+        worker.join().unwrap();
     }
 
     #[test]
