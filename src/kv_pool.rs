@@ -95,10 +95,14 @@ enum Storage {
 }
 
 impl Storage {
-    fn new(allocator: &Allocator, element: KvElement, shape: [usize; 4]) -> Result<Self, String> {
+    fn new(
+        allocator: &Allocator,
+        element: KvElement,
+        shape: [usize; 4],
+    ) -> Result<Self, ort::Error> {
         Ok(match element {
-            KvElement::F32 => Storage::F32(Tensor::new(allocator, shape).map_err(err)?),
-            KvElement::F16 => Storage::F16(Tensor::new(allocator, shape).map_err(err)?),
+            KvElement::F32 => Storage::F32(Tensor::new(allocator, shape)?),
+            KvElement::F16 => Storage::F16(Tensor::new(allocator, shape)?),
         })
     }
 
@@ -158,7 +162,7 @@ impl KvPool {
     ) -> Result<Self, String> {
         let (a, b, c) = null_kv.dim();
         let capacity = capacity.clamp(2, max_slots([a, b, c]));
-        let storage = Storage::new(&allocator, element, [capacity, a, b, c])?;
+        let storage = Storage::new(&allocator, element, [capacity, a, b, c]).map_err(err)?;
         let mut pool = KvPool {
             allocator,
             storage,
@@ -288,10 +292,10 @@ impl KvPool {
             if let Some(first) = self.find_run(count) {
                 break (first, count);
             }
-            if self.grow().is_err() {
+            if let Err(e) = self.grow() {
                 match self.longest_run() {
                     Some(run) => break run,
-                    None => return Err(self.full()),
+                    None => return Err(e),
                 }
             }
         };
@@ -388,14 +392,32 @@ impl KvPool {
     }
 
     /// Doubles the pool (at most to [`max_slots`]), copying the old slots over on the
-    /// device.
+    /// device. When the device has no memory for the larger pool, the pool stays as it
+    /// is for good ([`max_images`](Self::max_images) drops to its size, so that the
+    /// worker admits no more images than it holds) and the allocation's error is
+    /// returned.
     fn grow(&mut self) -> Result<(), String> {
         let [a, b, c] = self.item;
         let capacity = (self.capacity * 2).min(self.limit);
         if capacity <= self.capacity {
             return Err(self.full());
         }
-        let mut storage = Storage::new(&self.allocator, self.element(), [capacity, a, b, c])?;
+        let mut storage = match Storage::new(&self.allocator, self.element(), [capacity, a, b, c]) {
+            Ok(storage) => storage,
+            Err(e) => {
+                let had = self.capacity;
+                self.limit = had;
+                tracing::warn!(
+                    slots = had,
+                    wanted = capacity,
+                    reason = %e,
+                    "the K/V pool cannot grow; it keeps its size"
+                );
+                return Err(err(format!(
+                    "cannot grow from {had} to {capacity} images: {e}"
+                )));
+            }
+        };
         match (&self.storage, &mut storage) {
             (Storage::F32(old), Storage::F32(new)) => old
                 .copy_into(slots_view(new, self.item, 0, self.capacity)?)
