@@ -483,9 +483,11 @@ impl Scheduler {
         drop(loaded_tx);
         let mut info: Option<LoadedInfo> = None;
         let mut first_error = None;
+        let mut loaded = 0;
         for _ in 0..workers.len() {
             match loaded_rx.recv() {
                 Ok(Ok(i)) => {
+                    loaded += 1;
                     info.get_or_insert(i);
                 }
                 Ok(Err(e)) => {
@@ -494,6 +496,7 @@ impl Scheduler {
                 Err(_) => break,
             }
         }
+        let spawned = workers.len();
         let scheduler = Scheduler {
             tx: Mutex::new(Some(tx)),
             rx,
@@ -517,13 +520,16 @@ impl Scheduler {
                 scheduler.stop();
                 Err(e)
             }
-            (None, Some(_)) => Ok(scheduler),
-            (None, None) => {
+            (None, Some(_)) if loaded == spawned => Ok(scheduler),
+            (None, _) => {
                 scheduler.stop();
                 Err(RuntimeError::Session {
                     graph: "worker",
                     path: bundle.dir.clone(),
-                    reason: "the workers exited while loading".into(),
+                    reason: format!(
+                        "{} of {spawned} workers exited while loading",
+                        spawned - loaded
+                    ),
                 })
             }
         }

@@ -196,10 +196,25 @@ pub(super) fn run(
     runtime: OrtRuntime,
     loaded: mpsc::Sender<Result<LoadedInfo, RuntimeError>>,
 ) {
-    let models = match Models::load(&runtime, &ctx.bundle, &ctx.config.session) {
-        Ok(m) => m,
-        Err(e) => {
+    let load = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        Models::load(&runtime, &ctx.bundle, &ctx.config.session)
+    }));
+    let models = match load {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
             let _ = loaded.send(Err(e));
+            return;
+        }
+        Err(panic) => {
+            let _ = loaded.send(Err(RuntimeError::Session {
+                graph: "worker",
+                path: ctx.bundle.dir.clone(),
+                reason: format!(
+                    "worker {} panicked while loading the bundle: {}",
+                    ctx.index,
+                    panic_message(panic.as_ref())
+                ),
+            }));
             return;
         }
     };
