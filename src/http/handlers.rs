@@ -106,10 +106,16 @@ pub async fn caption(
         (hold(image, Arc::new(reserved)), query.overridden_by(form))
     } else if media == "application/json" {
         let (bytes, reserved) = read(BodyKind::Json).await?;
-        let json: CaptionJson = parse_json(&bytes)?;
-        drop(bytes);
-        let image = hold(decode_base64_image(&json.image)?, Arc::new(reserved));
-        (image, query.overridden_by(json.params()))
+        let (image, body_params) = off_the_runtime(move || {
+            let json: CaptionJson = parse_json(&bytes)?;
+            drop(bytes);
+            Ok((decode_base64_image(&json.image)?, json.params()))
+        })
+        .await?;
+        (
+            hold(image, Arc::new(reserved)),
+            query.overridden_by(body_params),
+        )
     } else {
         return Err(ApiError::UnsupportedMediaType(format!(
             "unsupported Content-Type {media:?}; {ACCEPTED}"
@@ -380,8 +386,7 @@ pub async fn caption_batch(
         BodyKind::Json,
     )
     .await?;
-    let json: BatchJson = parse_json(&bytes)?;
-    drop(bytes);
+    let json: BatchJson = off_the_runtime(move || parse_json(&bytes)).await?;
     let max = state.settings.max_batch_images;
     if json.images.is_empty() || json.images.len() > max {
         return Err(ApiError::InvalidParameter(format!(
@@ -396,11 +401,19 @@ pub async fn caption_batch(
     // The images keep the body's reservation (shared) until the last is decoded; each
     // base64 string goes as soon as it is decoded.
     let reserved = Arc::new(reserved);
-    let mut images = Vec::with_capacity(json.images.len());
-    for (i, b64) in json.images.into_iter().enumerate() {
-        let image = decode_base64_image(&b64).map_err(|e| at_index(i, e))?;
-        images.push(hold(image, reserved.clone()));
-    }
+    let encoded = json.images;
+    let decoded: Vec<Vec<u8>> = off_the_runtime(move || {
+        encoded
+            .into_iter()
+            .enumerate()
+            .map(|(i, b64)| decode_base64_image(&b64).map_err(|e| at_index(i, e)))
+            .collect()
+    })
+    .await?;
+    let images: Vec<Bytes> = decoded
+        .into_iter()
+        .map(|image| hold(image, reserved.clone()))
+        .collect();
     drop(reserved);
     // Every image is decoded, and refused if it must be, before any is queued: a bad
     // image is answered at once, not after the other images' captions.
@@ -589,6 +602,19 @@ async fn decode_image(
         .map_err(|_| ApiError::Timeout)?
         .map_err(|e| ApiError::Inference(format!("image decoding task failed: {e}")))?
         .map_err(ApiError::from)
+}
+
+/// Runs `work`, parsing that takes tens of milliseconds on a large body (JSON, base64),
+/// on the blocking pool, so that the async threads go on serving other connections and
+/// the health probes meanwhile.
+async fn off_the_runtime<T, F>(work: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Inference(format!("request parsing task failed: {e}")))?
 }
 
 fn with_timing_headers(
