@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Protocol
 
 import numpy as np
@@ -228,30 +229,31 @@ def caption_confidence(ids: np.ndarray, conf: np.ndarray, text: TextIds) -> floa
     return float(np.mean(kept)) if kept else 0.0
 
 
-def ngram_f1(a: list[int], b: list[int]) -> float:
-    """F1 of the multisets of unigrams and bigrams together."""
+def ngram_f1(a: list[int], b: list[int]) -> Fraction:
+    """F1 of the multisets of unigrams and bigrams together, as an exact fraction:
+    2 * overlap / (grams of a + grams of b)."""
     if not a and not b:
-        return 1.0
+        return Fraction(1)
     if not a or not b:
-        return 0.0
+        return Fraction(0)
     ca = Counter([(x,) for x in a] + list(zip(a, a[1:])))
     cb = Counter([(x,) for x in b] + list(zip(b, b[1:])))
     overlap = sum((ca & cb).values())
-    if overlap == 0:
-        return 0.0
-    p = overlap / sum(ca.values())
-    r = overlap / sum(cb.values())
-    return 2 * p * r / (p + r)
+    return Fraction(2 * overlap, sum(ca.values()) + sum(cb.values()))
 
 
 def mbr_choose(candidates: list[list[int]]) -> int:
-    """The candidate with the highest mean similarity to the others (ties: lowest)."""
+    """The candidate with the highest mean similarity to the others (ties: lowest).
+
+    Exact fractions, so that equal scores tie whatever the order of the additions (a
+    float sum depends on it, and on the Python version's `sum`)."""
     k = len(candidates)
     if k == 1:
         return 0
-    best, best_score = 0, -1.0
+    best, best_score = 0, Fraction(-1)
     for i in range(k):
-        score = sum(ngram_f1(candidates[i], candidates[j]) for j in range(k) if j != i) / (k - 1)
+        others = (ngram_f1(candidates[i], candidates[j]) for j in range(k) if j != i)
+        score = sum(others, Fraction(0))
         if score > best_score:
             best, best_score = i, score
     return best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -41,6 +42,20 @@ def test_ngram_f1() -> None:
     assert ngram_f1([1, 2, 3], [1, 2, 3]) == 1.0
     # unigrams {1,2} vs {1,3}: overlap 1 of 3 grams each side (2 unigrams + 1 bigram).
     assert abs(ngram_f1([1, 2], [1, 3]) - 1 / 3) < 1e-9
+
+
+def test_mbr_ties_are_exact_and_go_to_the_lowest_index() -> None:
+    # Candidates 0 and 1 both score 28/15 in all; summed as floats, one after the other,
+    # 0's came out one unit in the last place below 1's (the Rust test has the same case).
+    cands = [
+        [1, 2, 3, 5, 4],
+        [2, 3, 4, 1, 2],
+        [4, 4, 4, 4, 5, 3],
+        [2, 2, 3, 1, 5, 1],
+        [1, 3, 4, 1, 4, 5],
+    ]
+    assert sum(ngram_f1(cands[0], c) for c in cands[1:]) == Fraction(28, 15)
+    assert mbr_choose(cands) == 0
 
 
 def test_mbr_picks_the_consensus_candidate() -> None:

@@ -1,7 +1,8 @@
 //! Minimum Bayes risk selection among caption candidates (docs/bundle.md).
 //!
-//! The arithmetic follows the Python reference operation for operation, because the
-//! choice hinges on exact float ties.
+//! Similarities are exact fractions and their sums are compared exactly, as the Python
+//! reference does (`fractions.Fraction`), so that equal scores tie whatever the order
+//! of the additions, and the lowest index wins a tie on every platform.
 
 use std::collections::HashMap;
 
@@ -22,27 +23,62 @@ fn grams(ids: &[i64]) -> HashMap<Gram, usize> {
     m
 }
 
-/// F1 of the multisets of unigrams and bigrams together (two empty: 1, one empty: 0).
-pub fn ngram_f1(a: &[i64], b: &[i64]) -> f64 {
+/// A non-negative fraction in lowest terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fraction {
+    num: u128,
+    den: u128,
+}
+
+impl Fraction {
+    fn new(num: u128, den: u128) -> Fraction {
+        let g = gcd(num, den).max(1);
+        Fraction {
+            num: num / g,
+            den: den / g,
+        }
+    }
+
+    fn add(self, other: Fraction) -> Fraction {
+        let g = gcd(self.den, other.den).max(1);
+        let den = self.den / g * other.den;
+        Fraction::new(self.num * (other.den / g) + other.num * (self.den / g), den)
+    }
+
+    fn greater_than(self, other: Fraction) -> bool {
+        self.num * other.den > other.num * self.den
+    }
+}
+
+fn gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// F1 of the multisets of unigrams and bigrams together (two empty: 1, one empty: 0),
+/// as a fraction: 2 * overlap / (grams of a + grams of b).
+fn f1_fraction(a: &[i64], b: &[i64]) -> Fraction {
     if a.is_empty() && b.is_empty() {
-        return 1.0;
+        return Fraction::new(1, 1);
     }
     if a.is_empty() || b.is_empty() {
-        return 0.0;
+        return Fraction::new(0, 1);
     }
     let (ga, gb) = (grams(a), grams(b));
     let overlap: usize = ga
         .iter()
         .map(|(g, &n)| n.min(gb.get(g).copied().unwrap_or(0)))
         .sum();
-    if overlap == 0 {
-        return 0.0;
-    }
-    let total_a = (2 * a.len() - 1) as f64;
-    let total_b = (2 * b.len() - 1) as f64;
-    let p = overlap as f64 / total_a;
-    let r = overlap as f64 / total_b;
-    2.0 * p * r / (p + r)
+    let total = (2 * a.len() - 1) + (2 * b.len() - 1);
+    Fraction::new(2 * overlap as u128, total as u128)
+}
+
+/// F1 of the multisets of unigrams and bigrams together (two empty: 1, one empty: 0).
+pub fn ngram_f1(a: &[i64], b: &[i64]) -> f64 {
+    let f = f1_fraction(a, b);
+    f.num as f64 / f.den as f64
 }
 
 /// Index of the candidate with the highest mean similarity to the others; ties go to
@@ -52,17 +88,17 @@ pub fn choose(candidates: &[Vec<i64>]) -> usize {
     if k <= 1 {
         return 0;
     }
+    // The sums, not the means: every candidate's sum has the same k - 1 terms.
     let mut best = 0;
-    let mut best_score = -1.0f64;
+    let mut best_sum: Option<Fraction> = None;
     for i in 0..k {
-        let mut sum = 0.0f64;
-        for j in (0..k).filter(|&j| j != i) {
-            sum += ngram_f1(&candidates[i], &candidates[j]);
-        }
-        let score = sum / (k - 1) as f64;
-        if score > best_score {
+        let sum = (0..k)
+            .filter(|&j| j != i)
+            .map(|j| f1_fraction(&candidates[i], &candidates[j]))
+            .fold(Fraction::new(0, 1), Fraction::add);
+        if best_sum.is_none_or(|b| sum.greater_than(b)) {
             best = i;
-            best_score = score;
+            best_sum = Some(sum);
         }
     }
     best
@@ -80,6 +116,28 @@ mod tests {
         assert_eq!(ngram_f1(&[1], &[2]), 0.0);
         // a: {1,2,(1,2)} b: {2,1,(2,1)}: overlap 2 of 3 each.
         assert!((ngram_f1(&[1, 2], &[2, 1]) - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn equal_scores_tie_exactly_and_go_to_the_lowest_index() {
+        // Candidates 0 and 1 both score 28/15 in all; added up in floating point, one
+        // after the other, 0's sum came out one unit in the last place below 1's.
+        let c = vec![
+            vec![1, 2, 3, 5, 4],
+            vec![2, 3, 4, 1, 2],
+            vec![4, 4, 4, 4, 5, 3],
+            vec![2, 2, 3, 1, 5, 1],
+            vec![1, 3, 4, 1, 4, 5],
+        ];
+        let sum = |i: usize| {
+            (0..c.len())
+                .filter(|&j| j != i)
+                .map(|j| f1_fraction(&c[i], &c[j]))
+                .fold(Fraction::new(0, 1), Fraction::add)
+        };
+        assert_eq!(sum(0), sum(1));
+        assert_eq!(sum(0), Fraction::new(28, 15));
+        assert_eq!(choose(&c), 0);
     }
 
     #[test]
