@@ -329,15 +329,23 @@ fn new_row(p: &SamplerParams, seed: u64) -> Row {
 
 #[test]
 fn rows_follow_the_reference_loop() {
-    for (steps, w, br) in [
-        (5, 0.0, false),
-        (10, 1.5, false),
-        (34, 0.7, false),
-        (10, 1.0, true),
-        (5, 0.0, true),
-        (1, 2.0, true),
+    // (steps, guidance, Back&Refine, self-conditioning, keep_fraction): 0.3 of the 6
+    // positions is 1.8, which Back&Refine rounds up to 2.
+    for (steps, w, br, sc, keep) in [
+        (5, 0.0, false, true, 0.5),
+        (10, 1.5, false, true, 0.5),
+        (34, 0.7, false, true, 0.5),
+        (10, 1.0, true, true, 0.5),
+        (5, 0.0, true, true, 0.5),
+        (1, 2.0, true, true, 0.5),
+        (10, 1.5, false, false, 0.5),
+        (10, 1.0, true, false, 0.5),
+        (10, 1.0, true, true, 0.3),
+        (10, 0.0, true, false, 0.3),
     ] {
-        let p = params(steps, w, br);
+        let mut p = params(steps, w, br);
+        p.self_conditioning = sc;
+        p.back_refine.keep_fraction = keep;
         let kv = image_kv(0.1);
         let (want_ids, want_trace) = reference(&p, &kv, &FakeDenoiser::new().null_kv, 42);
         let mut den = FakeDenoiser::new();
@@ -345,15 +353,16 @@ fn rows_follow_the_reference_loop() {
         run_to_completion(&mut den, &mut rows, &kv, 64).unwrap();
         let row = &mut rows[0];
         let trace = row.take_trace();
-        assert_eq!(trace.len(), want_trace.len(), "steps {steps} w {w} br {br}");
+        let case = format!("steps {steps} w {w} br {br} sc {sc} keep {keep}");
+        assert_eq!(trace.len(), want_trace.len(), "{case}");
         for (a, b) in trace.iter().zip(&want_trace) {
             assert_eq!((a.t, a.t_in, a.refined), (b.t, b.t_in, b.refined));
             let diff = (&a.x0 - &b.x0)
                 .mapv(f32::abs)
                 .fold(0.0f32, |m, &v| m.max(v));
-            assert!(diff < 1e-5, "x0 differs by {diff}");
+            assert!(diff < 1e-5, "{case}: x0 differs by {diff}");
         }
-        assert_eq!(rows[0].output().unwrap().ids, want_ids);
+        assert_eq!(rows[0].output().unwrap().ids, want_ids, "{case}");
     }
 }
 
