@@ -387,14 +387,36 @@ pub fn validate(m: &Manifest) -> Result<(), BundleError> {
     if !(0.0..1.0).contains(&s.beta_start) || !(0.0..1.0).contains(&s.beta_end) {
         return Err(invalid("schedule betas must lie in [0, 1)"));
     }
-    if m.sampler.steps == 0 {
-        return Err(invalid("sampler.steps must be positive"));
+    // The defaults obey the limits requests do: a bundle must not make the service run
+    // what no request could ask for, nor compute NaNs from a non-finite weight.
+    use crate::sampler::{MAX_CANDIDATES, MAX_GUIDANCE, MAX_STEPS};
+    let sp = &m.sampler;
+    if !(1..=MAX_STEPS).contains(&sp.steps) {
+        return Err(invalid(format!(
+            "sampler.steps must be between 1 and {MAX_STEPS}, got {}",
+            sp.steps
+        )));
+    }
+    if !(sp.guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&sp.guidance)) {
+        return Err(invalid(format!(
+            "sampler.guidance must be between 0 and {MAX_GUIDANCE}, got {}",
+            sp.guidance
+        )));
+    }
+    if !(sp.renoise_scale.is_finite() && sp.renoise_scale >= 0.0) {
+        return Err(invalid(format!(
+            "sampler.renoise_scale must be finite and not negative, got {}",
+            sp.renoise_scale
+        )));
     }
     if !(0.0..=1.0).contains(&m.back_refine.keep_fraction) {
         return Err(invalid("back_refine.keep_fraction must lie in [0, 1]"));
     }
-    if m.mbr.candidates == 0 {
-        return Err(invalid("mbr.candidates must be positive"));
+    if !(1..=MAX_CANDIDATES).contains(&m.mbr.candidates) {
+        return Err(invalid(format!(
+            "mbr.candidates must be between 1 and {MAX_CANDIDATES}, got {}",
+            m.mbr.candidates
+        )));
     }
 
     let size = i64::from(img.size);
@@ -552,6 +574,47 @@ pub(crate) mod tests {
         let m = parse_manifest(&json.to_string(), Path::new("manifest.json")).unwrap();
         let params = crate::sampler::SamplerParams::defaults(&m);
         assert_eq!((params.guidance, params.renoise_scale), (0.3, 0.9));
+    }
+
+    /// A bundle's defaults obey the limits requests do.
+    #[test]
+    fn refuses_defaults_no_request_could_ask_for() {
+        for (section, key, value, message) in [
+            ("sampler", "steps", serde_json::json!(101), "sampler.steps"),
+            ("sampler", "steps", serde_json::json!(0), "sampler.steps"),
+            (
+                "sampler",
+                "guidance",
+                serde_json::json!(10.5),
+                "sampler.guidance",
+            ),
+            (
+                "sampler",
+                "guidance",
+                serde_json::json!(-1.0),
+                "sampler.guidance",
+            ),
+            (
+                "sampler",
+                "renoise_scale",
+                serde_json::json!(-0.5),
+                "sampler.renoise_scale",
+            ),
+            ("mbr", "candidates", serde_json::json!(9), "mbr.candidates"),
+            ("mbr", "candidates", serde_json::json!(0), "mbr.candidates"),
+        ] {
+            let mut v = example_manifest_json();
+            v[section][key] = value.clone();
+            let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
+            let err = validate(&m).unwrap_err().to_string();
+            assert!(err.contains(message), "{section}.{key} = {value}: {err}");
+        }
+        let mut v = example_manifest_json();
+        v["sampler"]["steps"] = serde_json::json!(100);
+        v["sampler"]["guidance"] = serde_json::json!(10.0);
+        v["mbr"]["candidates"] = serde_json::json!(8);
+        let m = parse_manifest(&v.to_string(), Path::new("m.json")).unwrap();
+        validate(&m).expect("the limits themselves are allowed");
     }
 
     #[test]

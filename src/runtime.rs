@@ -177,10 +177,10 @@ pub fn init_onnxruntime(configured: Option<&Path>) -> Result<OrtRuntime, Runtime
 /// Slots of each device-loop state pool: one per row a worker may hold, and the
 /// scratch slot. The scheduler admits rows up to `max_batch_rows` denoiser rows (each
 /// row takes one or two), except one request alone, of at most
-/// [`crate::http::request::MAX_CANDIDATES`] rows or the bundle's default candidates.
+/// [`crate::sampler::MAX_CANDIDATES`] rows or the bundle's default candidates.
 pub fn device_loop_slots(max_batch_rows: usize, default_candidates: usize) -> usize {
     max_batch_rows
-        .max(crate::http::request::MAX_CANDIDATES)
+        .max(crate::sampler::MAX_CANDIDATES)
         .max(default_candidates)
         + 1
 }

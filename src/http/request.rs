@@ -13,10 +13,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use crate::sampler::SamplerParams;
 
-/// Accepted ranges; wider values only cost time without helping captions.
-pub const MAX_STEPS: usize = 100;
-pub const MAX_GUIDANCE: f64 = 10.0;
-pub const MAX_CANDIDATES: usize = 8;
+pub use crate::sampler::{MAX_CANDIDATES, MAX_GUIDANCE, MAX_STEPS};
 
 /// Sampling parameters a request may set; unset ones take the bundle's defaults.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]

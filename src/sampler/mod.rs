@@ -25,6 +25,13 @@ pub use schedule::Schedule;
 use crate::bundle::{BackRefineSpec, Manifest};
 use crate::kv_pool::ResidentKv;
 
+/// The most iterations, the largest guidance weight and the most candidates a caption
+/// may use, whether a request asks for them or a bundle sets them as defaults; wider
+/// values only cost time without helping captions.
+pub const MAX_STEPS: usize = 100;
+pub const MAX_GUIDANCE: f64 = 10.0;
+pub const MAX_CANDIDATES: usize = 8;
+
 /// Back&Refine settings; `rounds = 0` or `enabled = false` turns it off.
 pub type BackRefine = BackRefineSpec;
 
