@@ -198,6 +198,18 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_HEADER_READ_TIMEOUT_MS", default_value_t = 75_000, value_parser = at_least_one::<u64>)]
     pub header_read_timeout_ms: u64,
 
+    /// Most connections open at once. A connection beyond them is answered 503
+    /// `overloaded` (`Retry-After: 1`) and closed at once: idle clients cannot hold
+    /// the server's memory or file descriptors, or crowd out the health probes.
+    #[arg(long, env = "LADIC_MAX_CONNECTIONS", default_value_t = 4096, value_parser = at_least_one::<usize>)]
+    pub max_connections: usize,
+
+    /// Largest request head (request line and headers) in bytes, 8192 or more: what
+    /// each connection may buffer while its head arrives. Larger heads get 431 (a URL
+    /// too long for it, 414).
+    #[arg(long, env = "LADIC_MAX_HEADER_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+
     /// Milliseconds a connection may take none of its response before it is closed: a
     /// client that stopped reading (a stream, or a large answer) cannot hold a socket
     /// and its buffered events for ever.

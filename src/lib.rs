@@ -12,6 +12,7 @@ pub mod kv_pool;
 pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;
+pub mod process;
 pub mod runtime;
 pub mod sampler;
 pub mod scheduler;

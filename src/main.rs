@@ -51,6 +51,17 @@ fn init_tracing(json: bool) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    ladic_serve::process::return_large_blocks_to_the_system();
+    match ladic_serve::process::raise_open_files_limit() {
+        // Room for the bundle's files, the logs and the connections being refused.
+        Some(files) if files < args.max_connections as u64 + 64 => tracing::warn!(
+            open_files_limit = files,
+            max_connections = args.max_connections,
+            "the open files limit is below --max-connections; connections beyond it \
+             cannot be accepted"
+        ),
+        files => tracing::debug!(open_files_limit = ?files, "open files limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ladic-http")
@@ -71,6 +82,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
         shutdown.await;
+        // A second signal does not wait for the grace period.
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!(
+                "second shutdown signal; exiting without waiting for the requests in flight"
+            );
+            std::process::exit(130);
+        });
         server
             .shutdown(Duration::from_secs(args.shutdown_grace_seconds))
             .await;

@@ -78,12 +78,17 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
     })?;
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let app = http::router(state.clone());
+    let limits = ConnectionLimits {
+        max_connections: args.max_connections.max(1),
+        max_header_bytes: (args.max_header_bytes as usize).max(8192),
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        send_stall_timeout: Duration::from_millis(args.send_stall_timeout_ms.max(1)),
+    };
     let serve = tokio::spawn(serve_connections(
         listener,
         app,
         metrics.clone(),
-        Duration::from_millis(args.header_read_timeout_ms.max(1)),
-        Duration::from_millis(args.send_stall_timeout_ms.max(1)),
+        limits,
         async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         },
@@ -105,18 +110,33 @@ pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
     })
 }
 
+/// What one connection may hold, and how many may be open.
+struct ConnectionLimits {
+    max_connections: usize,
+    /// hyper's read buffer, which holds a request head while it arrives.
+    max_header_bytes: usize,
+    header_read_timeout: Duration,
+    send_stall_timeout: Duration,
+}
+
+/// The body of the answer of a connection over `--max-connections` (a 503 written
+/// before its request is read).
+const TOO_MANY_CONNECTIONS: &str =
+    r#"{"error":"too many open connections","error_type":"overloaded"}"#;
+
 /// Accepts connections and serves `app` on each (HTTP/1.1) until `stop` completes, then
 /// lets the open connections finish their requests (the caller bounds that wait).
 /// Unlike `axum::serve`, a connection that sends no complete request head within
 /// `header_read_timeout` is closed, so idle or trickling clients cannot hold sockets;
 /// so is one that takes no bytes of its response for `send_stall_timeout` (a client
-/// that stopped reading a stream).
+/// that stopped reading a stream). Each connection buffers at most `max_header_bytes`
+/// of a request head, and beyond `max_connections` open ones a new connection gets 503
+/// and is closed.
 async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
     metrics: Arc<Metrics>,
-    header_read_timeout: Duration,
-    send_stall_timeout: Duration,
+    limits: ConnectionLimits,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -125,6 +145,8 @@ async fn serve_connections(
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -141,6 +163,17 @@ async fn serve_connections(
             },
             () = &mut stop => break,
         };
+        let Ok(slot) = open.clone().try_acquire_owned() else {
+            if last_refusal_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "connection limit reached; refusing new connections with 503"
+                );
+                last_refusal_logged = Some(std::time::Instant::now());
+            }
+            refuse_connection(stream, &metrics);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = app
             .clone()
@@ -149,24 +182,50 @@ async fn serve_connections(
             });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes)
             .serve_connection(
-                TokioIo::new(SendStallTimeout::new(stream, send_stall_timeout)),
+                TokioIo::new(SendStallTimeout::new(stream, limits.send_stall_timeout)),
                 TowerToHyperService::new(service),
             );
         let connection = graceful.watch(connection);
-        let open = OpenConnection::new(&metrics);
+        let counted = OpenConnection::new(&metrics);
         tokio::spawn(async move {
+            let _slot = slot;
             let result = connection.await;
             if let Err(e) = &result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            open.closed(close_reason(&result));
+            counted.closed(close_reason(&result));
         });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Answers a connection over the limit 503 ([`TOO_MANY_CONNECTIONS`]) and closes it,
+/// within a second (a client that reads nothing does not hold it longer), counted in
+/// `connections_closed_total{reason="over_limit"}`.
+fn refuse_connection(mut stream: tokio::net::TcpStream, metrics: &Arc<Metrics>) {
+    use tokio::io::AsyncWriteExt;
+    metrics
+        .connections_closed_total
+        .with_label_values(&["over_limit"])
+        .inc();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+        TOO_MANY_CONNECTIONS.len(),
+        TOO_MANY_CONNECTIONS
+    );
+    tokio::spawn(async move {
+        let answer = async {
+            stream.write_all(answer.as_bytes()).await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+    });
 }
 
 /// One connection in the `open_connections` gauge, until it is closed (or dropped, when

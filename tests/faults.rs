@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -685,4 +685,37 @@ async fn every_request_gets_an_access_log_line() {
     );
     sigterm(&p);
     assert!(p.wait(Duration::from_secs(30)).success());
+}
+
+/// A second SIGTERM or SIGINT during the grace period ends the process at once, with
+/// exit code 130, instead of waiting for the request still in flight.
+#[tokio::test]
+async fn a_second_signal_exits_without_waiting_for_the_grace_period() {
+    let p = Process::start(&["--shutdown-grace-seconds", "60"]);
+    let addr = p.addr();
+    let client = reqwest::Client::new();
+    wait_ready(&client, &format!("http://{addr}"), &p).await;
+    // A request in flight for as long as its body does not arrive.
+    let mut upload = std::net::TcpStream::connect(&addr).unwrap();
+    upload
+        .write_all(
+            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
+              content-length: 100000\r\n\r\n0123456789",
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&p);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut p = p;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "the first signal waits for the request in flight: {}",
+        p.log()
+    );
+    let start = Instant::now();
+    sigterm(&p);
+    let status = p.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{}", p.log());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(p.log().contains("second shutdown signal"), "{}", p.log());
 }

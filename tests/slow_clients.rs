@@ -351,3 +351,73 @@ async fn connections_are_counted_open_and_by_how_they_close() {
     );
     s.stop().await;
 }
+
+/// Sends `head` on a new connection and reads the answer until the server closes it.
+async fn answer_to(addr: std::net::SocketAddr, head: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(head.as_bytes()).await;
+    let (got, _) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+const LIVE: &str = "GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+
+/// Beyond `--max-connections` open connections a new one is answered 503 with a JSON
+/// body and closed; once one closes, connections are served again.
+#[tokio::test]
+async fn connections_beyond_the_limit_get_503_until_one_closes() {
+    let mut args = test_args();
+    args.max_connections = 2;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let mut idle = vec![
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    wait_for("two open", Duration::from_secs(20), || {
+        metrics.open_connections.get() == 2
+    })
+    .await;
+
+    let got = answer_to(addr, LIVE).await;
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.contains("retry-after: 1\r\n"), "{got}");
+    let body: Value = serde_json::from_str(got.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error_type"], "overloaded", "{got}");
+    let over = || {
+        metrics
+            .connections_closed_total
+            .with_label_values(&["over_limit"])
+            .get()
+    };
+    assert_eq!(over(), 1);
+
+    idle.pop();
+    wait_for("one open", Duration::from_secs(20), || {
+        metrics.open_connections.get() == 1
+    })
+    .await;
+    let got = answer_to(addr, LIVE).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert_eq!(over(), 1);
+}
+
+/// A request head longer than `--max-header-bytes` gets 431; a shorter one is served.
+#[tokio::test]
+async fn a_request_head_over_the_limit_gets_431() {
+    let mut args = test_args();
+    args.max_header_bytes = 8192;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let with_header = |bytes: usize| {
+        format!(
+            "GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-pad: {}\r\n\r\n",
+            "a".repeat(bytes)
+        )
+    };
+    let got = answer_to(addr, &with_header(4000)).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let got = answer_to(addr, &with_header(20_000)).await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+}
