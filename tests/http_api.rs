@@ -310,6 +310,25 @@ async fn error_statuses() {
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
     let r = s.post("/caption").body(scene_png(0)).send().await.unwrap();
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
+    // A Content-Type that is not text is not called missing.
+    for route in ["/caption", "/caption/batch"] {
+        let r = s
+            .post(route)
+            .header(
+                "content-type",
+                reqwest::header::HeaderValue::from_bytes(b"image/\xff").unwrap(),
+            )
+            .body(scene_png(0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415);
+        let body = json_of(r).await;
+        assert!(
+            body["error"].as_str().unwrap().contains("not plain ASCII"),
+            "{body}"
+        );
+    }
 
     // 422: parameters out of range, unknown, of the wrong type; image too large.
     for q in [

@@ -84,7 +84,7 @@ pub async fn caption(
     // Checked on their own too: a value the body overrides is still refused. Their
     // timeout is what the body must arrive within, before the body's own is known.
     let query_timeout = resolve(&state, &query)?.timeout;
-    let media = media_type(&parts.headers).ok_or_else(|| {
+    let media = media_type(&parts.headers)?.ok_or_else(|| {
         ApiError::UnsupportedMediaType(format!("missing Content-Type; {ACCEPTED}"))
     })?;
     let limit = state.settings.max_body_bytes;
@@ -367,7 +367,7 @@ pub async fn caption_batch(
     // timeout is what the body must arrive within, before the body's own is known.
     let query_timeout = resolve(&state, &query)?.timeout;
     refuse_batch_stream(&query)?;
-    match media_type(&parts.headers).as_deref() {
+    match media_type(&parts.headers)?.as_deref() {
         Some("application/json") => {}
         other => {
             return Err(ApiError::UnsupportedMediaType(format!(

@@ -256,9 +256,14 @@ pub fn timeout(
 }
 
 /// The media type without parameters, lower-cased.
-pub fn media_type(headers: &HeaderMap) -> Option<String> {
-    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(ct.split(';').next()?.trim().to_ascii_lowercase())
+pub fn media_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(None);
+    };
+    let ct = ct.to_str().map_err(|_| {
+        ApiError::UnsupportedMediaType("the Content-Type header is not plain ASCII text".into())
+    })?;
+    Ok(ct.split(';').next().map(|t| t.trim().to_ascii_lowercase()))
 }
 
 const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(
