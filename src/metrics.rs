@@ -12,6 +12,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub requests_total: IntCounterVec,
     pub request_duration_seconds: HistogramVec,
+    pub requests_refused_total: IntCounterVec,
     pub queue_wait_seconds: Histogram,
     pub batch_rows: Histogram,
     pub denoiser_step_duration_seconds: Histogram,
@@ -43,8 +44,10 @@ pub struct MetricsError(#[from] prometheus::Error);
 impl Metrics {
     pub fn new() -> Result<Metrics, MetricsError> {
         let registry = Registry::new_custom(Some(PREFIX.into()), None)?;
+        // A caption takes a few milliseconds on a small model and seconds under load.
         let latency_buckets = vec![
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 120.0,
         ];
         let requests_total = IntCounterVec::new(
             Opts::new(
@@ -56,10 +59,22 @@ impl Metrics {
         let request_duration_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "request_duration_seconds",
-                "Time from receiving a request to sending its response, by route.",
+                "Time from receiving a request to sending its response (a stream: to its \
+                 end), by route and status class (2xx, 4xx, 5xx), so that fast refusals do \
+                 not pass for fast captions.",
             )
             .buckets(latency_buckets.clone()),
-            &["route"],
+            &["route", "status_class"],
+        )?;
+        let requests_refused_total = IntCounterVec::new(
+            Opts::new(
+                "requests_refused_total",
+                "Requests answered 429 overloaded, by reason: queue_full (--queue-size \
+                 images wait already), queue_too_slow (the queue's expected wait is longer \
+                 than the request's time left), uploads_busy (the bodies being received \
+                 take all of --body-memory-mib).",
+            ),
+            &["reason"],
         )?;
         let queue_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -84,7 +99,7 @@ impl Metrics {
                 "Wall time of one denoiser call of a worker (see batch_rows), all its parts \
                  included.",
             )
-            .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+            .buckets(prometheus::exponential_buckets(0.000_25, 2.0, 16)?),
         )?;
         let seconds_histogram = |opts: HistogramOpts| {
             Histogram::with_opts(opts.buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?))
@@ -105,7 +120,8 @@ impl Metrics {
         let queue_depth = IntGauge::new("queue_depth", "Images waiting for a worker.")?;
         let rows_in_flight = IntGauge::new(
             "rows_in_flight",
-            "Caption candidates (sampler rows) being denoised by the workers.",
+            "Caption candidates (sampler rows) being denoised by the workers; a guided \
+             candidate takes two denoiser rows of a call (see batch_rows).",
         )?;
         let requests_dropped_total = IntCounterVec::new(
             Opts::new(
@@ -142,7 +158,8 @@ impl Metrics {
                  --header-read-timeout-ms); client_closed (closed or reset in the middle \
                  of a request head, or while the server read a body or wrote an answer \
                  at the connection level); send_stall (took none of its answer for \
-                 --send-stall-timeout-ms); error (any other).",
+                 --send-stall-timeout-ms); over_limit (answered 503 at once: \
+                 --max-connections were open); error (any other).",
             ),
             &["reason"],
         )?;
@@ -159,6 +176,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration_seconds.clone()))?;
+        registry.register(Box::new(requests_refused_total.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(batch_rows.clone()))?;
         registry.register(Box::new(denoiser_step_duration_seconds.clone()))?;
@@ -179,6 +197,7 @@ impl Metrics {
             registry,
             requests_total,
             request_duration_seconds,
+            requests_refused_total,
             queue_wait_seconds,
             batch_rows,
             denoiser_step_duration_seconds,
@@ -228,8 +247,11 @@ mod tests {
             .with_label_values(&["/caption", "200"])
             .inc();
         m.request_duration_seconds
-            .with_label_values(&["/caption"])
+            .with_label_values(&["/caption", "2xx"])
             .observe(0.1);
+        m.requests_refused_total
+            .with_label_values(&["queue_full"])
+            .inc();
         m.requests_dropped_total
             .with_label_values(&["deadline"])
             .inc();
@@ -240,6 +262,7 @@ mod tests {
         for family in [
             "requests_total",
             "request_duration_seconds",
+            "requests_refused_total",
             "queue_wait_seconds",
             "batch_rows",
             "denoiser_step_duration_seconds",

@@ -230,6 +230,12 @@ async fn a_request_that_would_wait_out_its_deadline_is_refused_at_once() {
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error_type"], "overloaded");
+    let refused = s
+        .state()
+        .metrics
+        .requests_refused_total
+        .with_label_values(&["queue_too_slow"]);
+    assert_eq!(refused.get(), 1, "counted with its reason");
     assert!(
         body["error"].as_str().unwrap().contains("timeout_ms"),
         "{body}"

@@ -677,6 +677,9 @@ async fn every_request_gets_an_access_log_line() {
             "{line}"
         );
         assert!(f["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
+        // An error answer says which error; a success has no error_type.
+        let error_type = (status == 400).then_some("invalid_image");
+        assert_eq!(f["error_type"].as_str(), error_type, "{line}");
     }
     assert_eq!(
         lines.len(),

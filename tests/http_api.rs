@@ -396,6 +396,19 @@ async fn full_queue_answers_429_with_retry_after() {
     }
     assert!(ok >= 1, "some requests are served");
     assert!(overloaded >= 1, "some requests are refused");
+    let refused = |reason: &str| {
+        s.state()
+            .metrics
+            .requests_refused_total
+            .with_label_values(&[reason])
+            .get()
+    };
+    assert_eq!(
+        refused("queue_full"),
+        overloaded,
+        "each refusal counted by reason"
+    );
+    assert_eq!(refused("queue_too_slow") + refused("uploads_busy"), 0);
     s.stop().await;
 }
 

@@ -232,10 +232,12 @@ async fn streaming_errors() {
     let stream = post_png_sse(&s, "/caption?steps=3", scene_png(1)).await;
     assert_eq!(all_events(stream).await.last().unwrap().0, "done");
     assert_eq!(counted("200"), plain_200s + 1);
-    let durations = m.request_duration_seconds.with_label_values(&["/caption"]);
+    let durations = m
+        .request_duration_seconds
+        .with_label_values(&["/caption", "5xx"]);
     assert!(
         durations.get_sample_sum() >= 0.4,
-        "the 400 ms stream's time is counted"
+        "the 400 ms stream's time is counted, as a 504"
     );
     s.stop().await;
 }

@@ -67,6 +67,15 @@ pub enum ApiError {
     WorkerStalled(String),
 }
 
+/// What an error response was, for the access log and the metrics: put in the
+/// response's extensions by [`ApiError::into_response`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCause {
+    pub error_type: &'static str,
+    /// Why a request was refused `overloaded` (`requests_refused_total`'s reason).
+    pub refusal: Option<&'static str>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ErrorBody {
     pub error: String,
@@ -119,6 +128,16 @@ impl ApiError {
         }
     }
 
+    /// Why an `overloaded` refusal happened, as `requests_refused_total` labels it.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Overloaded => Some("queue_full"),
+            ApiError::UploadsBusy => Some("uploads_busy"),
+            ApiError::QueueTooSlow { .. } => Some("queue_too_slow"),
+            _ => None,
+        }
+    }
+
     /// Logs a server-side error once (client errors are not logged): the model failing
     /// is the server's problem (warn); a deadline that passed or a server not (yet, or
     /// any more) ready happens now and then (info).
@@ -149,11 +168,16 @@ impl IntoResponse for ApiError {
         self.log();
         let retry = self.retry_after();
         let unauthorized = matches!(self, ApiError::Unauthorized);
+        let cause = ErrorCause {
+            error_type: self.error_type(),
+            refusal: self.refusal(),
+        };
         let body = ErrorBody {
             error: self.to_string(),
             error_type: self.error_type(),
         };
         let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(cause);
         if let Some(secs) = retry {
             response
                 .headers_mut()

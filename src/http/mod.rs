@@ -23,6 +23,7 @@ pub use error::ApiError;
 
 use crate::bundle::Manifest;
 use crate::config::BatchingMode;
+use crate::http::error::ErrorCause;
 use crate::metrics::Metrics;
 use crate::preprocess::ImageLimits;
 use crate::runtime::ActiveDevice;
@@ -415,6 +416,7 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
             route,
             request_id: request_id.to_str().unwrap_or("-").to_string(),
             start,
+            error_type: None,
             counted: false,
         };
         *slot.lock() = Some(record);
@@ -427,7 +429,16 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
     if !headers.contains_key(&X_TOTAL_TIME) {
         headers.insert(X_TOTAL_TIME.clone(), millis_header(elapsed));
     }
-    if let Some(record) = slot.take() {
+    let cause = response.extensions().get::<ErrorCause>().copied();
+    if let Some(reason) = cause.and_then(|c| c.refusal) {
+        state
+            .metrics
+            .requests_refused_total
+            .with_label_values(&[reason])
+            .inc();
+    }
+    if let Some(mut record) = slot.take() {
+        record.error_type = cause.map(|c| c.error_type);
         record.finish(response.status().as_u16());
     }
     response
@@ -450,6 +461,8 @@ pub struct RequestRecord {
     route: String,
     request_id: String,
     start: Instant,
+    /// The `error_type` of an error answer, for the access log.
+    error_type: Option<&'static str>,
     counted: bool,
 }
 
@@ -466,29 +479,45 @@ impl RequestRecord {
             .requests_total
             .with_label_values(&[self.route.as_str(), code.as_str()])
             .inc();
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
         self.metrics
             .request_duration_seconds
-            .with_label_values(&[self.route.as_str()])
+            .with_label_values(&[self.route.as_str(), class])
             .observe(elapsed.as_secs_f64());
         self.log(status, elapsed);
     }
 
-    /// The access log: one line per request, when it is counted. Probes and scrapes,
-    /// which come every few seconds, at debug; the rest at info. `RUST_LOG` with
-    /// `ladic_serve::access=warn` turns it off.
+    /// The access log: one line per request, when it is counted, with the
+    /// `error_type` of an error answer. Probes and scrapes, which come every few
+    /// seconds, at debug; the rest at info. `RUST_LOG` with `ladic_serve::access=warn`
+    /// turns it off.
     fn log(&self, status: u16, elapsed: Duration) {
         let ms = (elapsed.as_secs_f64() * 1e4).round() / 10.0;
         let (method, route, id) = (&self.method, &self.route, &self.request_id);
+        macro_rules! answered {
+            ($level:ident) => {
+                match self.error_type {
+                    Some(error_type) => tracing::$level!(
+                        target: ACCESS_LOG,
+                        %method, %route, status, ms, request_id = %id, error_type, "answered"
+                    ),
+                    None => tracing::$level!(
+                        target: ACCESS_LOG,
+                        %method, %route, status, ms, request_id = %id, "answered"
+                    ),
+                }
+            };
+        }
         if route.starts_with("/health/") || route == "/metrics" {
-            tracing::debug!(
-                target: ACCESS_LOG,
-                %method, %route, status, ms, request_id = %id, "answered"
-            );
+            answered!(debug);
         } else {
-            tracing::info!(
-                target: ACCESS_LOG,
-                %method, %route, status, ms, request_id = %id, "answered"
-            );
+            answered!(info);
         }
     }
 }
