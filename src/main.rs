@@ -38,16 +38,33 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,ort=warn,tower_http=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in files and log collectors.
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {
         builder.init();
     }
+    // A panic is logged as one event in the log's format (one JSON line with
+    // --log-json), instead of the default hook's plain lines on stderr. The workers
+    // catch theirs and go on; the event says where it happened.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        // With RUST_BACKTRACE=1 (or RUST_LIB_BACKTRACE=1) only.
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(thread, panic = %info, backtrace = %backtrace, "panicked");
+        } else {
+            tracing::error!(thread, panic = %info, "panicked");
+        }
+    }));
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

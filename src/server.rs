@@ -35,6 +35,7 @@ const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Validates the bundle and library, binds, and starts loading; returns at once.
 pub async fn start(args: &ServeArgs) -> Result<Server, LoadError> {
     args.check().map_err(LoadError::Infer)?;
+    log_configuration(args);
     let model = args.model.clone();
     let prepared = tokio::task::spawn_blocking(move || pipeline::prepare(&model))
         .await
@@ -393,6 +394,31 @@ fn is_connection_error(e: &std::io::Error) -> bool {
         e.kind(),
         ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
     )
+}
+
+/// One line with the version and the settings that shape serving, so that the logs of
+/// a pod that never became ready still say how it was configured (the API key only as
+/// set or not).
+fn log_configuration(args: &ServeArgs) {
+    let m = &args.model;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        bundle = %m.bundle.display(),
+        device = ?m.device,
+        workers = args.workers,
+        batching = ?args.batching,
+        max_batch_rows = args.max_batch_rows,
+        queue_size = args.queue_size,
+        request_timeout_ms = args.request_timeout_ms,
+        max_request_timeout_ms = args.max_request_timeout_ms,
+        kv_pool = m.kv_pool,
+        cuda_graph = m.cuda_graph,
+        device_loop = m.device_loop,
+        max_connections = args.max_connections,
+        max_body_bytes = args.max_body_bytes,
+        api_key = args.api_key.as_deref().is_some_and(|k| !k.is_empty()),
+        "configuration"
+    );
 }
 
 /// The configured CORS origins, each checked to be usable as a header value.

@@ -143,6 +143,41 @@ fn with_json_logs_the_reason_for_stopping_is_json() {
     );
 }
 
+/// The logs of a start that fails still say the version and the configuration (the
+/// API key only as set); plain-text logs written to a pipe carry no colour codes.
+#[test]
+fn a_failed_start_still_logs_its_configuration() {
+    let out = bin()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--bundle",
+            "/nonexistent/bundle",
+        ])
+        .args(["--workers", "3", "--api-key", "sekrit-key"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\x1b'), "colour codes: {stderr:?}");
+    let config = stderr
+        .lines()
+        .find(|l| l.contains("configuration"))
+        .unwrap_or_else(|| panic!("no configuration line: {stderr}"));
+    for field in [
+        "version=",
+        "workers=3",
+        "api_key=true",
+        "bundle=/nonexistent/bundle",
+    ] {
+        assert!(config.contains(field), "{field} not in {config}");
+    }
+    assert!(!stderr.contains("sekrit-key"), "{stderr}");
+}
+
 #[test]
 fn a_missing_or_corrupt_bundle_stops_startup() {
     serve_fails(

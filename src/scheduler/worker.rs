@@ -196,8 +196,10 @@ pub(super) fn run(
     runtime: OrtRuntime,
     loaded: mpsc::Sender<Result<LoadedInfo, RuntimeError>>,
 ) {
+    // The load's log lines say which worker they are about.
+    let span = tracing::info_span!("worker", index = ctx.index);
     let load = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        Models::load(&runtime, &ctx.bundle, &ctx.config.session)
+        span.in_scope(|| Models::load(&runtime, &ctx.bundle, &ctx.config.session))
     }));
     let models = match load {
         Ok(Ok(m)) => m,
