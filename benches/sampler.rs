@@ -136,7 +136,7 @@ fn denoiser(c: &mut Criterion) {
             |bench, _| {
                 bench.iter(|| {
                     models
-                        .denoise(x.view(), sc.view(), &t, gathered.view())
+                        .denoise_one_kv_per_row(x.view(), sc.view(), &t, gathered.view())
                         .expect("denoises")
                 })
             },

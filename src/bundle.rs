@@ -187,7 +187,7 @@ pub struct Graphs {
     pub decoder: GraphSpec,
 }
 
-/// `manifest.json`, format version 1.
+/// `manifest.json`, of a format version in [`SUPPORTED_FORMAT_VERSIONS`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,

@@ -96,6 +96,10 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The session options these flags ask for. `max_batch_rows` is left 0: it is the
+    /// scheduler's setting, which [`Scheduler::start`](crate::scheduler::Scheduler::start)
+    /// copies in (a [`Models::load`](crate::runtime::Models::load) of its own with
+    /// `cuda_graph` needs it set).
     pub fn session_options(&self) -> SessionOptions {
         SessionOptions {
             device: self.device,

@@ -21,7 +21,7 @@ pub struct Metrics {
     pub worker_tick_duration_seconds: Histogram,
     pub queue_depth: IntGauge,
     pub rows_in_flight: IntGauge,
-    pub requests_dropped_total: IntCounterVec,
+    pub images_dropped_total: IntCounterVec,
     pub stream_events_dropped_total: IntCounter,
     pub worker_restarts_total: IntCounter,
     pub denoiser_padding_rows_total: IntCounter,
@@ -123,7 +123,7 @@ impl Metrics {
             "Caption candidates (sampler rows) being denoised by the workers; a guided \
              candidate takes two denoiser rows of a call (see batch_rows).",
         )?;
-        let requests_dropped_total = IntCounterVec::new(
+        let images_dropped_total = IntCounterVec::new(
             Opts::new(
                 "images_dropped_total",
                 "Images dropped before finishing, by reason (client_gone, deadline, shutdown).",
@@ -185,7 +185,7 @@ impl Metrics {
         registry.register(Box::new(worker_tick_duration_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(rows_in_flight.clone()))?;
-        registry.register(Box::new(requests_dropped_total.clone()))?;
+        registry.register(Box::new(images_dropped_total.clone()))?;
         registry.register(Box::new(stream_events_dropped_total.clone()))?;
         registry.register(Box::new(worker_restarts_total.clone()))?;
         registry.register(Box::new(denoiser_padding_rows_total.clone()))?;
@@ -206,7 +206,7 @@ impl Metrics {
             worker_tick_duration_seconds,
             queue_depth,
             rows_in_flight,
-            requests_dropped_total,
+            images_dropped_total,
             stream_events_dropped_total,
             worker_restarts_total,
             denoiser_padding_rows_total,
@@ -252,7 +252,7 @@ mod tests {
         m.requests_refused_total
             .with_label_values(&["queue_full"])
             .inc();
-        m.requests_dropped_total
+        m.images_dropped_total
             .with_label_values(&["deadline"])
             .inc();
         m.connections_closed_total

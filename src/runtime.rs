@@ -207,6 +207,8 @@ pub struct SessionOptions {
     pub cuda_graph: bool,
     /// The most rows of one denoiser call (`--max-batch-rows`); with `cuda_graph` every
     /// fixed shape up to it is set up, and captured, when the sessions load.
+    /// [`Scheduler::start`](crate::scheduler::Scheduler::start) sets it from its own
+    /// configuration's, so that the two cannot differ.
     pub max_batch_rows: usize,
     /// Keep the rows' `x_t` and `self_cond` on the denoiser's device between steps
     /// ([`crate::device_loop`]); needs `cuda_graph`.
@@ -973,8 +975,10 @@ impl Models {
         self.kv_pool.as_ref().map_or(usize::MAX, KvPool::max_images)
     }
 
-    /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv[i]`.
-    pub fn denoise(
+    /// One denoiser pass; row i is at timestep `t[i]` with K/V `kv[i]`, a K/V per row
+    /// (the micro-benchmarks' ready batch). Named apart from [`Denoiser::denoise`], which
+    /// the sampler calls with references to each row's K/V.
+    pub fn denoise_one_kv_per_row(
         &mut self,
         x: ArrayView3<f32>,
         self_cond: ArrayView3<f32>,

@@ -33,7 +33,7 @@ fn send_raw(addr: SocketAddr, path: &str, body: &[u8]) -> TcpStream {
 
 fn client_gone(metrics: &Metrics) -> u64 {
     metrics
-        .requests_dropped_total
+        .images_dropped_total
         .with_label_values(&["client_gone"])
         .get()
 }

@@ -145,7 +145,7 @@ fn gone_clients_and_expired_deadlines_cost_nothing() {
     assert!(ok.blocking_recv().unwrap().is_ok());
     let dropped = |reason: &str| {
         metrics
-            .requests_dropped_total
+            .images_dropped_total
             .with_label_values(&[reason])
             .get()
     };

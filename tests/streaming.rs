@@ -269,7 +269,7 @@ async fn a_client_that_leaves_mid_stream_frees_its_rows() {
     // The worker notices at one of its next steps, long before the ~140 iterations end.
     let gone = || {
         metrics
-            .requests_dropped_total
+            .images_dropped_total
             .with_label_values(&["client_gone"])
             .get()
     };

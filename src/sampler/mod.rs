@@ -50,6 +50,17 @@ pub struct SamplerParams {
 }
 
 impl SamplerParams {
+    /// Whether a candidate runs the unconditional pass too (guidance not 0).
+    pub fn guided(&self) -> bool {
+        self.guidance != 0.0
+    }
+
+    /// Denoiser rows one candidate takes per call: 2 with guidance (conditional and
+    /// unconditional), else 1.
+    pub fn denoiser_rows_per_candidate(&self) -> usize {
+        if self.guided() { 2 } else { 1 }
+    }
+
     /// The bundle's defaults.
     pub fn defaults(m: &Manifest) -> SamplerParams {
         SamplerParams {
@@ -575,8 +586,9 @@ pub fn planned_iterations(params: &SamplerParams, schedule: &Schedule) -> usize 
     }
 }
 
-/// Runs rows that share one image to completion (the CLI and tests; the server's
-/// scheduler calls [`step`] itself).
+/// Runs rows that share one image to completion, on one thread and without a queue
+/// (tests and the micro-benchmarks; the server and the `caption` command go through the
+/// scheduler, which calls [`step`] itself).
 pub fn run_to_completion<D: Denoiser>(
     denoiser: &mut D,
     rows: &mut [Row],

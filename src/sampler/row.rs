@@ -132,12 +132,12 @@ impl Row {
     }
 
     pub fn guided(&self) -> bool {
-        self.params.guidance != 0.0
+        self.params.guided()
     }
 
     /// Denoiser rows this row takes per call: 2 with guidance (cond + uncond), else 1.
     pub fn denoiser_rows(&self) -> usize {
-        if self.guided() { 2 } else { 1 }
+        self.params.denoiser_rows_per_candidate()
     }
 
     pub fn x(&self) -> ArrayView2<'_, f32> {

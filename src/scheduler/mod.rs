@@ -820,7 +820,7 @@ mod tests {
             Ok(Err(InferError::Deadline))
         ));
         for reason in ["client_gone", "deadline"] {
-            let count = metrics.requests_dropped_total.with_label_values(&[reason]);
+            let count = metrics.images_dropped_total.with_label_values(&[reason]);
             assert_eq!(count.get(), 1, "{reason}");
         }
     }

@@ -73,8 +73,7 @@ impl ActiveJob {
 /// Denoiser rows a job with `params` adds to each call: one per candidate, two when
 /// guided.
 fn denoiser_rows(params: &sampler::SamplerParams) -> usize {
-    let per = if params.guidance != 0.0 { 2 } else { 1 };
-    per * params.candidates.max(1)
+    params.denoiser_rows_per_candidate() * params.candidates.max(1)
 }
 
 /// What a worker runs its batches on: the bundle's sessions ([`Models`]), or a fake in
@@ -633,8 +632,12 @@ impl<B: Backend> Worker<B> {
             .into_iter()
             .partition(|j| !j.rows.is_empty() && j.rows.iter().all(|r| r.need() == Need::Done));
         self.active = running;
+        // All released first: a panic while assembling one answer must not leave the
+        // others' rows counted in flight.
+        for job in &done {
+            self.release(job);
+        }
         for job in done {
-            self.release(&job);
             let result = assemble(&self.ctx.text, &job);
             let _ = job.job.reply.send(result);
         }
@@ -706,10 +709,10 @@ fn assemble(text: &TextDecoder, job: &ActiveJob) -> Result<CaptionOutput, InferE
     })
 }
 
-/// The `reason` label of `requests_dropped_total` for a passed deadline.
+/// The `reason` label of `images_dropped_total` for a passed deadline.
 const DEADLINE: &str = "deadline";
 
-/// The `reason` label of `requests_dropped_total` for a job still held when the
+/// The `reason` label of `images_dropped_total` for a job still held when the
 /// shutdown grace period ended.
 const SHUTDOWN: &str = "shutdown";
 
@@ -718,7 +721,7 @@ const SHUTDOWN: &str = "shutdown";
 /// left hears nothing).
 pub(super) fn drop_job(metrics: &Metrics, job: CaptionJob, reason: &'static str) {
     metrics
-        .requests_dropped_total
+        .images_dropped_total
         .with_label_values(&[reason])
         .inc();
     let answer = match reason {
