@@ -518,6 +518,7 @@ impl Server {
         if let Some(scheduler) = &scheduler {
             scheduler.abandon();
         }
+        self.state.end_grace();
         let _ = self.stop_tx.send(true);
         let close_by = Instant::now() + CLOSE_TIMEOUT;
         if tokio::time::timeout(CLOSE_TIMEOUT, self.serve)

@@ -757,3 +757,37 @@ async fn a_second_signal_exits_without_waiting_for_the_grace_period() {
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(p.log().contains("second shutdown signal"), "{}", p.log());
 }
+
+/// A request still receiving its body when the shutdown grace period ends (a stalled
+/// upload) is answered 503 `not_ready` then, not left to see its connection close.
+#[tokio::test]
+async fn a_stalled_upload_gets_503_when_the_grace_period_ends() {
+    let mut p = Process::start(&["--shutdown-grace-seconds", "1"]);
+    let addr = p.addr();
+    let client = reqwest::Client::new();
+    wait_ready(&client, &format!("http://{addr}"), &p).await;
+    let mut upload = std::net::TcpStream::connect(&addr).unwrap();
+    upload
+        .write_all(
+            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
+              content-length: 100000\r\n\r\n0123456789",
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    sigterm(&p);
+    upload
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut upload, &mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?} {}", p.log());
+    assert!(answer.contains("not_ready"), "{answer}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "answered when the 1 s grace period ended: {:?}",
+        signalled.elapsed()
+    );
+    assert!(p.wait(Duration::from_secs(10)).success(), "{}", p.log());
+}

@@ -95,7 +95,16 @@ pub async fn caption(
     }
     let body_deadline = start + query_timeout;
     let budget = &state.body_budget;
-    let read = |kind| read_body(&parts.headers, body, limit, body_deadline, budget, kind);
+    let read = |kind| {
+        state.before_grace_ends(read_body(
+            &parts.headers,
+            body,
+            limit,
+            body_deadline,
+            budget,
+            kind,
+        ))
+    };
     // The image bytes keep the body's memory reserved until they are decoded.
     let (image, params): (Bytes, CaptionParams) = if is_raw_image_type(&media) {
         let (bytes, reserved) = read(BodyKind::Raw).await?;
@@ -377,15 +386,16 @@ pub async fn caption_batch(
         }
     }
     let body_deadline = start + query_timeout;
-    let (bytes, reserved) = read_body(
-        &parts.headers,
-        body,
-        state.settings.max_body_bytes,
-        body_deadline,
-        &state.body_budget,
-        BodyKind::Json,
-    )
-    .await?;
+    let (bytes, reserved) = state
+        .before_grace_ends(read_body(
+            &parts.headers,
+            body,
+            state.settings.max_body_bytes,
+            body_deadline,
+            &state.body_budget,
+            BodyKind::Json,
+        ))
+        .await?;
     let json: BatchJson = off_the_runtime(move || parse_json(&bytes)).await?;
     let max = state.settings.max_batch_images;
     if json.images.is_empty() || json.images.len() > max {

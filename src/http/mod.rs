@@ -92,6 +92,8 @@ pub struct AppState {
     /// Memory of the request bodies being read or held.
     pub body_budget: body::BodyBudget,
     pub started: Instant,
+    /// True once the shutdown grace period is over.
+    grace_over: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -121,6 +123,32 @@ impl AppState {
             decode_memory: Arc::new(Semaphore::new(decode_memory_mib)),
             body_budget,
             started: Instant::now(),
+            grace_over: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The shutdown grace period is over: requests still receiving their body get 503.
+    pub fn end_grace(&self) {
+        self.grace_over.send_replace(true);
+    }
+
+    /// Runs `work` unless the shutdown grace period ends first, and then answers 503
+    /// `not_ready`: a request still receiving its body when the grace period ends (a
+    /// stalled upload) hears why at once, instead of its connection closing seconds
+    /// later without an answer.
+    pub async fn before_grace_ends<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let mut over = self.grace_over.subscribe();
+        let grace_over = async move {
+            if over.wait_for(|over| *over).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = work => result,
+            () = grace_over => Err(ApiError::NotReady("the server is shutting down".into())),
         }
     }
 
