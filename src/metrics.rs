@@ -20,6 +20,8 @@ pub struct Metrics {
     pub decoder_call_duration_seconds: Histogram,
     pub worker_tick_duration_seconds: Histogram,
     pub queue_depth: IntGauge,
+    pub queue_capacity: IntGauge,
+    pub requests_in_flight: IntGauge,
     pub rows_in_flight: IntGauge,
     pub images_dropped_total: IntCounterVec,
     pub stream_events_dropped_total: IntCounter,
@@ -118,6 +120,16 @@ impl Metrics {
              and the sampler's own work on the host.",
         ))?;
         let queue_depth = IntGauge::new("queue_depth", "Images waiting for a worker.")?;
+        let queue_capacity = IntGauge::new(
+            "queue_capacity",
+            "Images that may wait for a worker (--queue-size); queue_depth / queue_capacity \
+             is how full the queue is.",
+        )?;
+        let requests_in_flight = IntGauge::new(
+            "requests_in_flight",
+            "Caption requests being handled: receiving their body, decoding, queued, \
+             running or streaming (what a shutdown drain waits for).",
+        )?;
         let rows_in_flight = IntGauge::new(
             "rows_in_flight",
             "Caption candidates (sampler rows) being denoised by the workers; a guided \
@@ -184,6 +196,8 @@ impl Metrics {
         registry.register(Box::new(decoder_call_duration_seconds.clone()))?;
         registry.register(Box::new(worker_tick_duration_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(queue_capacity.clone()))?;
+        registry.register(Box::new(requests_in_flight.clone()))?;
         registry.register(Box::new(rows_in_flight.clone()))?;
         registry.register(Box::new(images_dropped_total.clone()))?;
         registry.register(Box::new(stream_events_dropped_total.clone()))?;
@@ -205,6 +219,8 @@ impl Metrics {
             decoder_call_duration_seconds,
             worker_tick_duration_seconds,
             queue_depth,
+            queue_capacity,
+            requests_in_flight,
             rows_in_flight,
             images_dropped_total,
             stream_events_dropped_total,
@@ -270,6 +286,8 @@ mod tests {
             "decoder_call_duration_seconds",
             "worker_tick_duration_seconds",
             "queue_depth",
+            "queue_capacity",
+            "requests_in_flight",
             "rows_in_flight",
             "images_dropped_total",
             "stream_events_dropped_total",

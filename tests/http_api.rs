@@ -570,6 +570,8 @@ async fn metrics_exposition() {
         "ladic_decoder_call_duration_seconds",
         "ladic_worker_tick_duration_seconds",
         "ladic_queue_depth",
+        "ladic_queue_capacity",
+        "ladic_requests_in_flight",
         "ladic_rows_in_flight",
         "ladic_model_load_seconds",
         "ladic_build_info",
@@ -577,6 +579,9 @@ async fn metrics_exposition() {
         assert!(text.contains(&format!("# HELP {family} ")), "{family} HELP");
         assert!(text.contains(&format!("# TYPE {family} ")), "{family} TYPE");
     }
+    // The queue's size as configured; nothing in flight while only /metrics runs.
+    assert!(text.contains("\nladic_queue_capacity 64\n"), "{text}");
+    assert!(text.contains("\nladic_requests_in_flight 0\n"), "{text}");
     assert!(
         text.contains(r#"ladic_requests_total{route="/caption",status="200"} 1"#),
         "{text}"

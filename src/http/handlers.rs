@@ -752,6 +752,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Some(s) = state.scheduler.get() {
         state.metrics.queue_depth.set(s.queue_depth() as i64);
     }
+    state
+        .metrics
+        .requests_in_flight
+        .set(state.in_flight() as i64);
+    state
+        .metrics
+        .queue_capacity
+        .set(state.settings.queue_size as i64);
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
