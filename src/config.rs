@@ -202,16 +202,19 @@ pub struct ServeArgs {
     #[arg(long, env = "LADIC_HEADER_READ_TIMEOUT_MS", default_value_t = 75_000, value_parser = at_least_one::<u64>)]
     pub header_read_timeout_ms: u64,
 
-    /// Most connections open at once. A connection beyond them is answered 503
-    /// `overloaded` (`Retry-After: 1`) and closed at once: idle clients cannot hold
-    /// the server's memory or file descriptors, or crowd out the health probes.
-    #[arg(long, env = "LADIC_MAX_CONNECTIONS", default_value_t = 4096, value_parser = at_least_one::<usize>)]
+    /// Most connections open at once (at most 1000000), so that idle clients cannot hold
+    /// the server's memory or file descriptors. Beyond them, up to 32 more connections
+    /// get one request each, answered for the health probes and 503 `overloaded`
+    /// (`Retry-After: 1`) for the rest, so that an orchestrator's probes still get
+    /// through; a connection beyond those too gets 503 before its request is read.
+    #[arg(long, env = "LADIC_MAX_CONNECTIONS", default_value_t = 4096, value_parser = connection_count)]
     pub max_connections: usize,
 
     /// Largest request head (request line and headers) in bytes, 8192 or more: what
-    /// each connection may buffer while its head arrives. Larger heads get 431 (a URL
-    /// too long for it, 414).
-    #[arg(long, env = "LADIC_MAX_HEADER_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(8192..))]
+    /// each connection may buffer while its head arrives. The check comes before each
+    /// read of the socket, so a head up to about twice this may still be read whole;
+    /// larger ones get 431 (a URL too long, 414).
+    #[arg(long, env = "LADIC_MAX_HEADER_BYTES", default_value_t = 32768, value_parser = clap::value_parser!(u32).range(8192..))]
     pub max_header_bytes: u32,
 
     /// Milliseconds a connection may take none of its response before it is closed: a
@@ -240,6 +243,18 @@ pub struct ServeArgs {
 
 /// Parses a size, count or time that must be at least 1: 0 would leave the service
 /// unable to answer (every request timed out, every image too large, ...).
+/// A connection limit: 1 to [`MAX_CONNECTIONS`].
+fn connection_count(s: &str) -> Result<usize, String> {
+    let n: usize = at_least_one(s)?;
+    if n > MAX_CONNECTIONS {
+        return Err(format!("must be at most {MAX_CONNECTIONS}"));
+    }
+    Ok(n)
+}
+
+/// The most `--max-connections` may be: far beyond what one process serves well.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 fn at_least_one<T>(s: &str) -> Result<T, String>
 where
     T: std::str::FromStr + PartialEq + From<u8>,
@@ -411,10 +426,17 @@ mod tests {
             "--header-read-timeout-ms",
             "--max-batch-rows",
             "--workers",
+            "--max-connections",
+            "--max-header-bytes",
         ] {
             let err = Cli::try_parse_from(["ladic-serve", "serve", flag, "0"]).unwrap_err();
             assert!(err.to_string().contains(flag), "{flag}: {err}");
         }
+        // A connection limit tokio's semaphore could not hold is refused, not a server
+        // that starts and refuses every connection.
+        let err = Cli::try_parse_from(["ladic-serve", "serve", "--max-connections", "1000001"])
+            .unwrap_err();
+        assert!(err.to_string().contains("at most 1000000"), "{err}");
         let serve = |extra: &[&str]| {
             let cli = Cli::try_parse_from([["ladic-serve", "serve"].as_slice(), extra].concat());
             match cli.unwrap().command {

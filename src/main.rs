@@ -54,7 +54,13 @@ fn init_tracing(json: bool) {
     // A panic is logged as one event in the log's format (one JSON line with
     // --log-json), instead of the default hook's plain lines on stderr. The workers
     // catch theirs and go on; the event says where it happened.
-    std::panic::set_hook(Box::new(|info| {
+    // Where RUST_LOG turns this program's errors off, the default hook still prints.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !tracing::enabled!(tracing::Level::ERROR) {
+            default_hook(info);
+            return;
+        }
         let thread = std::thread::current();
         let thread = thread.name().unwrap_or("unnamed");
         // With RUST_BACKTRACE=1 (or RUST_LIB_BACKTRACE=1) only.
@@ -99,13 +105,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
         shutdown.await;
-        // A second signal does not wait for the grace period.
-        tokio::spawn(async {
-            shutdown_signal().await;
+        // A second signal does not wait for the grace period. Listening from here on
+        // (the future is made now, not when the task first runs), and leaving with
+        // _exit: no exit handlers of the model runtime while a worker may be in a call.
+        let second = shutdown_signal();
+        tokio::spawn(async move {
+            second.await;
             tracing::warn!(
                 "second shutdown signal; exiting without waiting for the requests in flight"
             );
-            std::process::exit(130);
+            // SAFETY: _exit ends the process at once; nothing runs after it.
+            unsafe { libc::_exit(130) }
         });
         server
             .shutdown(Duration::from_secs(args.shutdown_grace_seconds))

@@ -71,10 +71,11 @@ impl Metrics {
         let requests_refused_total = IntCounterVec::new(
             Opts::new(
                 "requests_refused_total",
-                "Requests answered 429 overloaded, by reason: queue_full (--queue-size \
+                "Requests answered overloaded, by reason: 429 queue_full (--queue-size \
                  images wait already), queue_too_slow (the queue's expected wait is longer \
                  than the request's time left), uploads_busy (the bodies being received \
-                 take all of --body-memory-mib).",
+                 take all of --body-memory-mib); 503 connection_limit (--max-connections \
+                 open).",
             ),
             &["reason"],
         )?;

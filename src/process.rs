@@ -1,10 +1,6 @@
 //! Settings of the whole process that a long-running server needs and a library
 //! should not make for its users: applied by `ladic-serve serve` at start-up.
 
-/// Allocations from this size up get pages of their own, handed back to the system
-/// when they are freed.
-const MMAP_THRESHOLD_BYTES: i32 = 1 << 20;
-
 /// Makes freed request bodies go back to the system. glibc's allocator raises its
 /// mmap threshold each time a large block is freed, up to 32 MiB, so after a few
 /// rounds of 20 MiB uploads their buffers came from the heap, whose freed memory stays
@@ -13,10 +9,15 @@ const MMAP_THRESHOLD_BYTES: i32 = 1 << 20;
 /// threshold keeps it near its idle level after every round (docs/hardening.md).
 pub fn return_large_blocks_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the allocator's parameters; it is called before
-    // the runtime's threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+    {
+        /// Allocations from this size up get pages of their own, handed back to the
+        /// system when they are freed.
+        const MMAP_THRESHOLD_BYTES: i32 = 1 << 20;
+        // SAFETY: mallopt only changes the allocator's parameters; it is called before
+        // the runtime's threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        }
     }
 }
 
@@ -45,7 +46,10 @@ pub fn raise_open_files_limit() -> Option<u64> {
                 }
             }
         }
-        Some(limit.rlim_cur)
+        // rlim_t is u64 on Linux and macOS, other widths elsewhere.
+        #[allow(clippy::unnecessary_cast)]
+        let files = limit.rlim_cur as u64;
+        Some(files)
     }
     #[cfg(not(unix))]
     None

@@ -120,8 +120,16 @@ struct ConnectionLimits {
     send_stall_timeout: Duration,
 }
 
-/// The body of the answer of a connection over `--max-connections` (a 503 written
-/// before its request is read).
+/// Connections accepted beyond `--max-connections`, one request each, whose health
+/// probes are answered (everything else gets 503): an orchestrator's probes still get
+/// through while idle clients hold every regular connection.
+const PROBE_LANE_CONNECTIONS: usize = 32;
+
+/// The time a connection of the probe lane gets to send its request head.
+const PROBE_LANE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The body of the answer of a connection beyond `--max-connections` and the probe
+/// lane (a 503 written before its request is read).
 const TOO_MANY_CONNECTIONS: &str =
     r#"{"error":"too many open connections","error_type":"overloaded"}"#;
 
@@ -131,8 +139,9 @@ const TOO_MANY_CONNECTIONS: &str =
 /// `header_read_timeout` is closed, so idle or trickling clients cannot hold sockets;
 /// so is one that takes no bytes of its response for `send_stall_timeout` (a client
 /// that stopped reading a stream). Each connection buffers at most `max_header_bytes`
-/// of a request head, and beyond `max_connections` open ones a new connection gets 503
-/// and is closed.
+/// of a request head. Beyond `max_connections` open ones, a new connection gets its
+/// health probe answered and any other request 503 (the probe lane, up to
+/// [`PROBE_LANE_CONNECTIONS`]), or, beyond that too, 503 at once and is closed.
 async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
@@ -147,6 +156,7 @@ async fn serve_connections(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let probe_lane = Arc::new(tokio::sync::Semaphore::new(PROBE_LANE_CONNECTIONS));
     let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -164,26 +174,46 @@ async fn serve_connections(
             },
             () = &mut stop => break,
         };
-        let Ok(slot) = open.clone().try_acquire_owned() else {
-            if last_refusal_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                tracing::warn!(
-                    max_connections = limits.max_connections,
-                    "connection limit reached; refusing new connections with 503"
-                );
-                last_refusal_logged = Some(std::time::Instant::now());
+        let (slot, over_limit) = match open.clone().try_acquire_owned() {
+            Ok(slot) => (slot, false),
+            Err(_) => {
+                if last_refusal_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached; new connections get 503 (health probes \
+                         are still answered)"
+                    );
+                    last_refusal_logged = Some(std::time::Instant::now());
+                }
+                match probe_lane.clone().try_acquire_owned() {
+                    Ok(slot) => (slot, true),
+                    Err(_) => {
+                        refuse_connection(stream, &metrics);
+                        continue;
+                    }
+                }
             }
-            refuse_connection(stream, &metrics);
-            continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = app
-            .clone()
-            .map_request(|req: axum::http::Request<hyper::body::Incoming>| {
-                req.map(axum::body::Body::new)
-            });
+        let service =
+            app.clone()
+                .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    if over_limit {
+                        req.extensions_mut().insert(http::OverConnectionLimit);
+                    }
+                    req
+                });
+        // A connection of the probe lane has one request, sent promptly.
+        let header_read_timeout = if over_limit {
+            limits.header_read_timeout.min(PROBE_LANE_HEADER_TIMEOUT)
+        } else {
+            limits.header_read_timeout
+        };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(header_read_timeout)
+            .keep_alive(!over_limit)
             .max_buf_size(limits.max_header_bytes)
             .serve_connection(
                 TokioIo::new(SendStallTimeout::new(stream, limits.send_stall_timeout)),
@@ -207,9 +237,11 @@ async fn serve_connections(
 
 /// Answers a connection over the limit 503 ([`TOO_MANY_CONNECTIONS`]) and closes it,
 /// within a second (a client that reads nothing does not hold it longer), counted in
-/// `connections_closed_total{reason="over_limit"}`.
+/// `connections_closed_total{reason="over_limit"}`. What the client sent meanwhile is
+/// read and thrown away (up to 1 MiB) before the socket closes: closing it with unread
+/// bytes would reset the connection, and the client would likely lose the answer.
 fn refuse_connection(mut stream: tokio::net::TcpStream, metrics: &Arc<Metrics>) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     metrics
         .connections_closed_total
         .with_label_values(&["over_limit"])
@@ -223,7 +255,16 @@ fn refuse_connection(mut stream: tokio::net::TcpStream, metrics: &Arc<Metrics>) 
     tokio::spawn(async move {
         let answer = async {
             stream.write_all(answer.as_bytes()).await?;
-            stream.shutdown().await
+            stream.shutdown().await?;
+            let mut sink = [0u8; 16 * 1024];
+            let mut read = 0;
+            while read < (1 << 20) {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => read += n,
+                }
+            }
+            Ok::<(), std::io::Error>(())
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
     });

@@ -50,6 +50,9 @@ pub enum ApiError {
         left.as_secs_f64()
     )]
     QueueTooSlow { wait: Duration, left: Duration },
+    /// `--max-connections` connections are open (a request of the probe lane).
+    #[error("the server is busy: it has as many connections open as it takes; retry later")]
+    TooManyConnections,
     #[error("{0}")]
     NotReady(String),
     /// The body did not arrive in full before the deadline (a slow or stalled upload).
@@ -97,7 +100,7 @@ impl ApiError {
             ApiError::Overloaded | ApiError::UploadsBusy | ApiError::QueueTooSlow { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -117,9 +120,10 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Overloaded | ApiError::UploadsBusy | ApiError::QueueTooSlow { .. } => {
-                "overloaded"
-            }
+            ApiError::Overloaded
+            | ApiError::UploadsBusy
+            | ApiError::QueueTooSlow { .. }
+            | ApiError::TooManyConnections => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::BodyTimeout => "request_timeout",
             ApiError::Timeout => "timeout",
@@ -134,6 +138,7 @@ impl ApiError {
             ApiError::Overloaded => Some("queue_full"),
             ApiError::UploadsBusy => Some("uploads_busy"),
             ApiError::QueueTooSlow { .. } => Some("queue_too_slow"),
+            ApiError::TooManyConnections => Some("connection_limit"),
             _ => None,
         }
     }
@@ -153,7 +158,7 @@ impl ApiError {
     /// Seconds a client should wait before retrying, for the statuses where that helps.
     fn retry_after(&self) -> Option<u32> {
         match self {
-            ApiError::Overloaded | ApiError::UploadsBusy => Some(1),
+            ApiError::Overloaded | ApiError::UploadsBusy | ApiError::TooManyConnections => Some(1),
             // About when the queue's wait might have come down (at most a minute).
             ApiError::QueueTooSlow { wait, .. } => Some(wait.as_secs().clamp(1, 60) as u32),
             ApiError::NotReady(_) | ApiError::WorkerStalled(_) => Some(5),

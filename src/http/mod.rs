@@ -245,7 +245,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     let mut router = router
         .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(refuse_over_connection_limit));
     if let Some(cors) = cors_layer(&state.settings.cors_allow_origins) {
         router = router.layer(cors);
     }
@@ -470,6 +471,22 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
         record.finish(response.status().as_u16());
     }
     response
+}
+
+/// In a request's extensions when its connection was accepted beyond
+/// `--max-connections` (the server's probe lane): only the health probes are answered.
+#[derive(Debug, Clone, Copy)]
+pub struct OverConnectionLimit;
+
+/// Answers 503 `overloaded` to every request of a connection over the connection limit
+/// but the health probes, which an orchestrator must still get through.
+async fn refuse_over_connection_limit(req: Request, next: Next) -> Response {
+    if req.extensions().get::<OverConnectionLimit>().is_some()
+        && !req.uri().path().starts_with("/health/")
+    {
+        return ApiError::TooManyConnections.into_response();
+    }
+    next.run(req).await
 }
 
 /// The target of the access log's lines (see [`RequestRecord`]).

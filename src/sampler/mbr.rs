@@ -45,8 +45,24 @@ impl Fraction {
         Fraction::new(self.num * (other.den / g) + other.num * (self.den / g), den)
     }
 
+    /// `self > other`, exactly and without multiplying (the cross products of long
+    /// captions' sums pass 2^128): integer parts first; if they are equal, the
+    /// remainders `ra/b > rc/d` exactly when `d/rc > b/ra`, compared the same way (a
+    /// continued-fraction comparison).
     fn greater_than(self, other: Fraction) -> bool {
-        self.num * other.den > other.num * self.den
+        let (mut a, mut b, mut c, mut d) = (self.num, self.den, other.num, other.den);
+        loop {
+            let (qa, ra) = (a / b, a % b);
+            let (qc, rc) = (c / d, c % d);
+            if qa != qc {
+                return qa > qc;
+            }
+            match (ra, rc) {
+                (0, _) => return false,
+                (_, 0) => return true,
+                _ => (a, b, c, d) = (d, rc, b, ra),
+            }
+        }
     }
 }
 
@@ -138,6 +154,58 @@ mod tests {
         assert_eq!(sum(0), sum(1));
         assert_eq!(sum(0), Fraction::new(28, 15));
         assert_eq!(choose(&c), 0);
+    }
+
+    /// Eight long captions over a few tokens: sums whose cross products pass 2^128
+    /// (an overflow panics in a debug build), chosen as floating point chooses them
+    /// where the best two are far from a tie.
+    #[test]
+    fn long_captions_are_compared_without_overflow() {
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as i64
+        };
+        for _ in 0..20 {
+            let c: Vec<Vec<i64>> = (0..8)
+                .map(|_| {
+                    let len = 250 + (next() % 132) as usize;
+                    (0..len).map(|_| next() % 6).collect()
+                })
+                .collect();
+            let scores: Vec<f64> = (0..8)
+                .map(|i| {
+                    (0..8)
+                        .filter(|&j| j != i)
+                        .map(|j| ngram_f1(&c[i], &c[j]))
+                        .sum()
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..8).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            if scores[order[0]] - scores[order[1]] > 1e-9 {
+                assert_eq!(choose(&c), order[0], "{scores:?}");
+            }
+        }
+        // The comparison itself, on fractions whose cross products overflow u128.
+        let big = Fraction {
+            num: 3 * (1 << 100) + 1,
+            den: 1 << 100,
+        };
+        let bigger = Fraction {
+            num: 3 * (1 << 100) + 2,
+            den: 1 << 100,
+        };
+        assert!(bigger.greater_than(big) && !big.greater_than(bigger));
+        assert!(!big.greater_than(big));
+        let third = Fraction::new(1, 3);
+        let near = Fraction {
+            num: (1 << 120) + 1,
+            den: 3 << 120,
+        };
+        assert!(near.greater_than(third) && !third.greater_than(near));
     }
 
     #[test]
