@@ -115,16 +115,16 @@ pub async fn caption(
         (hold(image, Arc::new(reserved)), query.overridden_by(form))
     } else if media == "application/json" {
         let (bytes, reserved) = read(BodyKind::Json).await?;
+        // The reservation goes with the bytes: a client that leaves meanwhile does not
+        // free the memory that the parse still uses.
         let (image, body_params) = off_the_runtime(move || {
             let json: CaptionJson = parse_json(&bytes)?;
             drop(bytes);
-            Ok((decode_base64_image(&json.image)?, json.params()))
+            let image = hold(decode_base64_image(&json.image)?, Arc::new(reserved));
+            Ok((image, json.params()))
         })
         .await?;
-        (
-            hold(image, Arc::new(reserved)),
-            query.overridden_by(body_params),
-        )
+        (image, query.overridden_by(body_params))
     } else {
         return Err(ApiError::UnsupportedMediaType(format!(
             "unsupported Content-Type {media:?}; {ACCEPTED}"
@@ -396,7 +396,9 @@ pub async fn caption_batch(
             BodyKind::Json,
         ))
         .await?;
-    let json: BatchJson = off_the_runtime(move || parse_json(&bytes)).await?;
+    // The reservation goes with the bytes (see `caption`).
+    let (json, reserved): (BatchJson, _) =
+        off_the_runtime(move || Ok((parse_json(&bytes)?, reserved))).await?;
     let max = state.settings.max_batch_images;
     if json.images.is_empty() || json.images.len() > max {
         return Err(ApiError::InvalidParameter(format!(
@@ -412,19 +414,17 @@ pub async fn caption_batch(
     // base64 string goes as soon as it is decoded.
     let reserved = Arc::new(reserved);
     let encoded = json.images;
-    let decoded: Vec<Vec<u8>> = off_the_runtime(move || {
+    let images: Vec<Bytes> = off_the_runtime(move || {
         encoded
             .into_iter()
             .enumerate()
-            .map(|(i, b64)| decode_base64_image(&b64).map_err(|e| at_index(i, e)))
+            .map(|(i, b64)| match decode_base64_image(&b64) {
+                Ok(image) => Ok(hold(image, reserved.clone())),
+                Err(e) => Err(at_index(i, e)),
+            })
             .collect()
     })
     .await?;
-    let images: Vec<Bytes> = decoded
-        .into_iter()
-        .map(|image| hold(image, reserved.clone()))
-        .collect();
-    drop(reserved);
     // Every image is decoded, and refused if it must be, before any is queued: a bad
     // image is answered at once, not after the other images' captions.
     let deadline = start + resolved.timeout;
