@@ -675,6 +675,17 @@ async fn every_request_gets_an_access_log_line() {
         .unwrap();
     assert_eq!(streamed.status(), 200);
     streamed.bytes().await.unwrap();
+    // A stream that ends in an `error` event: a deadline far shorter than its work.
+    let timed_out = post(
+        "/caption?stream=true&steps=100&candidates=8&guidance=10&back_refine=true&timeout_ms=150",
+        "log-stream-timeout",
+        scene_png(3),
+    )
+    .await
+    .unwrap();
+    assert_eq!(timed_out.status(), 200);
+    let events = timed_out.text().await.unwrap();
+    assert!(events.contains("event: error"), "{events}");
     client.get(format!("{base}/metrics")).send().await.unwrap();
     let lines = || -> Vec<Value> {
         p.log
@@ -686,7 +697,7 @@ async fn every_request_gets_an_access_log_line() {
             .collect()
     };
     let start = Instant::now();
-    while lines().len() < 3 {
+    while lines().len() < 4 {
         assert!(start.elapsed() < Duration::from_secs(20), "{}", p.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -716,9 +727,15 @@ async fn every_request_gets_an_access_log_line() {
         let error_type = (status == 400).then_some("invalid_image");
         assert_eq!(f["error_type"].as_str(), error_type, "{line}");
     }
+    let f = &find("log-stream-timeout")["fields"];
+    assert_eq!(
+        f["status"], 504,
+        "a stream is logged with its last event's status"
+    );
+    assert_eq!(f["error_type"], "timeout", "{f}");
     assert_eq!(
         lines.len(),
-        3,
+        4,
         "probes and scrapes are debug lines: {lines:?}"
     );
     sigterm(&p);

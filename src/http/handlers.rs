@@ -332,12 +332,12 @@ impl CaptionStream {
     /// The `done` or `error` event; the request is counted with its status, and no
     /// longer in flight.
     fn last_event(&mut self, body: Result<CaptionResponse, ApiError>) -> Event {
-        let (event, status) = match body {
-            Ok(body) => (json_event("done", &body), 200),
-            Err(e) => (error_event(&e), e.status().as_u16()),
+        let (event, status, error_type) = match body {
+            Ok(body) => (json_event("done", &body), 200, None),
+            Err(e) => (error_event(&e), e.status().as_u16(), Some(e.error_type())),
         };
         if let Some(record) = self.record.take() {
-            record.finish(status);
+            record.finish_with_error_type(status, error_type);
         }
         self.in_flight = None;
         event

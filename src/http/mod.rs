@@ -466,9 +466,8 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
             .with_label_values(&[reason])
             .inc();
     }
-    if let Some(mut record) = slot.take() {
-        record.error_type = cause.map(|c| c.error_type);
-        record.finish(response.status().as_u16());
+    if let Some(record) = slot.take() {
+        record.finish_with_error_type(response.status().as_u16(), cause.map(|c| c.error_type));
     }
     response
 }
@@ -515,6 +514,13 @@ impl RequestRecord {
     pub fn finish(mut self, status: u16) {
         self.count(status);
         self.counted = true;
+    }
+
+    /// [`finish`](Self::finish) for an answer whose `error_type` the access log should
+    /// name (a stream's `error` event).
+    pub fn finish_with_error_type(mut self, status: u16, error_type: Option<&'static str>) {
+        self.error_type = error_type;
+        self.finish(status);
     }
 
     fn count(&self, status: u16) {
