@@ -207,13 +207,14 @@ pub struct ServeArgs {
     /// get one request each, answered for the health probes and 503 `overloaded`
     /// (`Retry-After: 1`) for the rest, so that an orchestrator's probes still get
     /// through; a connection beyond those too gets 503 before its request is read.
+    /// Lowered at start-up, with a warning, to what the open files limit allows.
     #[arg(long, env = "LADIC_MAX_CONNECTIONS", default_value_t = 4096, value_parser = connection_count)]
     pub max_connections: usize,
 
     /// Largest request head (request line and headers) in bytes, 8192 or more: what
     /// each connection may buffer while its head arrives. The check comes before each
     /// read of the socket, so a head up to about twice this may still be read whole;
-    /// larger ones get 431 (a URL too long, 414).
+    /// larger ones, and more than 100 headers, get 431.
     #[arg(long, env = "LADIC_MAX_HEADER_BYTES", default_value_t = 32768, value_parser = clap::value_parser!(u32).range(8192..))]
     pub max_header_bytes: u32,
 

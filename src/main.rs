@@ -73,16 +73,27 @@ fn init_tracing(json: bool) {
     }));
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Open files kept for other uses than the regular connections: the bundle's files,
+/// the logs, the runtime's own, the probe lane and the connections being refused.
+const FILES_FOR_OTHER_USES: u64 = 128;
+
+fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     ladic_serve::process::return_large_blocks_to_the_system();
     match ladic_serve::process::raise_open_files_limit() {
-        // Room for the bundle's files, the logs and the connections being refused.
-        Some(files) if files < args.max_connections as u64 + 64 => tracing::warn!(
-            open_files_limit = files,
-            max_connections = args.max_connections,
-            "the open files limit is below --max-connections; connections beyond it \
-             cannot be accepted"
-        ),
+        // The connection limit must be what bounds the connections: with more allowed
+        // than there are files, accepting fails before the limit (and its probe lane)
+        // is ever reached.
+        Some(files) if files < args.max_connections as u64 + FILES_FOR_OTHER_USES => {
+            let usable = files.saturating_sub(FILES_FOR_OTHER_USES).max(1) as usize;
+            tracing::warn!(
+                open_files_limit = files,
+                max_connections = args.max_connections,
+                lowered_to = usable,
+                "the open files limit is below --max-connections; the connection limit is \
+                 lowered to fit it (raise the limit, e.g. `ulimit -n`, to keep the flag's)"
+            );
+            args.max_connections = usable;
+        }
         files => tracing::debug!(open_files_limit = ?files, "open files limit"),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

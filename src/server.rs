@@ -128,6 +128,9 @@ const PROBE_LANE_CONNECTIONS: usize = 32;
 /// The time a connection of the probe lane gets to send its request head.
 const PROBE_LANE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest a connection of the probe lane stays open.
+const PROBE_LANE_LIFETIME: Duration = Duration::from_secs(5);
+
 /// The body of the answer of a connection beyond `--max-connections` and the probe
 /// lane (a 503 written before its request is read).
 const TOO_MANY_CONNECTIONS: &str =
@@ -223,11 +226,24 @@ async fn serve_connections(
         let counted = OpenConnection::new(&metrics);
         tokio::spawn(async move {
             let _slot = slot;
-            let result = connection.await;
-            if let Err(e) = &result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            counted.closed(close_reason(&result));
+            // A connection of the probe lane is closed after a few seconds whatever it
+            // does (a client trickling the body of its refused request would otherwise
+            // keep a slot of the lane while the answer's body is thrown away).
+            let lifetime = if over_limit {
+                PROBE_LANE_LIFETIME
+            } else {
+                Duration::MAX
+            };
+            let reason = match tokio::time::timeout(lifetime, connection).await {
+                Ok(result) => {
+                    if let Err(e) = &result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    close_reason(&result)
+                }
+                Err(_) => "over_limit",
+            };
+            counted.closed(reason);
         });
     }
     drop(listener);

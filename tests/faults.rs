@@ -808,3 +808,30 @@ async fn a_stalled_upload_gets_503_when_the_grace_period_ends() {
     );
     assert!(p.wait(Duration::from_secs(10)).success(), "{}", p.log());
 }
+
+/// With fewer open files allowed than `--max-connections`, the connection limit is
+/// lowered to fit (else accepting would fail before the limit and its probe lane were
+/// reached), with a warning; the configuration line gives the limit in effect.
+#[test]
+fn the_connection_limit_is_lowered_to_fit_the_open_files_limit() {
+    let binary = bin().get_program().to_owned();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 200 && exec "$0" serve --bind 127.0.0.1:0 --bundle /nonexistent/bundle"#)
+        .arg(&binary)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the connection limit is lowered") && stderr.contains("lowered_to=72"),
+        "{stderr}"
+    );
+    let config = stderr
+        .lines()
+        .find(|l| l.contains("configuration"))
+        .unwrap_or_else(|| panic!("no configuration line: {stderr}"));
+    assert!(config.contains("max_connections=72"), "{config}");
+}

@@ -468,3 +468,77 @@ async fn a_request_head_over_the_limit_gets_431() {
     let got = answer_to(addr, &with_header(40_000)).await;
     assert!(got.starts_with("HTTP/1.1 431"), "{got}");
 }
+
+/// A client that closes its connection in the middle of its body is counted as one
+/// that left (499), not as a malformed request (400).
+#[tokio::test]
+async fn an_upload_cut_off_by_its_client_counts_as_499() {
+    let s = TestServer::default().await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let counted = |status: &str| {
+        metrics
+            .requests_total
+            .with_label_values(&["/caption", status])
+            .get()
+    };
+    let mut upload = TcpStream::connect(addr).await.unwrap();
+    upload
+        .write_all(
+            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
+              content-length: 100000\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    wait_for("the request in flight", Duration::from_secs(20), || {
+        s.state().in_flight() == 1
+    })
+    .await;
+    drop(upload);
+    wait_for("the request counted", Duration::from_secs(20), || {
+        counted("499") == 1
+    })
+    .await;
+    assert_eq!(counted("400"), 0);
+}
+
+/// A connection of the probe lane (over `--max-connections`) is closed a few seconds
+/// after it opened, even while its client goes on sending the body of its refused
+/// request, so that the lane's slots come back for the probes.
+#[tokio::test]
+async fn a_probe_lane_connection_is_closed_within_seconds() {
+    let mut args = test_args();
+    args.max_connections = 1;
+    let s = TestServer::start(args).await;
+    let addr = s.server.as_ref().unwrap().addr;
+    let metrics = s.state().metrics.clone();
+    let _idle = TcpStream::connect(addr).await.unwrap();
+    wait_for("one open", Duration::from_secs(20), || {
+        metrics.open_connections.get() == 1
+    })
+    .await;
+    let opened = Instant::now();
+    let mut lane = TcpStream::connect(addr).await.unwrap();
+    lane.write_all(
+        b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
+          content-length: 10000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (mut reader, mut writer) = lane.into_split();
+    let trickle = tokio::spawn(async move {
+        while writer.write_all(&[0u8; 100]).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(
+        opened.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        opened.elapsed()
+    );
+    trickle.abort();
+}

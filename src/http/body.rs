@@ -232,6 +232,7 @@ async fn next_data(
         match tokio::time::timeout_at(deadline, frame).await {
             Err(_) => return Err(ApiError::BodyTimeout),
             Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) if client_left(&e) => return Err(ApiError::ClientClosed),
             Ok(Some(Err(e))) => {
                 return Err(ApiError::MalformedRequest(format!(
                     "cannot read the request body: {e}"
@@ -244,6 +245,33 @@ async fn next_data(
             }
         }
     }
+}
+
+/// Whether a body broke off because its client closed the connection (or reset it),
+/// rather than because it was malformed.
+fn client_left(e: &axum::Error) -> bool {
+    use std::io::ErrorKind;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cause {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// Media types whose body is the image itself.

@@ -50,6 +50,10 @@ pub enum ApiError {
         left.as_secs_f64()
     )]
     QueueTooSlow { wait: Duration, left: Duration },
+    /// The client closed the connection before its body arrived in full: nobody will
+    /// read the answer, which is counted and logged as [`CLIENT_CLOSED`](super::CLIENT_CLOSED).
+    #[error("the client closed the connection before its request body arrived in full")]
+    ClientClosed,
     /// `--max-connections` connections are open (a request of the probe lane).
     #[error("the server is busy: it has as many connections open as it takes; retry later")]
     TooManyConnections,
@@ -102,6 +106,9 @@ impl ApiError {
             }
             ApiError::NotReady(_) | ApiError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::ClientClosed => {
+                StatusCode::from_u16(super::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::WorkerStalled(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -126,6 +133,7 @@ impl ApiError {
             | ApiError::TooManyConnections => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::BodyTimeout => "request_timeout",
+            ApiError::ClientClosed => "client_closed",
             ApiError::Timeout => "timeout",
             ApiError::Inference(_) => "inference_failed",
             ApiError::WorkerStalled(_) => "worker_stalled",
@@ -148,6 +156,11 @@ impl ApiError {
     /// any more) ready happens now and then (info).
     pub fn log(&self) {
         let status = self.status();
+        if matches!(self, ApiError::TooManyConnections) {
+            // Thousands a second under a connection flood; counted by reason, and the
+            // server warns of the limit itself.
+            return;
+        }
         if matches!(self, ApiError::Inference(_) | ApiError::WorkerStalled(_)) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else if status.is_server_error() {

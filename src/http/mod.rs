@@ -446,6 +446,7 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
             request_id: request_id.to_str().unwrap_or("-").to_string(),
             start,
             error_type: None,
+            quiet: false,
             counted: false,
         };
         *slot.lock() = Some(record);
@@ -466,7 +467,8 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
             .with_label_values(&[reason])
             .inc();
     }
-    if let Some(record) = slot.take() {
+    if let Some(mut record) = slot.take() {
+        record.quiet = cause.is_some_and(|c| c.refusal == Some("connection_limit"));
         record.finish_with_error_type(response.status().as_u16(), cause.map(|c| c.error_type));
     }
     response
@@ -507,6 +509,9 @@ pub struct RequestRecord {
     start: Instant,
     /// The `error_type` of an error answer, for the access log.
     error_type: Option<&'static str>,
+    /// Logged at debug, as probes are: the 503s of the connection limit, which come by
+    /// thousands a second under a connection flood.
+    quiet: bool,
     counted: bool,
 }
 
@@ -565,7 +570,7 @@ impl RequestRecord {
                 }
             };
         }
-        if route.starts_with("/health/") || route == "/metrics" {
+        if self.quiet || route.starts_with("/health/") || route == "/metrics" {
             answered!(debug);
         } else {
             answered!(info);
