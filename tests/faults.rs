@@ -742,15 +742,13 @@ async fn every_request_gets_an_access_log_line() {
     assert!(p.wait(Duration::from_secs(30)).success());
 }
 
-/// A second SIGTERM or SIGINT during the grace period ends the process at once, with
-/// exit code 130, instead of waiting for the request still in flight.
-#[tokio::test]
-async fn a_second_signal_exits_without_waiting_for_the_grace_period() {
-    let p = Process::start(&["--shutdown-grace-seconds", "60"]);
+/// A server with `--shutdown-grace-seconds grace`, ready, and a request in flight for as
+/// long as its body does not arrive (10 of its 100000 bytes sent).
+async fn ready_with_a_stalled_upload(grace: &str) -> (Process, std::net::TcpStream) {
+    let p = Process::start(&["--shutdown-grace-seconds", grace]);
     let addr = p.addr();
     let client = reqwest::Client::new();
     wait_ready(&client, &format!("http://{addr}"), &p).await;
-    // A request in flight for as long as its body does not arrive.
     let mut upload = std::net::TcpStream::connect(&addr).unwrap();
     upload
         .write_all(
@@ -759,6 +757,14 @@ async fn a_second_signal_exits_without_waiting_for_the_grace_period() {
         )
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (p, upload)
+}
+
+/// A second SIGTERM or SIGINT during the grace period ends the process at once, with
+/// exit code 130, instead of waiting for the request still in flight.
+#[tokio::test]
+async fn a_second_signal_exits_without_waiting_for_the_grace_period() {
+    let (p, _upload) = ready_with_a_stalled_upload("60").await;
     sigterm(&p);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut p = p;
@@ -779,18 +785,7 @@ async fn a_second_signal_exits_without_waiting_for_the_grace_period() {
 /// upload) is answered 503 `not_ready` then, not left to see its connection close.
 #[tokio::test]
 async fn a_stalled_upload_gets_503_when_the_grace_period_ends() {
-    let mut p = Process::start(&["--shutdown-grace-seconds", "1"]);
-    let addr = p.addr();
-    let client = reqwest::Client::new();
-    wait_ready(&client, &format!("http://{addr}"), &p).await;
-    let mut upload = std::net::TcpStream::connect(&addr).unwrap();
-    upload
-        .write_all(
-            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
-              content-length: 100000\r\n\r\n0123456789",
-        )
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut p, mut upload) = ready_with_a_stalled_upload("1").await;
     let signalled = Instant::now();
     sigterm(&p);
     upload
