@@ -173,9 +173,10 @@ pub struct ServeArgs {
     pub max_image_side: u32,
 
     /// Memory, in MiB, that the images being decoded at once may take together, each
-    /// counted from its header (decoded frame plus its RGB copy: a 6000x6000 16-bit
-    /// RGBA PNG takes about 400 MiB); decodes wait for room, within their request's
-    /// deadline. An image larger than the whole budget decodes alone.
+    /// counted from its header (decoded frame plus its RGB copy, and a JPEG's copy of
+    /// its file: a 6000x6000 16-bit RGBA PNG takes about 400 MiB); decodes wait for
+    /// room, within their request's deadline. An image larger than the whole budget
+    /// decodes alone.
     #[arg(long, env = "LADIC_DECODE_MEMORY_MIB", default_value_t = 1024, value_parser = at_least_one::<u32>)]
     pub decode_memory_mib: u32,
 

@@ -75,11 +75,17 @@ fn size_of(width: u32, height: u32) -> String {
 
 /// Bytes of memory a decode of `bytes` will hold at its peak, from the header alone:
 /// the decoded frame in its own pixel format (16-bit RGBA takes 8 bytes a pixel), a
-/// second frame when the EXIF orientation rotates or flips it, and the RGB8 copy that
-/// [`to_tensor`] resizes. `None` when the decode will fail at once, and cheaply: the
+/// second frame when the EXIF orientation rotates or flips it, the RGB8 copy that
+/// [`to_tensor`] resizes, and for a JPEG the copy of the file its decoder makes
+/// before it starts. `None` when the decode will fail at once, and cheaply: the
 /// header cannot be read, or it is over `limits` (so that an image claiming 50000 x
 /// 50000 is refused without waiting for the budget it would need).
 pub fn decode_memory_estimate(bytes: &[u8], limits: &ImageLimits) -> Option<u64> {
+    let input_copy = if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
+        bytes.len() as u64
+    } else {
+        0
+    };
     let mut decoder = open_decoder(bytes, limits).ok()?;
     let frame = decoder.total_bytes();
     if frame > limits.max_alloc_bytes {
@@ -91,7 +97,12 @@ pub fn decode_memory_estimate(bytes: &[u8], limits: &ImageLimits) -> Option<u64>
         .is_ok_and(|o| o != image::metadata::Orientation::NoTransforms);
     let frames = if transformed { 2 } else { 1 };
     let rgb8 = u64::from(width) * u64::from(height) * 3;
-    Some(frame.saturating_mul(frames).saturating_add(rgb8))
+    Some(
+        frame
+            .saturating_mul(frames)
+            .saturating_add(rgb8)
+            .saturating_add(input_copy),
+    )
 }
 
 /// Reads the header of `bytes`: a decoder of a supported format whose dimensions are
@@ -426,16 +437,17 @@ mod tests {
             Some(300 * 200 * (8 + 3))
         );
         let rgb8 = DynamicImage::ImageRgb8(ImageBuffer::new(300, 200));
+        // A JPEG's decoder copies the file first.
         let jpeg = encode(&rgb8, ImageFormat::Jpeg);
         assert_eq!(
             decode_memory_estimate(&jpeg, &limits),
-            Some(300 * 200 * (3 + 3))
+            Some(300 * 200 * (3 + 3) + jpeg.len() as u64)
         );
         // A rotation makes a second frame.
         let rotated = jpeg_with_orientation(&rgb8, 6);
         assert_eq!(
             decode_memory_estimate(&rotated, &limits),
-            Some(300 * 200 * (3 + 3 + 3))
+            Some(300 * 200 * (3 + 3 + 3) + rotated.len() as u64)
         );
         // A header within the limits is taken at its word, even when the body holds
         // less (the decode fails then); one over them needs no memory: it is refused.
