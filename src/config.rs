@@ -243,8 +243,6 @@ pub struct ServeArgs {
     pub cors_allow_origin: Vec<String>,
 }
 
-/// Parses a size, count or time that must be at least 1: 0 would leave the service
-/// unable to answer (every request timed out, every image too large, ...).
 /// A connection limit: 1 to [`MAX_CONNECTIONS`].
 fn connection_count(s: &str) -> Result<usize, String> {
     let n: usize = at_least_one(s)?;
@@ -257,6 +255,8 @@ fn connection_count(s: &str) -> Result<usize, String> {
 /// The most `--max-connections` may be: far beyond what one process serves well.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
 
+/// Parses a size, count or time that must be at least 1: 0 would leave the service
+/// unable to answer (every request timed out, every image too large, ...).
 fn at_least_one<T>(s: &str) -> Result<T, String>
 where
     T: std::str::FromStr + PartialEq + From<u8>,

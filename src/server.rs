@@ -131,6 +131,11 @@ const PROBE_LANE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest a connection of the probe lane stays open.
 const PROBE_LANE_LIFETIME: Duration = Duration::from_secs(5);
 
+/// Refused connections whose input is read and thrown away at once (each for up to a
+/// second); beyond them, a refused connection is closed as soon as its answer is
+/// written, so that a flood cannot hold many sockets this way.
+const DRAINING_REFUSALS: usize = 64;
+
 /// The body of the answer of a connection beyond `--max-connections` and the probe
 /// lane (a 503 written before its request is read).
 const TOO_MANY_CONNECTIONS: &str =
@@ -160,6 +165,7 @@ async fn serve_connections(
     let mut stop = std::pin::pin!(stop);
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let probe_lane = Arc::new(tokio::sync::Semaphore::new(PROBE_LANE_CONNECTIONS));
+    let draining_refusals = Arc::new(tokio::sync::Semaphore::new(DRAINING_REFUSALS));
     let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -191,7 +197,7 @@ async fn serve_connections(
                 match probe_lane.clone().try_acquire_owned() {
                     Ok(slot) => (slot, true),
                     Err(_) => {
-                        refuse_connection(stream, &metrics);
+                        refuse_connection(stream, &metrics, &draining_refusals);
                         continue;
                     }
                 }
@@ -254,9 +260,14 @@ async fn serve_connections(
 /// Answers a connection over the limit 503 ([`TOO_MANY_CONNECTIONS`]) and closes it,
 /// within a second (a client that reads nothing does not hold it longer), counted in
 /// `connections_closed_total{reason="over_limit"}`. What the client sent meanwhile is
-/// read and thrown away (up to 1 MiB) before the socket closes: closing it with unread
-/// bytes would reset the connection, and the client would likely lose the answer.
-fn refuse_connection(mut stream: tokio::net::TcpStream, metrics: &Arc<Metrics>) {
+/// read and thrown away (up to 1 MiB) before the socket closes, by
+/// [`DRAINING_REFUSALS`] connections at most: closing it with unread bytes would reset
+/// the connection, and the client would likely lose the answer.
+fn refuse_connection(
+    mut stream: tokio::net::TcpStream,
+    metrics: &Arc<Metrics>,
+    draining: &Arc<tokio::sync::Semaphore>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     metrics
         .connections_closed_total
@@ -268,10 +279,14 @@ fn refuse_connection(mut stream: tokio::net::TcpStream, metrics: &Arc<Metrics>) 
         TOO_MANY_CONNECTIONS.len(),
         TOO_MANY_CONNECTIONS
     );
+    let drain = draining.clone().try_acquire_owned().ok();
     tokio::spawn(async move {
         let answer = async {
             stream.write_all(answer.as_bytes()).await?;
             stream.shutdown().await?;
+            let Some(_drain) = drain else {
+                return Ok(());
+            };
             let mut sink = [0u8; 16 * 1024];
             let mut read = 0;
             while read < (1 << 20) {

@@ -414,10 +414,24 @@ async fn connections_beyond_the_limit_get_503_but_probes_get_through() {
     assert_eq!(refused_by("connection_limit"), 1);
 
     // The probe lane full too: 503 before the request is read, which a client that
-    // sends a body still gets.
+    // sends a body still gets. The lane is held by refused uploads whose body never
+    // comes (kept for the lane's 5 s lifetime, longer than its 2 s for a head).
+    wait_for(
+        "the first lane connection closed",
+        Duration::from_secs(20),
+        || metrics.open_connections.get() == 2,
+    )
+    .await;
     let mut lane_held = Vec::new();
     for _ in 0..32 {
-        lane_held.push(TcpStream::connect(addr).await.unwrap());
+        let mut held = TcpStream::connect(addr).await.unwrap();
+        held.write_all(
+            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
+              content-length: 100000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        lane_held.push(held);
     }
     wait_for("the lane full", Duration::from_secs(20), || {
         metrics.open_connections.get() == 34
