@@ -114,18 +114,24 @@ fn serve_fails(bundle: &Path, expect: &[&str]) {
     }
 }
 
+/// `serve` on a bundle that does not exist: it logs its start and stops with exit 1.
+fn serve_without_a_bundle() -> Command {
+    let mut c = bin();
+    c.args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--bundle",
+        "/nonexistent/bundle",
+    ]);
+    c
+}
+
 /// With JSON logs, the line that says why the process stops is a JSON line too (a log
 /// collector drops or mangles plain text); `LADIC_LOG_JSON=1` turns them on.
 #[test]
 fn with_json_logs_the_reason_for_stopping_is_json() {
-    let out = bin()
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--bundle",
-            "/nonexistent/bundle",
-        ])
+    let out = serve_without_a_bundle()
         .env("LADIC_LOG_JSON", "1")
         .stdout(Stdio::null())
         .output()
@@ -147,14 +153,7 @@ fn with_json_logs_the_reason_for_stopping_is_json() {
 /// API key only as set); plain-text logs written to a pipe carry no colour codes.
 #[test]
 fn a_failed_start_still_logs_its_configuration() {
-    let out = bin()
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--bundle",
-            "/nonexistent/bundle",
-        ])
+    let out = serve_without_a_bundle()
         .args(["--workers", "3", "--api-key", "sekrit-key"])
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
