@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::body::{BodyKind, hold, is_raw_image_type, read_body};
+use super::body::{BodyKind, hold, is_raw_image_type};
 use super::error::{ApiError, ErrorBody};
 use super::request::{
     self, BatchJson, CaptionJson, CaptionParams, Resolved, decode_base64_image, media_type,
@@ -87,24 +87,13 @@ pub async fn caption(
     let media = media_type(&parts.headers)?.ok_or_else(|| {
         ApiError::UnsupportedMediaType(format!("missing Content-Type; {ACCEPTED}"))
     })?;
-    let limit = state.settings.max_body_bytes;
     if is_raw_image_type(&media) {
         // Every parameter is in the query string: a request that would wait out its
         // deadline in the queue is refused before its body is read.
         scheduler.refuse_if_late(start, query_timeout)?;
     }
     let body_deadline = start + query_timeout;
-    let budget = &state.body_budget;
-    let read = |kind| {
-        state.before_grace_ends(read_body(
-            &parts.headers,
-            body,
-            limit,
-            body_deadline,
-            budget,
-            kind,
-        ))
-    };
+    let read = |kind| state.read_body(&parts.headers, body, body_deadline, kind);
     // The image bytes keep the body's memory reserved until they are decoded.
     let (image, params): (Bytes, CaptionParams) = if is_raw_image_type(&media) {
         let (bytes, reserved) = read(BodyKind::Raw).await?;
@@ -387,14 +376,7 @@ pub async fn caption_batch(
     }
     let body_deadline = start + query_timeout;
     let (bytes, reserved) = state
-        .before_grace_ends(read_body(
-            &parts.headers,
-            body,
-            state.settings.max_body_bytes,
-            body_deadline,
-            &state.body_budget,
-            BodyKind::Json,
-        ))
+        .read_body(&parts.headers, body, body_deadline, BodyKind::Json)
         .await?;
     // The reservation goes with the bytes (see `caption`).
     let (json, reserved): (BatchJson, _) =

@@ -132,14 +132,26 @@ impl AppState {
         self.grace_over.send_replace(true);
     }
 
-    /// Runs `work` unless the shutdown grace period ends first, and then answers 503
-    /// `not_ready`: a request still receiving its body when the grace period ends (a
-    /// stalled upload) hears why at once, instead of its connection closing seconds
-    /// later without an answer.
-    pub async fn before_grace_ends<T>(
+    /// Reads a request's body ([`body::read_body`]) within `--max-body-bytes` and the
+    /// body memory budget, unless the shutdown grace period ends first, and then
+    /// answers 503 `not_ready`: a request still receiving its body when the grace
+    /// period ends (a stalled upload) hears why at once, instead of its connection
+    /// closing seconds later without an answer.
+    pub async fn read_body(
         &self,
-        work: impl std::future::Future<Output = Result<T, ApiError>>,
-    ) -> Result<T, ApiError> {
+        headers: &axum::http::HeaderMap,
+        body: axum::body::Body,
+        deadline: Instant,
+        kind: body::BodyKind,
+    ) -> Result<(axum::body::Bytes, body::Reservation), ApiError> {
+        let read = body::read_body(
+            headers,
+            body,
+            self.settings.max_body_bytes,
+            deadline,
+            &self.body_budget,
+            kind,
+        );
         let mut over = self.grace_over.subscribe();
         let grace_over = async move {
             if over.wait_for(|over| *over).await.is_err() {
@@ -147,7 +159,7 @@ impl AppState {
             }
         };
         tokio::select! {
-            result = work => result,
+            result = read => result,
             () = grace_over => Err(ApiError::NotReady("the server is shutting down".into())),
         }
     }
