@@ -136,11 +136,6 @@ const PROBE_LANE_LIFETIME: Duration = Duration::from_secs(5);
 /// written, so that a flood cannot hold many sockets this way.
 const DRAINING_REFUSALS: usize = 64;
 
-/// The body of the answer of a connection beyond `--max-connections` and the probe
-/// lane (a 503 written before its request is read).
-const TOO_MANY_CONNECTIONS: &str =
-    r#"{"error":"too many open connections","error_type":"overloaded"}"#;
-
 /// Accepts connections and serves `app` on each (HTTP/1.1) until `stop` completes, then
 /// lets the open connections finish their requests (the caller bounds that wait).
 /// Unlike `axum::serve`, a connection that sends no complete request head within
@@ -166,6 +161,7 @@ async fn serve_connections(
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let probe_lane = Arc::new(tokio::sync::Semaphore::new(PROBE_LANE_CONNECTIONS));
     let draining_refusals = Arc::new(tokio::sync::Semaphore::new(DRAINING_REFUSALS));
+    let refusal: Arc<str> = http::ApiError::TooManyConnections.raw_http_answer().into();
     let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -197,7 +193,7 @@ async fn serve_connections(
                 match probe_lane.clone().try_acquire_owned() {
                     Ok(slot) => (slot, true),
                     Err(_) => {
-                        refuse_connection(stream, &metrics, &draining_refusals);
+                        refuse_connection(stream, &refusal, &metrics, &draining_refusals);
                         continue;
                     }
                 }
@@ -257,14 +253,15 @@ async fn serve_connections(
     Ok(())
 }
 
-/// Answers a connection over the limit 503 ([`TOO_MANY_CONNECTIONS`]) and closes it,
-/// within a second (a client that reads nothing does not hold it longer), counted in
+/// Answers a connection over the limit `answer` (a 503) and closes it, within a second
+/// (a client that reads nothing does not hold it longer), counted in
 /// `connections_closed_total{reason="over_limit"}`. What the client sent meanwhile is
 /// read and thrown away (up to 1 MiB) before the socket closes, by
 /// [`DRAINING_REFUSALS`] connections at most: closing it with unread bytes would reset
 /// the connection, and the client would likely lose the answer.
 fn refuse_connection(
     mut stream: tokio::net::TcpStream,
+    answer: &Arc<str>,
     metrics: &Arc<Metrics>,
     draining: &Arc<tokio::sync::Semaphore>,
 ) {
@@ -273,12 +270,7 @@ fn refuse_connection(
         .connections_closed_total
         .with_label_values(&["over_limit"])
         .inc();
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
-        TOO_MANY_CONNECTIONS.len(),
-        TOO_MANY_CONNECTIONS
-    );
+    let answer = answer.clone();
     let drain = draining.clone().try_acquire_owned().ok();
     tokio::spawn(async move {
         let answer = async {

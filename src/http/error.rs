@@ -151,6 +151,32 @@ impl ApiError {
         }
     }
 
+    /// The JSON body of this error's answer.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.to_string(),
+            error_type: self.error_type(),
+        }
+    }
+
+    /// This error's whole answer as HTTP/1.1 bytes, `Connection: close`, for a
+    /// connection the server answers without reading its request (hyper is not
+    /// involved): status, `Retry-After` and the JSON body as [`IntoResponse`] gives them.
+    pub fn raw_http_answer(&self) -> String {
+        let status = self.status();
+        let body = serde_json::to_string(&self.body()).unwrap_or_default();
+        let retry = self
+            .retry_after()
+            .map_or_else(String::new, |secs| format!("retry-after: {secs}\r\n"));
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{retry}\
+             connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+    }
+
     /// Logs a server-side error once (client errors are not logged): the model failing
     /// is the server's problem (warn); a deadline that passed or a server not (yet, or
     /// any more) ready happens now and then (info).
@@ -190,11 +216,7 @@ impl IntoResponse for ApiError {
             error_type: self.error_type(),
             refusal: self.refusal(),
         };
-        let body = ErrorBody {
-            error: self.to_string(),
-            error_type: self.error_type(),
-        };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(self.body())).into_response();
         response.extensions_mut().insert(cause);
         if let Some(secs) = retry {
             response
@@ -247,6 +269,27 @@ impl From<InferError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The answer written without hyper says what the routed answer says.
+    #[test]
+    fn the_raw_answer_has_the_status_retry_after_and_body() {
+        let e = ApiError::TooManyConnections;
+        let raw = e.raw_http_answer();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nretry-after: 1\r\n"), "{head}");
+        assert!(
+            head.ends_with(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error_type"], "overloaded");
+        assert_eq!(body["error"], e.to_string());
+        assert!(!ApiError::NotFound.raw_http_answer().contains("retry-after"));
+    }
 
     #[test]
     fn statuses_and_types() {

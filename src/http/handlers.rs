@@ -738,10 +738,6 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .metrics
         .requests_in_flight
         .set(state.in_flight() as i64);
-    state
-        .metrics
-        .queue_capacity
-        .set(state.settings.queue_size as i64);
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

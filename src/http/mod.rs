@@ -109,6 +109,7 @@ impl AppState {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let decode_memory_mib = settings.decode_memory_mib.max(1) as usize;
         let body_budget = body::BodyBudget::new(settings.body_memory_mib);
+        metrics.queue_capacity.set(settings.queue_size as i64);
         AppState {
             defaults: SamplerParams::defaults(&manifest),
             settings,
