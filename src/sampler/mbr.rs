@@ -97,6 +97,14 @@ pub fn ngram_f1(a: &[i64], b: &[i64]) -> f64 {
     f.num as f64 / f.den as f64
 }
 
+/// Candidate `i`'s similarities to the others, added up.
+fn similarity_sum(candidates: &[Vec<i64>], i: usize) -> Fraction {
+    (0..candidates.len())
+        .filter(|&j| j != i)
+        .map(|j| f1_fraction(&candidates[i], &candidates[j]))
+        .fold(Fraction::new(0, 1), Fraction::add)
+}
+
 /// Index of the candidate with the highest mean similarity to the others; ties go to
 /// the lowest index.
 pub fn choose(candidates: &[Vec<i64>]) -> usize {
@@ -108,10 +116,7 @@ pub fn choose(candidates: &[Vec<i64>]) -> usize {
     let mut best = 0;
     let mut best_sum: Option<Fraction> = None;
     for i in 0..k {
-        let sum = (0..k)
-            .filter(|&j| j != i)
-            .map(|j| f1_fraction(&candidates[i], &candidates[j]))
-            .fold(Fraction::new(0, 1), Fraction::add);
+        let sum = similarity_sum(candidates, i);
         if best_sum.is_none_or(|b| sum.greater_than(b)) {
             best = i;
             best_sum = Some(sum);
@@ -145,14 +150,8 @@ mod tests {
             vec![2, 2, 3, 1, 5, 1],
             vec![1, 3, 4, 1, 4, 5],
         ];
-        let sum = |i: usize| {
-            (0..c.len())
-                .filter(|&j| j != i)
-                .map(|j| f1_fraction(&c[i], &c[j]))
-                .fold(Fraction::new(0, 1), Fraction::add)
-        };
-        assert_eq!(sum(0), sum(1));
-        assert_eq!(sum(0), Fraction::new(28, 15));
+        assert_eq!(similarity_sum(&c, 0), similarity_sum(&c, 1));
+        assert_eq!(similarity_sum(&c, 0), Fraction::new(28, 15));
         assert_eq!(choose(&c), 0);
     }
 

@@ -489,8 +489,12 @@ impl<B: Backend> Worker<B> {
         let new: Vec<usize> = (0..self.active.len())
             .filter(|&i| self.active[i].kv.is_none())
             .collect();
+        if new.is_empty() {
+            return;
+        }
         let max_rows = self.ctx.config.max_batch_rows.max(1);
-        let mut failed: Vec<(usize, InferError)> = Vec::new();
+        // Per job of `active`: the error that fails it.
+        let mut errors: Vec<Option<InferError>> = vec![None; self.active.len()];
         for chunk in new.chunks(max_rows) {
             if let Err(e) = self.encode_chunk(chunk) {
                 let reason = e.to_string();
@@ -500,16 +504,13 @@ impl<B: Backend> Worker<B> {
                     images = chunk.len(),
                     "encoding failed; failing the requests of those images"
                 );
-                let error = InferError::Failed(reason);
-                failed.extend(chunk.iter().map(|&i| (i, error.clone())));
+                for &i in chunk {
+                    errors[i] = Some(InferError::Failed(reason.clone()));
+                }
             }
         }
-        if failed.is_empty() {
+        if errors.iter().all(Option::is_none) {
             return;
-        }
-        let mut errors: Vec<Option<InferError>> = vec![None; self.active.len()];
-        for (i, error) in failed {
-            errors[i] = Some(error);
         }
         let mut kept = Vec::with_capacity(self.active.len());
         for (job, error) in std::mem::take(&mut self.active).into_iter().zip(errors) {
