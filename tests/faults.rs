@@ -127,6 +127,26 @@ fn serve_without_a_bundle() -> Command {
     c
 }
 
+/// Runs a `serve` that must fail to start, with the default log filter: its logs
+/// (stderr), once it has exited 1.
+fn failed_start_logs(mut serve: Command) -> String {
+    let out = serve
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+/// The `configuration` line of plain-text logs.
+fn configuration_line(logs: &str) -> &str {
+    logs.lines()
+        .find(|l| l.contains("configuration"))
+        .unwrap_or_else(|| panic!("no configuration line: {logs}"))
+}
+
 /// With JSON logs, the line that says why the process stops is a JSON line too (a log
 /// collector drops or mangles plain text); `LADIC_LOG_JSON=1` turns them on.
 #[test]
@@ -153,19 +173,11 @@ fn with_json_logs_the_reason_for_stopping_is_json() {
 /// API key only as set); plain-text logs written to a pipe carry no colour codes.
 #[test]
 fn a_failed_start_still_logs_its_configuration() {
-    let out = serve_without_a_bundle()
-        .args(["--workers", "3", "--api-key", "sekrit-key"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut serve = serve_without_a_bundle();
+    serve.args(["--workers", "3", "--api-key", "sekrit-key"]);
+    let stderr = failed_start_logs(serve);
     assert!(!stderr.contains('\x1b'), "colour codes: {stderr:?}");
-    let config = stderr
-        .lines()
-        .find(|l| l.contains("configuration"))
-        .unwrap_or_else(|| panic!("no configuration line: {stderr}"));
+    let config = configuration_line(&stderr);
     for field in [
         "version=",
         "workers=3",
@@ -813,24 +825,16 @@ async fn a_stalled_upload_gets_503_when_the_grace_period_ends() {
 /// reached), with a warning; the configuration line gives the limit in effect.
 #[test]
 fn the_connection_limit_is_lowered_to_fit_the_open_files_limit() {
-    let binary = bin().get_program().to_owned();
-    let out = Command::new("sh")
+    let mut serve = Command::new("sh");
+    serve
         .arg("-c")
         .arg(r#"ulimit -n 200 && exec "$0" serve --bind 127.0.0.1:0 --bundle /nonexistent/bundle"#)
-        .arg(&binary)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        .arg(bin().get_program());
+    let stderr = failed_start_logs(serve);
     assert!(
         stderr.contains("the connection limit is lowered") && stderr.contains("lowered_to=72"),
         "{stderr}"
     );
-    let config = stderr
-        .lines()
-        .find(|l| l.contains("configuration"))
-        .unwrap_or_else(|| panic!("no configuration line: {stderr}"));
+    let config = configuration_line(&stderr);
     assert!(config.contains("max_connections=72"), "{config}");
 }
