@@ -362,6 +362,17 @@ async fn answer_to(addr: std::net::SocketAddr, head: &str) -> String {
 
 const LIVE: &str = "GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
 
+/// A `POST /caption` of a PNG declared `declared` bytes long, with `sent` of its body.
+fn png_post(declared: usize, sent: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
+         content-length: {declared}\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(sent);
+    request
+}
+
 /// Beyond `--max-connections` open connections, a new one still gets its health probe
 /// answered and any other request 503 `overloaded` (the probe lane, 32 connections);
 /// beyond that too, 503 at once, which reaches a client that sent a body as well. Once
@@ -385,16 +396,7 @@ async fn connections_beyond_the_limit_get_503_but_probes_get_through() {
     // The probe lane: probes answered, captions refused.
     let got = answer_to(addr, LIVE).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    let post = |body: &[u8]| {
-        let mut head = format!(
-            "POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
-             content-length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        head.extend_from_slice(body);
-        head
-    };
+    let post = |body: &[u8]| png_post(body.len(), body);
     let refused = |got: &str| {
         assert!(got.starts_with("HTTP/1.1 503"), "{got}");
         assert!(got.contains("retry-after: 1\r\n"), "{got}");
@@ -425,12 +427,7 @@ async fn connections_beyond_the_limit_get_503_but_probes_get_through() {
     let mut lane_held = Vec::new();
     for _ in 0..32 {
         let mut held = TcpStream::connect(addr).await.unwrap();
-        held.write_all(
-            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
-              content-length: 100000\r\n\r\n",
-        )
-        .await
-        .unwrap();
+        held.write_all(&png_post(100_000, b"")).await.unwrap();
         lane_held.push(held);
     }
     wait_for("the lane full", Duration::from_secs(20), || {
@@ -498,10 +495,7 @@ async fn an_upload_cut_off_by_its_client_counts_as_499() {
     };
     let mut upload = TcpStream::connect(addr).await.unwrap();
     upload
-        .write_all(
-            b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
-              content-length: 100000\r\n\r\n0123456789",
-        )
+        .write_all(&png_post(100_000, b"0123456789"))
         .await
         .unwrap();
     wait_for("the request in flight", Duration::from_secs(20), || {
@@ -533,12 +527,7 @@ async fn a_probe_lane_connection_is_closed_within_seconds() {
     .await;
     let opened = Instant::now();
     let mut lane = TcpStream::connect(addr).await.unwrap();
-    lane.write_all(
-        b"POST /caption HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n\
-          content-length: 10000000\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    lane.write_all(&png_post(10_000_000, b"")).await.unwrap();
     let (mut reader, mut writer) = lane.into_split();
     let trickle = tokio::spawn(async move {
         while writer.write_all(&[0u8; 100]).await.is_ok() {
